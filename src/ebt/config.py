@@ -1,0 +1,242 @@
+"""Typed run configuration: dataclasses, TOML files, presets and dotted `key=value` overrides.
+
+A config is four sections (`model`, `think`, `data`, `train`). Files are TOML with the same
+sections; overrides are `section.key=value` strings. Unknown sections or keys fail with the list
+of valid names, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("time_embed", "adaln", "default", "pred_step")
+KINDS = ("ebt", "transformer_pp")
+
+# The paper's size presets (layers, heads, dim); FFN width = dim unless `model.ffn_dim` is set.
+SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 2, 64),
+    "micro": (4, 4, 128),
+    "4xs": (2, 2, 128),
+    "3xs": (4, 4, 256),
+    "xxs": (6, 6, 384),
+    "2xs": (6, 6, 384),
+    "xs": (12, 6, 384),
+    "small": (12, 12, 768),
+    "medium": (24, 16, 1024),
+    "large": (24, 16, 1536),
+    "xl": (24, 32, 2048),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override names something that does not exist or has a bad value."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "ebt"  # "ebt" (energy transformer) or "transformer_pp" (the baseline)
+    variant: str = "time_embed"  # step conditioning: time_embed | adaln | default | pred_step
+    size: str = ""  # a SIZE_PRESETS name; sets layers/heads/dim
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn_dim: int = 0  # 0 means "= dim", as in the paper
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class ThinkConfig:
+    """The optimisation of candidates ("thinking"), with the paper's System-1/2 knobs."""
+
+    landscapes: int = 2  # distinct step embeddings (the paper's mcmc_num_steps)
+    steps: int = 1  # steps per landscape when step counts are not randomised
+    step_size: float = 500.0  # alpha
+    step_size_learnable: bool = True
+    step_size_lr_multiplier: float = 1500.0
+    step_size_random_scale: float = 1.0  # s: per-token alpha ~ U[alpha/s, alpha*s] in training
+    random_steps: int = 0  # R: steps per landscape ~ randint(min, R+2) in training
+    random_steps_min: int = 0  # 0 means 1
+    random_steps_final_landscape: bool = False  # randomise only the last landscape
+    langevin_noise: float = 0.0  # std of Gaussian noise added to the state before each step
+    replay_buffer: bool = False
+    replay_buffer_size: int = 192
+    replay_fraction: float = 0.5  # replayed rows per batch, as a fraction of the batch size
+    truncate: bool = False  # only the last step carries second-order terms and the loss
+    detach: bool = True  # detach the state between steps
+    grad_clamp: float = 0.0  # clamp the step gradient to +-grad_clamp/alpha (0 = off)
+    absolute_clamp: float = 0.0  # clamp the state to +-absolute_clamp (0 = off)
+    init: str = "random_noise"  # initial candidate: random_noise | zeros
+    init_scale: float = 1.0
+    samples: int = 1  # candidates per token at inference (best-of-N by energy)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | pydoc | path/glob[,path...] | hf:NAME[:CONFIG] | hf-local:PATH
+    text_field: str = "text"  # field holding the text in Hugging Face datasets
+    tokenizer: str = "byte"  # byte | path to a tokenizer.json (or a directory holding one)
+    seq_len: int = 128  # tokens fed to the model; examples hold seq_len + 1
+    val_fraction: float = 0.05
+    ood_source: str = "pydoc"
+    max_documents: int = 0  # 0 = all
+    pack: bool = True  # pack documents into a token stream (False: first seq_len+1 tokens of each)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1.2e-3
+    min_lr_ratio: float = 0.1  # every group decays to its own lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule_steps: int = 0  # cosine horizon; 0 = max_steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/ebt"
+    seed: int = 33
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    progress: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ebt"
+    parallel: str = "ddp"  # ddp | fsdp (used only under torchrun)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    think: ThinkConfig = field(default_factory=ThinkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid: {', '.join(sorted(valid))}."
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Turn `value` (from TOML, JSON or an override string) into the type of `default`."""
+    target = type(default)
+    if isinstance(value, str) and target is not str:
+        text = value.strip()
+        if target is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true/false, got '{value}'")
+        try:
+            return target(float(text)) if target is int and "e" in text.lower() else target(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {target.__name__}, got '{value}'") from None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {target.__name__}, got {value!r}")
+    return value
+
+
+def _set(config: Config, section: str, key: str, value: Any) -> None:
+    sections = [f.name for f in dataclasses.fields(config)]
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}'." + _suggest(section, sections))
+    part = getattr(config, section)
+    keys = [f.name for f in dataclasses.fields(part)]
+    if key not in keys:
+        message = f"unknown config key '{section}.{key}'."
+        raise ConfigError(message + _suggest(key, keys))
+    setattr(part, key, _coerce(value, getattr(part, key), f"{section}.{key}"))
+
+
+def apply_dict(config: Config, values: dict[str, Any]) -> Config:
+    """Apply nested `{section: {key: value}}` values (a TOML file or a saved config.json)."""
+    for section, entries in values.items():
+        if not isinstance(entries, dict):
+            raise ConfigError(f"config section '{section}' must be a table, got {entries!r}")
+        for key, value in entries.items():
+            _set(config, section, key, value)
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings, in order."""
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        _set(config, section, key, value)
+    return config
+
+
+def finalize(config: Config) -> Config:
+    """Resolve presets and check values that would otherwise fail deep inside training."""
+    model = config.model
+    if model.size:
+        if model.size not in SIZE_PRESETS:
+            raise ConfigError(f"unknown model.size '{model.size}'." + _suggest(model.size, list(SIZE_PRESETS)))
+        model.layers, model.heads, model.dim = SIZE_PRESETS[model.size]
+        model.size = ""
+    checks = [
+        (model.kind in KINDS, f"model.kind must be one of {KINDS}, got '{model.kind}'"),
+        (model.variant in VARIANTS, f"model.variant must be one of {VARIANTS}, got '{model.variant}'"),
+        (model.dim % model.heads == 0, f"model.dim={model.dim} is not divisible by model.heads={model.heads}"),
+        ((model.dim // model.heads) % 2 == 0, "model.dim / model.heads must be even (RoPE pairs)"),
+        (config.think.landscapes >= 1, "think.landscapes must be >= 1"),
+        (config.think.steps >= 1, "think.steps must be >= 1"),
+        (config.think.step_size_random_scale >= 1, "think.step_size_random_scale must be >= 1"),
+        (config.think.init in ("random_noise", "zeros"), "think.init must be random_noise or zeros"),
+        (config.data.seq_len >= 2, "data.seq_len must be >= 2"),
+        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (config.train.parallel in ("ddp", "fsdp"), "train.parallel must be ddp or fsdp"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML or JSON file at `path`, then `overrides`; presets resolved last."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        apply_dict(config, values)
+    apply_overrides(config, overrides or [])
+    return finalize(config)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return finalize(apply_dict(Config(), values))
