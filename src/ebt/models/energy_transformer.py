@@ -1,0 +1,180 @@
+"""The autoregressive energy transformer with split context / prediction streams.
+
+energy_j = E(x_0..x_j, y_j): candidate j (a distribution over the next token x_{j+1}) reads the
+real context up to x_j and itself. The context stream is computed once per landscape (once per
+batch when it does not depend on the landscape) and kept as per-layer keys/values; only the
+prediction stream is evaluated at every thinking step.
+
+Variants (how the landscape / step id conditions the energy):
+- time_embed: a learned step embedding is prepended to the context as an extra token.
+- adaln: the step embedding modulates every block (DiT-style shift/scale/gate) and the head.
+- default: no conditioning.
+- pred_step: the step embedding is added to the candidate embeddings only, so the context stream
+  is the same for every step and is computed once per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ebt.nn.attention import prediction_mask
+from ebt.nn.block import Block, Rope
+from ebt.nn.layers import RMSNorm, init_linear_xavier, modulate, rope_tables
+from ebt.thinking import StepOptions, Trajectory, step_schedule
+from ebt.thinking import think as run_thinking
+
+
+@dataclass
+class ContextCache:
+    """Per-layer context keys/values (B, H, Tc, hd) for one landscape, plus its condition."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    landscape: int
+    condition: torch.Tensor | None  # (B, D) for adaln, else None
+
+
+@dataclass
+class EnergyTransformerArgs:
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    ffn_dim: int
+    max_seq_len: int
+    variant: str = "time_embed"
+    landscapes: int = 2
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e4
+    step_size: float = 500.0
+    step_size_learnable: bool = True
+    langevin_noise: float = 0.0
+    inference_steps: int = 1  # default steps per landscape for `think`
+
+
+class EnergyTransformer(nn.Module):
+    """Scores (context, candidate distribution) pairs with one scalar energy per position."""
+
+    def __init__(self, args: EnergyTransformerArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.variant = args.variant
+        self.step_size = nn.Parameter(
+            torch.tensor(float(args.step_size)), requires_grad=args.step_size_learnable
+        )
+        self.langevin_std = nn.Parameter(torch.tensor(float(args.langevin_noise)), requires_grad=False)
+        self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
+        self.candidate_projection = nn.Linear(args.vocab_size, args.dim, bias=False)
+        adaln = args.variant == "adaln"
+        self.blocks = nn.ModuleList(
+            Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln) for _ in range(args.layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.energy_head = nn.Linear(args.dim, 1, bias=False)
+        init_linear_xavier(self)
+        self.step_embedding = None
+        if args.variant != "default":
+            self.step_embedding = nn.Embedding(args.landscapes, args.dim)
+        self.final_modulation = None
+        if adaln:  # PyTorch's default init for the modulation layers, as the paper's plain adaln
+            self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(args.dim, 2 * args.dim))
+            for block in self.blocks:
+                block.modulation[1].reset_parameters()
+        self.offset = 2 if args.variant == "time_embed" else 1
+        cos, sin = rope_tables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def context_depends_on_landscape(self) -> bool:
+        return self.variant in ("time_embed", "adaln")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def _rope(self, positions: torch.Tensor) -> Rope:
+        return self.rope_cos[positions], self.rope_sin[positions]  # (T, hd/2) each
+
+    def _condition(self, landscape: int, batch: int) -> torch.Tensor:
+        return self.step_embedding.weight[landscape].unsqueeze(0).expand(batch, -1)  # (B, D)
+
+    def encode_context(self, tokens: torch.Tensor, landscape: int = 0) -> ContextCache:
+        """Run the context stream over tokens (B, S); returns per-layer keys/values."""
+        x = self.token_embedding(tokens)  # (B, S, D)
+        batch = tokens.shape[0]
+        condition = self._condition(landscape, batch) if self.variant == "adaln" else None
+        if self.variant == "time_embed":
+            step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
+            x = torch.cat((step_token, x), dim=1)  # (B, S + 1, D)
+        rope = self._rope(torch.arange(x.shape[1], device=x.device))
+        keys, values = [], []
+        for index, block in enumerate(self.blocks):
+            x, k, v = block.context(x, rope, condition, keys_only=index == len(self.blocks) - 1)
+            keys.append(k)
+            values.append(v)
+        return ContextCache(keys, values, landscape, condition)
+
+    def embed_candidates(self, probabilities: torch.Tensor, landscape: int) -> torch.Tensor:
+        """Candidate distributions (B, R, V) -> prediction-stream inputs (B, R, D)."""
+        z = self.candidate_projection(probabilities)  # (B, R, D)
+        if self.variant == "pred_step":
+            z = z + self.step_embedding.weight[landscape]
+        return z
+
+    def energies(
+        self,
+        cache: ContextCache,
+        probabilities: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Energy (B, R) of candidate distributions (B, R, V) against a context cache.
+
+        rows[r] is the index of the context token whose successor candidate r predicts
+        (default: 0..R-1, one candidate per context position).
+        """
+        if rows is None:
+            rows = torch.arange(probabilities.shape[1], device=probabilities.device)
+        z = self.embed_candidates(probabilities, cache.landscape)  # (B, R, D)
+        rope = self._rope(rows + self.offset)
+        mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
+        for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+            z = block.prediction(z, rope, cache.condition, (k, v), mask)
+        z = self.norm(z)
+        if self.final_modulation is not None:
+            shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
+            z = modulate(z, shift, scale)
+        return self.energy_head(z).squeeze(-1)  # (B, R)
+
+    def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
+        """None: the trained alpha; 0 < a < 1: a times the trained alpha; a >= 1: a itself."""
+        trained = self.step_size.detach()
+        if step_size is None or step_size == 0:
+            return trained
+        return trained * step_size if step_size < 1 else torch.full_like(trained, step_size)
+
+    def think(
+        self,
+        tokens: torch.Tensor,
+        init: torch.Tensor | None = None,
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        langevin_noise: float | None = None,
+    ) -> Trajectory:
+        """Optimise next-token candidates for every position of tokens (B, S) at inference.
+
+        init: starting logits (B, S, V), default N(0, 1). steps: steps per landscape (default:
+        the trained recipe's). langevin_noise: default the trained sigma; 0 turns it off.
+        Returns a Trajectory: states[k] raw logits after step k, energies[k] (B, S) the energy of
+        the state step k starts from.
+        """
+        if init is None:
+            init = torch.randn(*tokens.shape, self.vocab_size, device=tokens.device)
+        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
+        options = StepOptions(step_size=self.resolve_step_size(step_size), langevin_std=noise)
+        schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
+        return run_thinking(self, tokens, init, schedule, options)

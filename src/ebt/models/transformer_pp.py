@@ -1,0 +1,55 @@
+"""Transformer++: the llama-style decoder baseline with the same blocks and sizes as the EBT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ebt.nn.block import Block
+from ebt.nn.layers import RMSNorm, init_linear_xavier, rope_tables
+
+
+@dataclass
+class TransformerArgs:
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    ffn_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e4
+
+
+class TransformerPP(nn.Module):
+    """Causal decoder: token embedding, pre-norm blocks, final RMSNorm, untied output head."""
+
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
+        self.blocks = nn.ModuleList(
+            Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln=False)
+            for _ in range(args.layers)
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        init_linear_xavier(self)
+        cos, sin = rope_tables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, S, V) for tokens (B, S)."""
+        x = self.token_embedding(tokens)  # (B, S, D)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = (self.rope_cos[positions], self.rope_sin[positions])
+        for block in self.blocks:
+            x, _, _ = block.context(x, rope, None)
+        return self.output(self.norm(x))  # (B, S, V)

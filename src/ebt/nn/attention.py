@@ -1,0 +1,53 @@
+"""Attention for the two streams of an autoregressive energy transformer.
+
+The context stream is ordinary causal self-attention over real tokens. It never sees candidates,
+so it only ever needs first-order gradients and runs on PyTorch's fused SDPA kernels.
+
+The prediction stream holds one candidate per position. Candidate j attends to context keys
+0..j+offset-1 (everything up to and including its own token x_j, plus a prepended step token when
+there is one) and to itself, never to another candidate. Its attention must support double
+backward (training differentiates the input gradient again), so it is written with plain
+matmul/softmax, which autograd can differentiate any number of times.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused causal self-attention, (B, H, T, hd) each; first-order gradients only."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prediction_mask(
+    rows: torch.Tensor, context_length: int, offset: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask (R, Tc): row r may read context keys i < rows[r] + offset, else -inf."""
+    keys = torch.arange(context_length, device=rows.device)  # (Tc,)
+    allowed = keys.unsqueeze(0) < (rows.unsqueeze(1) + offset)  # (R, Tc)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=rows.device)
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def prediction_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_keys: torch.Tensor,
+    context_values: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Each candidate row attends to its allowed context keys and to its own key only.
+
+    q, k, v: (B, H, R, hd) for the R candidates; context_keys/values: (B, H, Tc, hd);
+    mask: (R, Tc) additive. Softmax in float32, as the paper's code does.
+    """
+    scale = q.shape[-1] ** -0.5
+    context_scores = (q @ context_keys.transpose(-1, -2)) * scale + mask  # (B, H, R, Tc)
+    self_score = (q * k).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
+    scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
+    weights = scores.float().softmax(dim=-1).type_as(q)
+    context_part = weights[..., :-1] @ context_values  # (B, H, R, hd)
+    return context_part + weights[..., -1:] * v  # (B, H, R, hd)

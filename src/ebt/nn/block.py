@@ -1,0 +1,92 @@
+"""A pre-norm llama block that can run either stream of the energy transformer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ebt.nn.attention import causal_attention, prediction_attention
+from ebt.nn.layers import RMSNorm, SwiGLU, apply_rope, modulate
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, hd/2) each
+
+
+class Attention(nn.Module):
+    """Query/key/value/output projections (no biases); the attention pattern is the caller's."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, hd)
+
+    def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
+        q = apply_rope(self.split(self.wq(x)), *rope)  # (B, H, T, hd)
+        k = apply_rope(self.split(self.wk(x)), *rope)  # (B, H, T, hd)
+        return q, k, self.split(self.wv(x))
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(x.transpose(1, 2).flatten(2))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)), optionally adaLN-modulated."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, eps: float, adaln: bool) -> None:
+        super().__init__()
+        self.attention = Attention(dim, heads)
+        self.feed_forward = SwiGLU(dim, ffn_dim)
+        self.attention_norm = RMSNorm(dim, eps)
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln else None
+
+    def _modulation(self, condition: torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
+        if self.modulation is None:
+            return None
+        return self.modulation(condition).chunk(6, dim=-1)  # 6 x (B, D)
+
+    def _attention_input(self, x: torch.Tensor, mod: tuple | None) -> torch.Tensor:
+        normed = self.attention_norm(x)
+        return normed if mod is None else modulate(normed, mod[0], mod[1])
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor, mod: tuple | None) -> torch.Tensor:
+        if mod is None:
+            h = x + attended
+            return h + self.feed_forward(self.ffn_norm(h))
+        h = x + mod[2].unsqueeze(1) * attended
+        ffn = self.feed_forward(modulate(self.ffn_norm(h), mod[3], mod[4]))
+        return h + mod[5].unsqueeze(1) * ffn
+
+    def context(
+        self, x: torch.Tensor, rope: Rope, condition: torch.Tensor | None, keys_only: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Causal self-attention over real tokens x (B, T, D); returns (out, keys, values).
+
+        With keys_only the block stops after computing its keys/values (the energy head never
+        reads the context stream's last output, so the last block needs nothing more).
+        """
+        mod = self._modulation(condition)
+        q, k, v = self.attention.project(self._attention_input(x, mod), rope)
+        if keys_only:
+            return None, k, v
+        attended = self.attention.merge(causal_attention(q, k, v))  # (B, T, D)
+        return self._finish(x, attended, mod), k, v
+
+    def prediction(
+        self,
+        z: torch.Tensor,
+        rope: Rope,
+        condition: torch.Tensor | None,
+        context: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Candidates z (B, R, D) read the cached context keys/values and themselves only."""
+        mod = self._modulation(condition)
+        q, k, v = self.attention.project(self._attention_input(z, mod), rope)
+        attended = prediction_attention(q, k, v, context[0], context[1], mask)  # (B, H, R, hd)
+        return self._finish(z, self.attention.merge(attended), mod)

@@ -1,0 +1,127 @@
+"""Training / evaluation objectives for text: the EBT thinking loss and the Transformer++ loss.
+
+The candidate gradient is taken inside `Objective.forward`, so a DistributedDataParallel wrapper
+around the objective sees an ordinary forward and an ordinary `backward()` afterwards, and
+synchronises the parameter gradients of the full second-order objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ebt.config import ThinkConfig
+from ebt.models import EnergyTransformer, TransformerPP
+from ebt.thinking import StepOptions, step_schedule, think
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # scalar, carries the graph in training
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars / vectors
+    final_state: torch.Tensor | None = None  # (B, S, V) raw final candidates (EBT only)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, S, V) over targets (B, S), pads ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id)
+
+
+def initial_state(
+    think_config: ThinkConfig, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """The starting candidate (B, S, V): Gaussian noise (scaled) or zeros."""
+    if think_config.init == "zeros":
+        return torch.zeros(shape, device=device)
+    return torch.randn(shape, device=device) * think_config.init_scale
+
+
+def training_step_size(
+    model: EnergyTransformer, think_config: ThinkConfig, shape: tuple[int, int], randomize: bool
+) -> torch.Tensor:
+    """alpha clamped at 1e-4; in training with scale s != 1, per-token U[alpha/s, alpha*s]."""
+    alpha = model.step_size.clamp(min=1e-4)
+    scale = think_config.step_size_random_scale
+    if not randomize or scale == 1:
+        return alpha
+    low, high = alpha / scale, alpha * scale
+    return low + torch.rand(*shape, 1, device=alpha.device) * (high - low)  # (B, S, 1)
+
+
+def step_options(
+    model: EnergyTransformer, think_config: ThinkConfig, step_size: torch.Tensor, training: bool
+) -> StepOptions:
+    noise = think_config.langevin_noise
+    langevin = model.langevin_std.clamp(min=1e-6) if noise != 0 else 0.0
+    return StepOptions(
+        step_size=step_size,
+        langevin_std=langevin,
+        create_graph=training,
+        truncate=think_config.truncate,
+        detach=think_config.detach,
+        grad_clamp=think_config.grad_clamp,
+        absolute_clamp=think_config.absolute_clamp,
+    )
+
+
+class Objective(nn.Module):
+    """Wraps a model with its loss; `forward(batch)` returns an ObjectiveOutput.
+
+    batch: (B, S + 1) token ids; inputs are batch[:, :-1], targets batch[:, 1:].
+    """
+
+    def __init__(self, model: nn.Module, think_config: ThinkConfig, pad_id: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.think_config = think_config
+        self.pad_id = pad_id
+
+    def forward(
+        self, batch: torch.Tensor, replay_states: torch.Tensor | None = None
+    ) -> ObjectiveOutput:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if isinstance(self.model, TransformerPP):
+            loss = cross_entropy(self.model(inputs), targets, self.pad_id)
+            return ObjectiveOutput(loss, {"loss": loss.detach(), "final_step_loss": loss.detach()})
+        return self._ebt(inputs, targets, replay_states)
+
+    def _ebt(
+        self, inputs: torch.Tensor, targets: torch.Tensor, replay_states: torch.Tensor | None
+    ) -> ObjectiveOutput:
+        model, think_config, training = self.model, self.think_config, self.training
+        batch, length = inputs.shape
+        init = initial_state(think_config, (batch, length, model.vocab_size), inputs.device)
+        if replay_states is not None and len(replay_states):  # replayed rows come last
+            init[batch - replay_states.shape[0] :] = replay_states
+        step_size = training_step_size(model, think_config, (batch, length), training)
+        schedule = step_schedule(
+            think_config.landscapes, think_config.steps, think_config.random_steps,
+            think_config.random_steps_min, think_config.random_steps_final_landscape, training,
+        )
+        options = step_options(model, think_config, step_size, training)
+        trajectory = think(model, inputs, init, schedule, options)
+        return self._ebt_loss(trajectory, targets)
+
+    def _ebt_loss(self, trajectory, targets: torch.Tensor) -> ObjectiveOutput:
+        truncate = self.think_config.truncate
+        losses = []
+        for index, state in enumerate(trajectory.states):
+            keep = self.training and (not truncate or index == len(trajectory.states) - 1)
+            with torch.set_grad_enabled(keep):
+                losses.append(cross_entropy(state, targets, self.pad_id))
+        loss = losses[-1] if truncate else torch.stack(losses).mean()
+        per_step = torch.stack([item.detach() for item in losses])
+        energy_per_step = torch.stack([energy.mean() for energy in trajectory.energies])
+        metrics = {
+            "loss": loss.detach(),
+            "initial_loss": per_step[0],
+            "final_step_loss": per_step[-1],
+            "loss_per_step": per_step,
+            "energy_per_step": energy_per_step,
+            "energy_gap": energy_per_step[0] - energy_per_step[-1],
+            "step_size": self.model.step_size.detach().clone(),
+        }
+        return ObjectiveOutput(loss, metrics, trajectory.states[-1].detach())

@@ -1,0 +1,161 @@
+"""Thinking: gradient descent on candidates against a model's energy, as a pure function.
+
+For text, a state y (B, S, V) is a vector of logits per position. One step is
+
+    p = softmax(y [+ Langevin noise]);   E = energies(context, p);   y' = p - alpha * dE/dp
+
+(the gradient is taken with respect to the probabilities, as in the paper's code), and y' is
+used as logits by the loss and softmaxed again by the next step. The context stream is encoded
+once per landscape and reused by every step on that landscape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class EnergyModel(Protocol):
+    context_depends_on_landscape: bool
+    step_size: torch.Tensor
+
+    def encode_context(self, tokens: torch.Tensor, landscape: int = 0): ...
+
+    def energies(self, cache, probabilities: torch.Tensor, rows=None) -> torch.Tensor: ...
+
+
+class ThinkingError(FloatingPointError):
+    """A thinking step produced a NaN or Inf gradient."""
+
+
+@dataclass
+class StepOptions:
+    """How each step is taken. step_size is a scalar tensor or per-token (B, S, 1)."""
+
+    step_size: torch.Tensor
+    langevin_std: float | torch.Tensor = 0.0
+    create_graph: bool = False  # keep second-order terms (training)
+    truncate: bool = False  # only the last step keeps second-order terms
+    detach: bool = True  # cut the graph between steps
+    grad_clamp: float = 0.0  # clamp dE/dp to +-grad_clamp / alpha (0 = off)
+    absolute_clamp: float = 0.0  # clamp the new state to +-absolute_clamp (0 = off)
+
+
+@dataclass
+class Trajectory:
+    """states[k]: raw candidate after step k; energies[k] (B, S): energy of the state step k
+    starts from; landscapes[k]: the landscape step k was taken on."""
+
+    states: list[torch.Tensor] = field(default_factory=list)
+    energies: list[torch.Tensor] = field(default_factory=list)
+    landscapes: list[int] = field(default_factory=list)
+
+
+def step_schedule(
+    landscapes: int,
+    steps: int = 1,
+    random_steps: int = 0,
+    random_steps_min: int = 0,
+    final_landscape_only: bool = False,
+    randomize: bool = False,
+) -> list[int]:
+    """Landscape index of every step, with the paper's semantics.
+
+    random_steps = R = 0: `steps` steps on each landscape. R > 0 in training (randomize): each
+    landscape (or only the last, with final_landscape_only) gets randint(min, R + 2) steps, one
+    draw per landscape per batch from torch's global generator. R > 0 at evaluation: earlier
+    landscapes one step each, the last R + 1 steps.
+    """
+    if random_steps <= 0:
+        return [landscape for landscape in range(landscapes) for _ in range(steps)]
+    low = random_steps_min or 1
+    schedule: list[int] = []
+    for landscape in range(landscapes):
+        last = landscape == landscapes - 1
+        if randomize and (last or not final_landscape_only):
+            repeats = int(torch.randint(low, random_steps + 2, (1,)).item())
+        elif not randomize and last:
+            repeats = random_steps + 1
+        else:
+            repeats = 1
+        schedule.extend([landscape] * repeats)
+    return schedule
+
+
+def _encode(model: EnergyModel, tokens: torch.Tensor, landscape: int, with_graph: bool):
+    if with_graph:
+        return model.encode_context(tokens, landscape)
+    with torch.no_grad():
+        return model.encode_context(tokens, landscape)
+
+
+def _check_finite(gradient: torch.Tensor, index: int, landscape: int) -> None:
+    if not torch.isfinite(gradient).all():
+        raise ThinkingError(
+            f"NaN or Inf in the candidate gradient dE/dp at thinking step {index} "
+            f"(landscape {landscape}); the energy has diverged: lower train.lr or "
+            "think.step_size, or enable think.grad_clamp"
+        )
+
+
+def take_step(
+    model: EnergyModel,
+    cache,
+    state: torch.Tensor,
+    options: StepOptions,
+    keep_graph: bool,
+    rows: torch.Tensor | None = None,
+    where: tuple[int, int] = (0, 0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step from raw state (B, R, V): returns (new raw state, energies (B, R)).
+
+    `where` = (step index, landscape) names the step in the error raised on a NaN/Inf gradient.
+    """
+    if float(options.langevin_std) > 0:
+        state = state + torch.randn_like(state.detach()) * options.langevin_std
+    probabilities = state.softmax(dim=-1)  # (B, R, V)
+    energies = model.energies(cache, probabilities, rows)  # (B, R)
+    (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
+    _check_finite(gradient, *where)
+    if options.grad_clamp:
+        limit = options.grad_clamp / model.step_size
+        gradient = torch.clamp(gradient, min=-limit, max=limit)
+    new_state = probabilities - options.step_size * gradient  # (B, R, V)
+    if options.absolute_clamp:
+        new_state = new_state.clamp(-options.absolute_clamp, options.absolute_clamp)
+    return new_state, energies.detach()
+
+
+def think(
+    model: EnergyModel,
+    tokens: torch.Tensor,
+    init: torch.Tensor,
+    schedule: list[int],
+    options: StepOptions,
+    rows: torch.Tensor | None = None,
+) -> Trajectory:
+    """Optimise candidates init (B, R, V) for context tokens (B, S) along `schedule`."""
+    trajectory = Trajectory()
+    cache = None
+    state = init
+    last = len(schedule) - 1
+    with torch.enable_grad():
+        for index, landscape in enumerate(schedule):
+            stale = cache is None or (
+                model.context_depends_on_landscape and cache.landscape != landscape
+            )
+            if stale:
+                cache = _encode(model, tokens, landscape, options.create_graph)
+            if options.detach or not options.create_graph or not state.requires_grad:
+                state = state.detach().requires_grad_()
+            keep_graph = options.create_graph and (not options.truncate or index == last)
+            where = (index, landscape)
+            state, energies = take_step(model, cache, state, options, keep_graph, rows, where)
+            if not options.create_graph:
+                state = state.detach()
+            trajectory.states.append(state)
+            trajectory.energies.append(energies)
+            trajectory.landscapes.append(landscape)
+    return trajectory
