@@ -32,22 +32,24 @@ def prediction_mask(
 
 
 def prediction_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    context_keys: torch.Tensor,
-    context_values: torch.Tensor,
+    rotated_queries: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """Each candidate row attends to its allowed context keys and to its own key only.
 
-    q, k, v: (B, H, R, hd) for the R candidates; context_keys/values: (B, H, Tc, hd);
-    mask: (R, Tc) additive. Softmax in float32, as the paper's code does.
+    rotated_queries (with RoPE), queries, keys, values (without): (B, H, R, hd) for the R
+    candidates; context: RoPE'd keys and values (B, H, Tc, hd); mask: (R, Tc) additive.
+    Softmax in float32, as the paper's code does.
     """
-    scale = q.shape[-1] ** -0.5
-    context_scores = (q @ context_keys.transpose(-1, -2)) * scale + mask  # (B, H, R, Tc)
-    self_score = (q * k).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
+    context_keys, context_values = context
+    scale = queries.shape[-1] ** -0.5
+    context_scores = (rotated_queries @ context_keys.transpose(-1, -2)) * scale + mask
+    self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
     scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
-    weights = scores.float().softmax(dim=-1).type_as(q)
+    weights = scores.float().softmax(dim=-1).type_as(queries)
     context_part = weights[..., :-1] @ context_values  # (B, H, R, hd)
-    return context_part + weights[..., -1:] * v  # (B, H, R, hd)
+    return context_part + weights[..., -1:] * values  # (B, H, R, hd)

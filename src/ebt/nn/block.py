@@ -8,7 +8,7 @@ from torch import nn
 from ebt.nn.attention import causal_attention, prediction_attention
 from ebt.nn.layers import RMSNorm, SwiGLU, apply_rope, modulate
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, hd/2) each
+Rope = torch.Tensor  # complex rotations (T, hd/2)
 
 
 class Attention(nn.Module):
@@ -25,10 +25,9 @@ class Attention(nn.Module):
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, hd)
 
-    def project(self, x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, ...]:
-        q = apply_rope(self.split(self.wq(x)), *rope)  # (B, H, T, hd)
-        k = apply_rope(self.split(self.wk(x)), *rope)  # (B, H, T, hd)
-        return q, k, self.split(self.wv(x))
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values (B, H, T, hd), before RoPE."""
+        return self.split(self.wq(x)), self.split(self.wk(x)), self.split(self.wv(x))
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(x.transpose(1, 2).flatten(2))  # (B, T, D)
@@ -71,10 +70,11 @@ class Block(nn.Module):
         reads the context stream's last output, so the last block needs nothing more).
         """
         mod = self._modulation(condition)
-        q, k, v = self.attention.project(self._attention_input(x, mod), rope)
+        q, k, v = self.attention.project(self._attention_input(x, mod))
+        k = apply_rope(k, rope)  # (B, H, T, hd)
         if keys_only:
             return None, k, v
-        attended = self.attention.merge(causal_attention(q, k, v))  # (B, T, D)
+        attended = self.attention.merge(causal_attention(apply_rope(q, rope), k, v))  # (B, T, D)
         return self._finish(x, attended, mod), k, v
 
     def prediction(
@@ -87,6 +87,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """Candidates z (B, R, D) read the cached context keys/values and themselves only."""
         mod = self._modulation(condition)
-        q, k, v = self.attention.project(self._attention_input(z, mod), rope)
-        attended = prediction_attention(q, k, v, context[0], context[1], mask)  # (B, H, R, hd)
+        q, k, v = self.attention.project(self._attention_input(z, mod))
+        # A candidate's key only meets its own query, at the same position; rotations preserve
+        # dot products, so the self score needs no RoPE and only the context scores do.
+        attended = prediction_attention(apply_rope(q, rope), q, k, v, context, mask)
         return self._finish(z, self.attention.merge(attended), mod)
