@@ -22,7 +22,7 @@ from torch import nn
 
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
-from ebt.nn.layers import RMSNorm, init_linear_xavier, modulate, rope_tables
+from ebt.nn.layers import RMSNorm, init_linear_xavier, modulate, rope_table
 from ebt.thinking import StepOptions, Trajectory, step_schedule
 from ebt.thinking import think as run_thinking
 
@@ -84,9 +84,8 @@ class EnergyTransformer(nn.Module):
             for block in self.blocks:
                 block.modulation[1].reset_parameters()
         self.offset = 2 if args.variant == "time_embed" else 1
-        cos, sin = rope_tables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        rotations = rope_table(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
+        self.register_buffer("rope", rotations, persistent=False)  # (max_seq_len + 2, hd/2)
 
     @property
     def context_depends_on_landscape(self) -> bool:
@@ -97,7 +96,7 @@ class EnergyTransformer(nn.Module):
         return self.args.vocab_size
 
     def _rope(self, positions: torch.Tensor) -> Rope:
-        return self.rope_cos[positions], self.rope_sin[positions]  # (T, hd/2) each
+        return self.rope[positions]  # (T, hd/2) complex
 
     def _condition(self, landscape: int, batch: int) -> torch.Tensor:
         return self.step_embedding.weight[landscape].unsqueeze(0).expand(batch, -1)  # (B, D)
@@ -164,17 +163,20 @@ class EnergyTransformer(nn.Module):
         steps: int | None = None,
         step_size: float | None = None,
         langevin_noise: float | None = None,
+        rows: torch.Tensor | None = None,
     ) -> Trajectory:
         """Optimise next-token candidates for every position of tokens (B, S) at inference.
 
         init: starting logits (B, S, V), default N(0, 1). steps: steps per landscape (default:
         the trained recipe's). langevin_noise: default the trained sigma; 0 turns it off.
         Returns a Trajectory: states[k] raw logits after step k, energies[k] (B, S) the energy of
-        the state step k starts from.
+        the state step k starts from. rows: optimise only the candidates for these positions
+        (e.g. the last one when generating); init is then (B, len(rows), V).
         """
         if init is None:
-            init = torch.randn(*tokens.shape, self.vocab_size, device=tokens.device)
+            count = tokens.shape[1] if rows is None else rows.shape[0]
+            init = torch.randn(tokens.shape[0], count, self.vocab_size, device=tokens.device)
         noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
         options = StepOptions(step_size=self.resolve_step_size(step_size), langevin_std=noise)
         schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
-        return run_thinking(self, tokens, init, schedule, options)
+        return run_thinking(self, tokens, init, schedule, options, rows)

@@ -1,0 +1,106 @@
+"""`ebt bench train`: median milliseconds per training step and peak memory, EBT vs baseline.
+
+Both models are timed in the same process, interleaved step by step, so machine noise hits
+them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
+allocation on GPU; on CPU it is the peak resident set of a separate child process per model.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ebt.config import Config
+from ebt.data import load_tokenizer
+from ebt.distributed import pick_device
+from ebt.models import build_model
+from ebt.objective import Objective
+from ebt.optim import build_optimizer
+
+
+class _Stepper:
+    """One model + objective + optimizer taking training steps on a fixed random batch."""
+
+    def __init__(self, config: Config, vocab_size: int, device: torch.device) -> None:
+        torch.manual_seed(config.train.seed)
+        model = build_model(config, vocab_size).to(device)
+        self.objective = Objective(model, config.think).train()
+        self.optimizer = build_optimizer(model, config.train, config.think)
+        shape = (config.train.batch_size, config.data.seq_len + 1)
+        self.batch = torch.randint(1, vocab_size, shape, device=device)
+        self.device = device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self) -> float:
+        """Seconds for forward + backward + optimizer step."""
+        self._sync()
+        start = time.perf_counter()
+        self.objective(self.batch).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
+        return time.perf_counter() - start
+
+
+def baseline_config(config: Config) -> Config:
+    baseline = copy.deepcopy(config)
+    baseline.model.kind = "transformer_pp"
+    return baseline
+
+
+def _cpu_peak_rss_child(config: Config, vocab_size: int, queue: Any) -> None:
+    stepper = _Stepper(config, vocab_size, torch.device("cpu"))
+    for _ in range(2):
+        stepper.step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def peak_memory_mb(config: Config, vocab_size: int, device: torch.device) -> float:
+    """Peak memory of training steps: CUDA max allocation, or a CPU child's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        stepper = _Stepper(config, vocab_size, device)
+        for _ in range(2):
+            stepper.step()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_cpu_peak_rss_child, args=(config, vocab_size, queue))
+    child.start()
+    peak = queue.get()
+    child.join()
+    return peak
+
+
+def bench_train(
+    config: Config, vs_baseline: bool = False, repeats: int = 10, warmup: int = 2
+) -> dict[str, Any]:
+    """Median ms per training step (and the baseline's, interleaved) plus peak memory."""
+    device = pick_device(config.train.device)
+    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+    configs = {"": config} | ({"baseline_": baseline_config(config)} if vs_baseline else {})
+    steppers = {prefix: _Stepper(cfg, vocab_size, device) for prefix, cfg in configs.items()}
+    times: dict[str, list[float]] = {prefix: [] for prefix in steppers}
+    for index in range(warmup + repeats):
+        for prefix, stepper in steppers.items():
+            elapsed = stepper.step()
+            if index >= warmup:
+                times[prefix].append(elapsed)
+    del steppers
+    result: dict[str, Any] = {"device": str(device), "repeats": repeats, "threads": torch.get_num_threads()}
+    for prefix, cfg in configs.items():
+        result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])
+        result[f"{prefix}peak_mem_mb"] = peak_memory_mb(cfg, vocab_size, device)
+    if vs_baseline:
+        result["ratio_vs_baseline"] = result["ms_per_step"] / result["baseline_ms_per_step"]
+    result["config"] = {"model": config.to_dict()["model"], "think": config.to_dict()["think"]}
+    return result

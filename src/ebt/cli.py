@@ -1,0 +1,144 @@
+"""The `ebt` command line: train, eval, generate, bench, tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ebt.config import ConfigError, load_config
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, indent=None, sort_keys=True))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ebt.train import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"run: {config.train.out_dir}")
+        print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ebt.api import load_run
+    from ebt.data import build_token_dataset, iter_eval_batches
+    from ebt.evaluate import evaluate
+    from ebt.objective import Objective
+
+    run = load_run(args.run, args.overrides)
+    data, train = run.config.data, run.config.train
+    source = data.ood_source if args.split == "ood" else None
+    split = "all" if args.split == "ood" else args.split
+    dataset = build_token_dataset(data, run.tokenizer, split, source=source)
+    batches = iter_eval_batches(dataset, train.batch_size, args.batches or train.eval_batches)
+    objective = Objective(run.model, run.config.think, run.tokenizer.pad_id)
+    device = next(run.model.parameters()).device
+    result = {"split": args.split, "checkpoint": str(run.checkpoint)}
+    result |= evaluate(objective, batches, device, seed=train.seed)
+    _print_json(result) if args.json else print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ebt.api import load_run
+    from ebt.generate import generate
+
+    run = load_run(args.run, args.overrides)
+    pieces = generate(
+        run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.steps
+    )
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ebt.bench import bench_train
+
+    config = load_config(args.config, args.overrides)
+    result = bench_train(config, args.vs_baseline, args.repeats, args.warmup)
+    if args.json:
+        _print_json(result)
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from ebt.data import tokenizer_train_command
+
+    tokenizer_train_command(args.source, args.vocab_size, args.out, args.max_documents)
+    return 0
+
+
+def _add_run_parser(sub: Any, name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text)
+    parser.add_argument("run", help="run directory (or one of its step_* checkpoints)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a run")
+    train.add_argument("config", help="TOML config file, e.g. configs/text/tiny.toml")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = _add_run_parser(sub, "eval", cmd_eval, "evaluate a trained run")
+    evaluate.add_argument("--split", default="val", choices=["val", "train", "ood"])
+    evaluate.add_argument("--batches", type=int, default=0, help="batches (0: train.eval_batches)")
+    evaluate.add_argument("--json", action="store_true")
+
+    generate = _add_run_parser(sub, "generate", cmd_generate, "generate text from a prompt")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
+
+    bench = sub.add_parser("bench", help="benchmark training steps")
+    bench.add_argument("what", choices=["train"])
+    bench.add_argument("config")
+    bench.add_argument("overrides", nargs="*")
+    bench.add_argument("--vs-baseline", action="store_true", help="also time Transformer++")
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(handler=cmd_bench)
+
+    tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
+    tokenizer.add_argument("action", choices=["train"])
+    tokenizer.add_argument("--source", default="stdlib")
+    tokenizer.add_argument("--vocab-size", type=int, default=4096)
+    tokenizer.add_argument("--out", required=True, help="output directory")
+    tokenizer.add_argument("--max-documents", type=int, default=0)
+    tokenizer.set_defaults(handler=cmd_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"ebt: error: {error}", file=sys.stderr)
+        return 2

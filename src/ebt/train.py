@@ -1,0 +1,185 @@
+"""The training loop: one function for one process or many (torchrun), EBT or Transformer++.
+
+A run directory holds config.json, metrics.jsonl, tokenizer/ and step_NNNNNN/ checkpoints.
+Starting `train` on a run directory that already has a checkpoint resumes it exactly: model,
+optimizer, scheduler, RNG streams, data position and replay buffer are all restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ebt import checkpoint
+from ebt.config import Config
+from ebt.data import BatchIterator, build_token_dataset, iter_eval_batches, load_tokenizer
+from ebt.distributed import DistributedContext, barrier, setup
+from ebt.evaluate import evaluate
+from ebt.models import build_model
+from ebt.objective import Objective
+from ebt.optim import build_optimizer, build_scheduler, lr_report
+from ebt.replay import ReplayBuffer
+from ebt.tracking import MetricsLogger, format_row, truncate_metrics
+
+
+class Trainer:
+    """Holds everything one training run needs; `run()` trains to train.max_steps."""
+
+    def __init__(self, config: Config, context: DistributedContext) -> None:
+        self.config, self.context = config, context
+        self.run_dir = Path(config.train.out_dir)
+        torch.manual_seed(config.train.seed + context.rank)
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
+        self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
+        self.model = build_model(config, self.tokenizer.vocab_size).to(context.device)
+        self.objective = Objective(self.model, config.think, self.tokenizer.pad_id)
+        self.wrapped = self._wrap(self.objective)
+        self.optimizer = build_optimizer(self.model, config.train, config.think)
+        self.scheduler = build_scheduler(self.optimizer, config.train)
+        self.batches = BatchIterator(
+            self.train_data, config.train.batch_size, seed=config.train.seed,
+            rank=context.rank, world_size=context.world_size,
+        )
+        self.replay = self._replay_buffer()
+        self.step = 0
+
+    def _wrap(self, objective: Objective) -> nn.Module:
+        if not self.context.enabled:
+            return objective
+        device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+
+    def _replay_buffer(self) -> ReplayBuffer | None:
+        think = self.config.think
+        if not think.replay_buffer or self.config.model.kind != "ebt":
+            return None
+        sample = int(self.config.train.batch_size * think.replay_fraction)
+        return ReplayBuffer(think.replay_buffer_size, sample)
+
+    def resume_if_possible(self) -> bool:
+        """Restore the newest checkpoint in the run directory, if there is one."""
+        step_dir = checkpoint.latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
+        if step_dir is None:
+            return False
+        state, _ = checkpoint.load_model_state(step_dir, device=str(self.context.device))
+        self.model.load_state_dict(state)
+        train_state = checkpoint.load_train_state(step_dir)
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        extra = train_state["extra"]
+        self.batches.load_state_dict(extra["data"])
+        if self.replay is not None:
+            self.replay.load_state_dict(extra.get("replay", {}))
+        checkpoint.restore_rng(train_state)
+        self.step = train_state["step"]
+        return True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.config.train.precision == "bf16" and self.context.device.type == "cuda"
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def _micro_step(self, scale: float) -> dict[str, torch.Tensor]:
+        fresh = next(self.batches).to(self.context.device)  # (B, S + 1)
+        batch, replay_states = fresh, None
+        if self.replay is not None:
+            batch, replay_states = self.replay.extend_batch(fresh)
+        with self._autocast():
+            output = self.wrapped(batch, replay_states)
+        (output.loss * scale).backward()
+        if self.replay is not None:
+            self.replay.update(fresh, output.final_state[: fresh.shape[0]])
+        return output.metrics
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (with gradient accumulation); returns the logged row."""
+        accumulation = self.config.train.grad_accum
+        rows = [self._micro_step(1.0 / accumulation) for _ in range(accumulation)]
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        row = {"step": self.step, "grad_norm": norm.item()}
+        for key in ("loss", "initial_loss", "final_step_loss", "energy_gap", "step_size"):
+            if key in rows[0]:
+                row[key] = sum(r[key].item() for r in rows) / accumulation
+        return row | lr_report(self.optimizer)
+
+    def evaluate_split(self, name: str = "val") -> dict[str, Any]:
+        train = self.config.train
+        batches = iter_eval_batches(
+            self.val_data, train.batch_size, train.eval_batches,
+            rank=self.context.rank, world_size=self.context.world_size,
+        )
+        return {"step": self.step, "split": name} | evaluate(
+            self.objective, batches, self.context.device, seed=train.seed
+        )
+
+    def save(self) -> None:
+        extra: dict[str, Any] = {"data": self.batches.state_dict()}
+        if self.replay is not None:
+            extra["replay"] = self.replay.state_dict()
+        checkpoint.save_checkpoint(
+            self.run_dir, self.step, self.model, self.config.to_dict(), self.optimizer,
+            self.scheduler, extra=extra, keep=self.config.train.keep_checkpoints,
+        )
+        barrier()
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def run(self, logger: MetricsLogger) -> dict[str, Any]:
+        """Train to max_steps, logging, evaluating and checkpointing on schedule."""
+        train = self.config.train
+        show = train.progress and self.context.is_main
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not show, desc="train")
+        started, last_eval = time.perf_counter(), {}
+        while self.step < train.max_steps:
+            row = self.train_step()
+            bar.update(1)
+            if self._due(train.log_every) or self.step == train.max_steps:
+                row["elapsed_s"] = time.perf_counter() - started
+                logger.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if self._due(train.eval_every):
+                last_eval = logger.log(self.evaluate_split())
+                bar.write(format_row(last_eval)) if show else None
+            if self._due(train.save_every):
+                self.save()
+        bar.close()
+        if not last_eval or last_eval.get("step") != self.step:
+            last_eval = logger.log(self.evaluate_split())
+        self.save()
+        return last_eval
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Train (or resume) the run config.train.out_dir; returns the final evaluation row."""
+    context = setup(config.train.device)
+    trainer = Trainer(config, context)
+    resumed = trainer.resume_if_possible()
+    run_dir = trainer.run_dir
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_run_config(run_dir, config.to_dict())
+        trainer.tokenizer.save(run_dir / "tokenizer")
+        if resumed:
+            truncate_metrics(run_dir, trainer.step)
+    barrier()
+    with MetricsLogger(
+        run_dir, config.to_dict(), tensorboard=config.train.tensorboard,
+        wandb=config.train.wandb, wandb_project=config.train.wandb_project,
+        enabled=context.is_main,
+    ) as logger:
+        return trainer.run(logger)
