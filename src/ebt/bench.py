@@ -2,16 +2,19 @@
 
 Both models are timed in the same process, interleaved step by step, so machine noise hits
 them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
-allocation on GPU; on CPU it is the peak resident set of a separate child process per model.
+allocation on GPU; on CPU it is the peak resident set (VmHWM, torch's own libraries included) of a separate child
+process per model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,11 +60,26 @@ def baseline_config(config: Config) -> Config:
     return baseline
 
 
+def _reset_peak_rss() -> None:
+    """Forget the inherited high-water mark (Linux keeps the parent's across fork + exec)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _cpu_peak_rss_child(config: Config, vocab_size: int, queue: Any) -> None:
+    _reset_peak_rss()
     stepper = _Stepper(config, vocab_size, torch.device("cpu"))
     for _ in range(2):
         stepper.step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    queue.put(_peak_rss_mb())
 
 
 def peak_memory_mb(config: Config, vocab_size: int, device: torch.device) -> float:

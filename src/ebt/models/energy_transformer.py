@@ -109,7 +109,7 @@ class EnergyTransformer(nn.Module):
         if self.variant == "time_embed":
             step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
             x = torch.cat((step_token, x), dim=1)  # (B, S + 1, D)
-        rope = self._rope(torch.arange(x.shape[1], device=x.device))
+        rope = self._rope(torch.arange(x.shape[1], device=x.device)).unsqueeze(1)  # (T, 1, hd/2)
         keys, values = [], []
         for index, block in enumerate(self.blocks):
             x, k, v = block.context(x, rope, condition, keys_only=index == len(self.blocks) - 1)
@@ -138,7 +138,8 @@ class EnergyTransformer(nn.Module):
         if rows is None:
             rows = torch.arange(probabilities.shape[1], device=probabilities.device)
         z = self.embed_candidates(probabilities, cache.landscape)  # (B, R, D)
-        rope = self._rope(rows + self.offset)
+        head_dim = self.args.dim // self.args.heads
+        rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
             z = block.prediction(z, rope, cache.condition, (k, v), mask)

@@ -48,7 +48,7 @@ class TransformerPP(nn.Module):
         """Next-token logits (B, S, V) for tokens (B, S)."""
         x = self.token_embedding(tokens)  # (B, S, D)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = self.rope[positions]
+        rope = self.rope[positions].unsqueeze(1)  # (S, 1, hd/2): broadcast over heads
         for block in self.blocks:
             x, _, _ = block.context(x, rope, None)
         return self.output(self.norm(x))  # (B, S, V)

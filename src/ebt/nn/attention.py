@@ -41,15 +41,18 @@ def prediction_attention(
 ) -> torch.Tensor:
     """Each candidate row attends to its allowed context keys and to its own key only.
 
-    rotated_queries (with RoPE), queries, keys, values (without): (B, H, R, hd) for the R
-    candidates; context: RoPE'd keys and values (B, H, Tc, hd); mask: (R, Tc) additive.
-    Softmax in float32, as the paper's code does.
+    rotated_queries: RoPE'd queries already multiplied by 1/sqrt(hd) (the scale is folded into
+    the rotation table, saving a pass over the scores); queries, keys, values: the same rows
+    without RoPE or scale, (B, H, R, hd); context: RoPE'd keys and values (B, H, Tc, hd);
+    mask: (R, Tc) additive. Softmax in float32, as the paper's code does.
     """
     context_keys, context_values = context
     scale = queries.shape[-1] ** -0.5
-    context_scores = (rotated_queries @ context_keys.transpose(-1, -2)) * scale + mask
+    context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
     self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
     scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
     weights = scores.float().softmax(dim=-1).type_as(queries)
-    context_part = weights[..., :-1] @ context_values  # (B, H, R, hd)
-    return context_part + weights[..., -1:] * values  # (B, H, R, hd)
+    # split (whose backward is one cat) rather than two slices (whose backwards each fill a
+    # zero tensor of the full score size): the double backward runs through this every step.
+    context_weights, self_weight = weights.split((weights.shape[-1] - 1, 1), dim=-1)
+    return context_weights @ context_values + self_weight * values  # (B, H, R, hd)

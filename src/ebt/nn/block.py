@@ -22,12 +22,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, hd)
+    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # (B, T, H, hd)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys, values (B, H, T, hd), before RoPE."""
-        return self.split(self.wq(x)), self.split(self.wk(x)), self.split(self.wv(x))
+    def rotated(self, linear: nn.Linear, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """linear(x) split into heads and rotated (RoPE before the head transpose, no copy)."""
+        return apply_rope(self.heads_of(linear(x)), rope).transpose(1, 2)  # (B, H, T, hd)
+
+    def plain(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.heads_of(linear(x)).transpose(1, 2)  # (B, H, T, hd)
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(x.transpose(1, 2).flatten(2))  # (B, T, D)
@@ -70,11 +73,13 @@ class Block(nn.Module):
         reads the context stream's last output, so the last block needs nothing more).
         """
         mod = self._modulation(condition)
-        q, k, v = self.attention.project(self._attention_input(x, mod))
-        k = apply_rope(k, rope)  # (B, H, T, hd)
+        attention, normed = self.attention, self._attention_input(x, mod)
+        k = attention.rotated(attention.wk, normed, rope)  # (B, H, T, hd)
+        v = attention.plain(attention.wv, normed)  # (B, H, T, hd)
         if keys_only:
             return None, k, v
-        attended = self.attention.merge(causal_attention(apply_rope(q, rope), k, v))  # (B, T, D)
+        q = attention.rotated(attention.wq, normed, rope)  # (B, H, T, hd)
+        attended = attention.merge(causal_attention(q, k, v))  # (B, T, D)
         return self._finish(x, attended, mod), k, v
 
     def prediction(
@@ -87,8 +92,13 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """Candidates z (B, R, D) read the cached context keys/values and themselves only."""
         mod = self._modulation(condition)
-        q, k, v = self.attention.project(self._attention_input(z, mod))
+        attention, normed = self.attention, self._attention_input(z, mod)
+        q = attention.heads_of(attention.wq(normed))  # (B, R, H, hd)
         # A candidate's key only meets its own query, at the same position; rotations preserve
-        # dot products, so the self score needs no RoPE and only the context scores do.
-        attended = prediction_attention(apply_rope(q, rope), q, k, v, context, mask)
+        # dot products, so the self score needs no RoPE and only the context scores do. The
+        # caller may pre-scale the rotations by 1/sqrt(hd) (see prediction_attention).
+        rotated_q = apply_rope(q, rope).transpose(1, 2)  # (B, H, R, hd)
+        q = q.transpose(1, 2)  # (B, H, R, hd)
+        k, v = attention.plain(attention.wk, normed), attention.plain(attention.wv, normed)
+        attended = prediction_attention(rotated_q, q, k, v, context, mask)
         return self._finish(z, self.attention.merge(attended), mod)

@@ -42,13 +42,13 @@ def rope_table(head_dim: int, length: int, theta: float = 1e4) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (B, H, T, hd) by per-position rotations (T, hd/2).
+    """Rotate interleaved channel pairs of x (B, T, H, hd) by rotations (T, 1, hd/2).
 
     One complex multiply: fewer kernels than the real-valued form, and it supports double
     backward, which the prediction stream needs.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B,H,T,hd/2)
-    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (B, H, T, hd)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (B, T, H, hd)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,407 @@
+"""The model contract (DESIGN §1) checked against a naive float64 concatenated-sequence model.
+
+`naive_reference` runs the paper's formulation literally: one sequence [step token?, context,
+candidates] under one explicit (T, T) mask. Our model splits the streams, caches the context and
+skips RoPE on the self score; these tests prove that the split computes the same energies and the
+same second-order training gradients, that nothing leaks between positions, and that the
+Transformer++ baseline is causal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive_reference import cross_entropy, naive_energies, naive_step, naive_transformer_pp_logits
+from torch.nn import functional as F
+
+from ebt.config import ThinkConfig, config_from_dict
+from ebt.models import EnergyTransformer, TransformerPP, build_model
+from ebt.objective import Objective
+from ebt.thinking import StepOptions, take_step
+
+VARIANTS = ("time_embed", "adaln", "default", "pred_step")
+VOCAB, DIM, LAYERS, HEADS, SEQ, BATCH = 13, 16, 2, 2, 6, 2
+STEP_SIZE = 10.0  # small enough that y' stays in a non-saturated regime of the cross-entropy
+# The model computes RMSNorm, RoPE (complex64 table) and the prediction softmax in float32 even
+# when it is converted to float64, so comparisons with the float64 reference are limited to
+# float32 rounding. LOOSE catches every structural error (a wrong mask or position is O(1e-2)
+# or worse); TIGHT is what a true float64 computation reaches (observed ~1e-15).
+LOOSE, LOOSE_GRAD, TIGHT, TIGHT_GRAD = 1e-5, 1e-4, 1e-10, 1e-8
+FLOAT32_INTERNALS = (
+    "float64 models still compute RMSNorm (`x.float()`), RoPE (`x.float()` and a complex64 "
+    "table that `.double()` does not convert) and the prediction softmax (`scores.float()`) "
+    "in float32, so float64 results differ from a float64 computation by ~1e-7 relative"
+)
+PRED_STEP_LANDSCAPE = (
+    "pred_step: think() reuses the landscape-0 context cache on later landscapes (the context "
+    "does not depend on them) and energies() embeds candidates with cache.landscape, so every "
+    "step adds step embedding 0 and row 1.. of step_embedding never gets a gradient"
+)
+
+
+def make_model(variant: str = "time_embed", kind: str = "ebt") -> torch.nn.Module:
+    """A tiny float64 model built through the public config path."""
+    config = config_from_dict(
+        {
+            "model": {
+                "kind": kind, "variant": variant, "dim": DIM, "layers": LAYERS, "heads": HEADS
+            },
+            "data": {"seq_len": SEQ + 2},
+            "think": {"step_size": STEP_SIZE, "landscapes": 2, "steps": 1},
+        }
+    )
+    return build_model(config, VOCAB).double()
+
+
+def make_tokens(length: int = SEQ) -> torch.Tensor:
+    """Random token ids (B, length) avoiding the pad id 0."""
+    return torch.randint(1, VOCAB, (BATCH, length))  # (B, S)
+
+
+def make_distributions(rows: int = SEQ) -> torch.Tensor:
+    """Random candidate distributions (B, rows, V) in float64."""
+    return torch.randn(BATCH, rows, VOCAB, dtype=torch.float64).softmax(dim=-1)  # (B, R, V)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
+    scale = expected.abs().max().clamp(min=1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def our_energies(model: EnergyTransformer, tokens, probabilities, landscape=0, rows=None):
+    """Split-stream energies (B, R): context cache, then the prediction stream."""
+    return model.energies(model.encode_context(tokens, landscape), probabilities, rows)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Named parameters that receive gradients."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def gradients(loss: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """d loss / d parameter for every trainable parameter (zeros where unused)."""
+    params = trainable(model)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def worst_gradient_error(ours: dict, theirs: dict) -> tuple[float, str]:
+    """Largest relative error over parameters (parameters with all-zero gradients must agree)."""
+    worst, where = 0.0, ""
+    for name, expected in theirs.items():
+        if expected.abs().max() == 0:
+            assert ours[name].abs().max() == 0, name
+            continue
+        error = relative_error(ours[name], expected)
+        if error > worst:
+            worst, where = error, name
+    return worst, where
+
+
+# --- energies: split streams == one concatenated sequence -------------------------------------
+
+
+@pytest.mark.parametrize("landscape", [0, 1])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_energies_match_naive_concatenated_sequence(variant, landscape):
+    """Our cached two-stream energies equal the naive (T, T)-mask computation."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    ours = our_energies(model, tokens, probabilities, landscape)  # (B, S)
+    expected = naive_energies(model, tokens, probabilities, landscape)  # (B, S)
+    assert ours.shape == (BATCH, SEQ)
+    assert relative_error(ours, expected) < LOOSE
+
+
+@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_energies_match_naive_to_float64_precision(variant):
+    """In float64 the split streams should agree with the naive model to ~1e-15."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    ours = our_energies(model, tokens, probabilities, 1)  # (B, S)
+    assert relative_error(ours, naive_energies(model, tokens, probabilities, 1)) < TIGHT
+
+
+def test_landscapes_condition_only_the_conditioned_variants():
+    """default ignores the landscape; every other variant's energies depend on it."""
+    tokens, probabilities = make_tokens(), make_distributions()
+    for variant in VARIANTS:
+        model = make_model(variant)
+        first = our_energies(model, tokens, probabilities, 0)  # (B, S)
+        second = our_energies(model, tokens, probabilities, 1)  # (B, S)
+        assert torch.equal(first, second) == (variant == "default"), variant
+
+
+# --- second-order training gradients ----------------------------------------------------------
+
+
+def our_step_loss(model, tokens, targets, init, landscape=0) -> torch.Tensor:
+    """Cross-entropy of y' after one thinking step with second-order terms (our path)."""
+    cache = model.encode_context(tokens, landscape)
+    options = StepOptions(step_size=model.step_size, create_graph=True)
+    state, _ = take_step(model, cache, init.clone().requires_grad_(), options, keep_graph=True)
+    return F.cross_entropy(state.flatten(0, 1), targets.flatten())  # (B, S, V) -> scalar
+
+
+def naive_step_loss(model, tokens, targets, init, landscape=0) -> torch.Tensor:
+    """The same loss through the naive concatenated model."""
+    state, _ = naive_step(model, tokens, init, landscape)  # (B, S, V)
+    return cross_entropy(state, targets)
+
+
+def step_problem(variant: str):
+    """(model, tokens, targets, init logits) for one thinking-step loss."""
+    model, sequence = make_model(variant), make_tokens(SEQ + 1)
+    init = torch.randn(BATCH, SEQ, VOCAB, dtype=torch.float64)  # (B, S, V)
+    return model, sequence[:, :-1], sequence[:, 1:], init
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_loss_and_second_order_gradients_match_naive(variant):
+    """take_step with create_graph: loss and every parameter gradient equal the naive path."""
+    model, tokens, targets, init = step_problem(variant)
+    ours = our_step_loss(model, tokens, targets, init, landscape=1)
+    theirs = naive_step_loss(model, tokens, targets, init, landscape=1)
+    assert relative_error(ours, theirs) < LOOSE
+    error, name = worst_gradient_error(gradients(ours, model), gradients(theirs, model))
+    assert error < LOOSE_GRAD, name
+
+
+@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_second_order_gradients_match_naive_to_float64_precision(variant):
+    """In float64 the second-order parameter gradients should agree to ~1e-8 relative."""
+    model, tokens, targets, init = step_problem(variant)
+    ours = gradients(our_step_loss(model, tokens, targets, init), model)
+    theirs = gradients(naive_step_loss(model, tokens, targets, init), model)
+    error, name = worst_gradient_error(ours, theirs)
+    assert error < TIGHT_GRAD, name
+
+
+def naive_system1_loss(model, tokens, targets, init) -> torch.Tensor:
+    """The paper's S1 recipe, naively: one step per landscape, detach between, mean of CEs."""
+    state, losses = init, []
+    for landscape in range(2):
+        state, _ = naive_step(model, tokens, state.detach(), landscape)  # (B, S, V)
+        losses.append(cross_entropy(state, targets))
+    return torch.stack(losses).mean()
+
+
+def with_pred_step_bug(variants=VARIANTS) -> list:
+    """The variants, with pred_step marked as the known landscape bug."""
+    bug = pytest.mark.xfail(reason=PRED_STEP_LANDSCAPE, strict=True)
+    return [pytest.param(v, marks=bug) if v == "pred_step" else v for v in variants]
+
+
+@pytest.mark.parametrize("variant", with_pred_step_bug())
+def test_think_uses_the_step_embedding_of_each_landscape(variant):
+    """model.think over 2 landscapes: step k's energies are those on landscape k."""
+    model, tokens = make_model(variant), make_tokens()
+    init = torch.randn(BATCH, SEQ, VOCAB, dtype=torch.float64)  # (B, S, V)
+    trajectory = model.think(tokens, init=init)
+    assert trajectory.landscapes == [0, 1]
+    starts = [init, trajectory.states[0]]
+    for landscape, (start, energies) in enumerate(zip(starts, trajectory.energies, strict=True)):
+        expected = naive_energies(model, tokens, start.softmax(dim=-1), landscape)  # (B, S)
+        assert relative_error(energies, expected) < LOOSE, landscape
+
+
+@pytest.mark.parametrize("variant", with_pred_step_bug())
+def test_objective_system1_matches_naive_recipe(variant, monkeypatch):
+    """The full training Objective (fixed init) equals the naive S1 loss and its gradients."""
+    model, tokens, targets, init = step_problem(variant)
+    monkeypatch.setattr("ebt.objective.initial_state", lambda *args: init.clone())
+    think = ThinkConfig(landscapes=2, steps=1, step_size=STEP_SIZE)
+    objective = Objective(model, think).train()
+    ours = objective(torch.cat((tokens, targets[:, -1:]), dim=1)).loss
+    theirs = naive_system1_loss(model, tokens, targets, init)
+    assert relative_error(ours.double(), theirs) < LOOSE
+    error, name = worst_gradient_error(gradients(ours, model), gradients(theirs, model))
+    assert error < LOOSE_GRAD, name
+
+
+# --- no leakage between positions -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_future_context_tokens_do_not_leak(variant):
+    """Changing x_k changes no E_j with j < k (and does change E_k: the test has teeth)."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    base = our_energies(model, tokens, probabilities, 1)  # (B, S)
+    for k in range(1, SEQ):
+        changed = tokens.clone()
+        changed[:, k] = changed[:, k] % (VOCAB - 1) + 1  # another non-pad token
+        energies = our_energies(model, changed, probabilities, 1)  # (B, S)
+        torch.testing.assert_close(energies[:, :k], base[:, :k], rtol=0, atol=1e-12)
+        assert (energies[:, k] - base[:, k]).abs().min() > 1e-9
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_other_candidates_do_not_leak(variant):
+    """Changing y_k changes E_k only."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    cache = model.encode_context(tokens, 0)
+    base = model.energies(cache, probabilities)  # (B, S)
+    for k in range(SEQ):
+        changed = probabilities.clone()
+        changed[:, k] = make_distributions(1)[:, 0]
+        energies = model.energies(cache, changed)  # (B, S)
+        others = [j for j in range(SEQ) if j != k]
+        torch.testing.assert_close(energies[:, others], base[:, others], rtol=0, atol=1e-12)
+        assert (energies[:, k] - base[:, k]).abs().min() > 1e-9
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_candidate_jacobian_is_block_diagonal(variant):
+    """d(sum E)/dy_j equals dE_j/dy_j: the Jacobian dE/dp has no cross-position entries."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    cache = model.encode_context(tokens, 0)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda p: model.energies(cache, p), probabilities
+    )  # (B, S, B, S, V)
+    own = torch.eye(BATCH * SEQ, dtype=torch.bool).reshape(BATCH, SEQ, BATCH, SEQ, 1)
+    assert jacobian.masked_select(~own.expand_as(jacobian)).abs().max() == 0
+    probabilities = probabilities.clone().requires_grad_()
+    energies = model.energies(cache, probabilities)  # (B, S)
+    (summed,) = torch.autograd.grad(energies.sum(), probabilities)  # (B, S, V)
+    diagonal = torch.einsum("bsbsv->bsv", jacobian)  # (B, S, V): dE_j / dy_j
+    torch.testing.assert_close(summed, diagonal, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_energy_j_depends_only_on_prefix_and_own_candidate(variant):
+    """For every j: inputs agreeing on (x_0..x_j, y_j) and differing everywhere else give
+    the same E_j; the context cache is the same whatever the candidates are."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    cache = model.encode_context(tokens, 1)
+    snapshot = [t.clone() for t in cache.keys + cache.values]
+    base = model.energies(cache, probabilities)  # (B, S)
+    for j in range(SEQ):
+        tokens_j, probabilities_j = make_tokens(), make_distributions()
+        tokens_j[:, : j + 1] = tokens[:, : j + 1]
+        probabilities_j[:, j] = probabilities[:, j]
+        energies = our_energies(model, tokens_j, probabilities_j, 1)  # (B, S)
+        torch.testing.assert_close(energies[:, j], base[:, j], rtol=0, atol=1e-12)
+        model.energies(cache, make_distributions())  # other candidates on the same cache
+    for before, after in zip(snapshot, cache.keys + cache.values, strict=True):
+        assert torch.equal(before, after)  # the cache is never written by the prediction stream
+
+
+# --- rows: a subset of candidates against the full cache --------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows", [[SEQ - 1], [4, 0, 2]])
+def test_rows_subset_equals_columns_of_full_computation(variant, rows):
+    """energies(cache, p[:, rows], rows) == energies(cache, p)[:, rows] (generation uses [-1])."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    cache = model.encode_context(tokens, 1)
+    index = torch.tensor(rows)
+    full = model.energies(cache, probabilities)  # (B, S)
+    subset = model.energies(cache, probabilities[:, index], index)  # (B, R)
+    assert relative_error(subset, full[:, index]) < LOOSE  # float32 internals: shapes round
+
+
+# --- finite differences through one thinking step ---------------------------------------------
+
+PROBED = {  # one scalar entry of each kind of parameter the second-order terms flow through
+    "blocks.0.attention.wq.weight": (1, 2),
+    "blocks.1.attention.wk.weight": (3, 0),
+    "blocks.0.feed_forward.w1.weight": (2, 5),
+    "candidate_projection.weight": (4, 7),
+    "token_embedding.weight": (None, 1),  # row: a token of the input
+    "step_embedding.weight": (0, 3),
+    "step_size": (),
+}
+
+
+def probed_entries(tokens: torch.Tensor) -> list[tuple[str, tuple]]:
+    """PROBED with the token-embedding row set to a token that occurs in tokens (B, S)."""
+    row = int(tokens[0, 1])
+    return [(name, (row, 1) if entry == (None, 1) else entry) for name, entry in PROBED.items()]
+
+
+def central_difference(model, problem, name: str, entry: tuple, h: float) -> float:
+    """(L(theta + h) - L(theta - h)) / 2h for one entry of one parameter, L = our step loss."""
+    parameter = trainable(model)[name]
+    value = parameter.data[entry].item()
+    losses = []
+    for delta in (h, -h):
+        parameter.data[entry] = value + delta
+        losses.append(our_step_loss(model, *problem).item())
+    parameter.data[entry] = value
+    return (losses[0] - losses[1]) / (2 * h)
+
+
+def richardson(model, problem, name: str, entry: tuple, h: float) -> float:
+    """Central differences extrapolated to O(h^4): (4 D(h/2) - D(h)) / 3."""
+    coarse = central_difference(model, problem, name, entry, h)
+    fine = central_difference(model, problem, name, entry, h / 2)
+    return (4 * fine - coarse) / 3
+
+
+@pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln"])
+def test_step_gradient_matches_finite_differences(variant):
+    """d(CE after one step)/d theta by autograd equals extrapolated central differences.
+
+    The step is wide (h = 1e-2, error O(h^4)) and the tolerance loose (observed <= 1.3e-3)
+    because the model's float32 internals put ~1e-6 noise on the loss. Every probed entry but
+    alpha gets its gradient only through dE/dp, i.e. only through the second-order terms.
+    """
+    model, *problem = step_problem(variant)
+    grads = gradients(our_step_loss(model, *problem), model)
+    for name, entry in probed_entries(problem[0]):
+        analytic = grads[name][entry].item()
+        numeric = richardson(model, problem, name, entry, 1e-2)
+        assert abs(analytic) > 1e-4, name
+        assert analytic == pytest.approx(numeric, rel=5e-3), name
+
+
+@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
+@pytest.mark.parametrize("variant", ["time_embed", "pred_step"])
+def test_step_gradient_matches_fine_finite_differences(variant):
+    """With a true float64 model, plain central differences at h = 1e-5 agree to ~1e-7."""
+    model, *problem = step_problem(variant)
+    grads = gradients(our_step_loss(model, *problem), model)
+    for name, entry in probed_entries(problem[0]):
+        numeric = central_difference(model, problem, name, entry, 1e-5)
+        assert grads[name][entry].item() == pytest.approx(numeric, rel=1e-7, abs=1e-9), name
+
+
+# --- Transformer++ baseline -------------------------------------------------------------------
+
+
+def test_transformer_pp_is_causal():
+    """Changing token k leaves the logits of positions < k unchanged and changes position k."""
+    model, tokens = make_model(kind="transformer_pp"), make_tokens()
+    assert isinstance(model, TransformerPP)
+    base = model(tokens)  # (B, S, V)
+    for k in range(1, SEQ):
+        changed = tokens.clone()
+        changed[:, k] = changed[:, k] % (VOCAB - 1) + 1
+        logits = model(changed)  # (B, S, V)
+        torch.testing.assert_close(logits[:, :k], base[:, :k], rtol=0, atol=1e-12)
+        assert (logits[:, k] - base[:, k]).abs().max() > 1e-9
+
+
+def test_transformer_pp_matches_naive_full_mask():
+    """Transformer++ logits and parameter gradients equal a naive full-mask decoder."""
+    model, sequence = make_model(kind="transformer_pp"), make_tokens(SEQ + 1)
+    tokens, targets = sequence[:, :-1], sequence[:, 1:]
+    ours, theirs = model(tokens), naive_transformer_pp_logits(model, tokens)  # (B, S, V)
+    assert relative_error(ours, theirs) < LOOSE
+    our_loss = F.cross_entropy(ours.flatten(0, 1), targets.flatten())
+    error, name = worst_gradient_error(
+        gradients(our_loss, model), gradients(cross_entropy(theirs, targets), model)
+    )
+    assert error < LOOSE_GRAD, name
+
+
+@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
+def test_transformer_pp_matches_naive_to_float64_precision():
+    """In float64 the baseline should agree with the naive decoder to ~1e-15."""
+    model, tokens = make_model(kind="transformer_pp"), make_tokens()
+    assert relative_error(model(tokens), naive_transformer_pp_logits(model, tokens)) < TIGHT
