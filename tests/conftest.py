@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-VECTORS = Path(os.environ.get("EBT_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors"))
+VECTORS = Path(
+    os.environ.get("EBT_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors")
+)
 
 
 @pytest.fixture(autouse=True)

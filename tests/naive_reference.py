@@ -197,4 +197,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     log_z = torch.logsumexp(logits, dim=-1)  # (B, S)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, S)
     return (log_z - picked).mean()
-

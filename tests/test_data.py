@@ -26,8 +26,9 @@ from ebt.data import (
 )
 from ebt.data.corpus import in_split, stdlib_root
 
-PARAGRAPHS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * i}."
-              for i in range(40)]
+PARAGRAPHS = [
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * i}." for i in range(40)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -89,8 +90,9 @@ def test_load_tokenizer_specs(tmp_path: Path) -> None:
         load_tokenizer(str(tmp_path / "missing.json"))
 
 
-def test_tokenizer_train_command(text_dir: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_tokenizer_train_command(
+    text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tokenizer_train_command(str(text_dir), 280, str(tmp_path / "tok"), max_documents=10)
     assert path == tmp_path / "tok" / "tokenizer.json" and path.is_file()
     assert "10 documents" in capsys.readouterr().out
@@ -111,8 +113,9 @@ def test_stdlib_split_deterministic_disjoint() -> None:
     assert train and val and not train & val and train | val == set(keys)
     docs = list(iter_documents("stdlib", "val", max_documents=5))
     assert docs == list(iter_documents("stdlib", "val", max_documents=5)) and len(docs) == 5
-    first_val = next(path for path in files if in_split(path.relative_to(root).as_posix(), "val",
-                                                         0.05))
+    first_val = next(
+        path for path in files if in_split(path.relative_to(root).as_posix(), "val", 0.05)
+    )
     assert docs[0] == first_val.read_text(encoding="utf-8")
 
 

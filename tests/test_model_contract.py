@@ -22,21 +22,9 @@ from ebt.thinking import StepOptions, take_step
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 VOCAB, DIM, LAYERS, HEADS, SEQ, BATCH = 13, 16, 2, 2, 6, 2
 STEP_SIZE = 10.0  # small enough that y' stays in a non-saturated regime of the cross-entropy
-# The model computes RMSNorm, RoPE (complex64 table) and the prediction softmax in float32 even
-# when it is converted to float64, so comparisons with the float64 reference are limited to
-# float32 rounding. LOOSE catches every structural error (a wrong mask or position is O(1e-2)
-# or worse); TIGHT is what a true float64 computation reaches (observed ~1e-15).
+# LOOSE catches every structural error (a wrong mask or position is O(1e-2) or worse); TIGHT is
+# what a true float64 computation reaches (observed ~1e-15): the model never narrows float64.
 LOOSE, LOOSE_GRAD, TIGHT, TIGHT_GRAD = 1e-5, 1e-4, 1e-10, 1e-8
-FLOAT32_INTERNALS = (
-    "float64 models still compute RMSNorm (`x.float()`), RoPE (`x.float()` and a complex64 "
-    "table that `.double()` does not convert) and the prediction softmax (`scores.float()`) "
-    "in float32, so float64 results differ from a float64 computation by ~1e-7 relative"
-)
-PRED_STEP_LANDSCAPE = (
-    "pred_step: think() reuses the landscape-0 context cache on later landscapes (the context "
-    "does not depend on them) and energies() embeds candidates with cache.landscape, so every "
-    "step adds step embedding 0 and row 1.. of step_embedding never gets a gradient"
-)
 
 
 def make_model(variant: str = "time_embed", kind: str = "ebt") -> torch.nn.Module:
@@ -44,7 +32,11 @@ def make_model(variant: str = "time_embed", kind: str = "ebt") -> torch.nn.Modul
     config = config_from_dict(
         {
             "model": {
-                "kind": kind, "variant": variant, "dim": DIM, "layers": LAYERS, "heads": HEADS
+                "kind": kind,
+                "variant": variant,
+                "dim": DIM,
+                "layers": LAYERS,
+                "heads": HEADS,
             },
             "data": {"seq_len": SEQ + 2},
             "think": {"step_size": STEP_SIZE, "landscapes": 2, "steps": 1},
@@ -116,7 +108,6 @@ def test_energies_match_naive_concatenated_sequence(variant, landscape):
     assert relative_error(ours, expected) < LOOSE
 
 
-@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_energies_match_naive_to_float64_precision(variant):
     """In float64 the split streams should agree with the naive model to ~1e-15."""
@@ -170,7 +161,6 @@ def test_step_loss_and_second_order_gradients_match_naive(variant):
     assert error < LOOSE_GRAD, name
 
 
-@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_second_order_gradients_match_naive_to_float64_precision(variant):
     """In float64 the second-order parameter gradients should agree to ~1e-8 relative."""
@@ -190,13 +180,7 @@ def naive_system1_loss(model, tokens, targets, init) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def with_pred_step_bug(variants=VARIANTS) -> list:
-    """The variants, with pred_step marked as the known landscape bug."""
-    bug = pytest.mark.xfail(reason=PRED_STEP_LANDSCAPE, strict=True)
-    return [pytest.param(v, marks=bug) if v == "pred_step" else v for v in variants]
-
-
-@pytest.mark.parametrize("variant", with_pred_step_bug())
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_think_uses_the_step_embedding_of_each_landscape(variant):
     """model.think over 2 landscapes: step k's energies are those on landscape k."""
     model, tokens = make_model(variant), make_tokens()
@@ -209,7 +193,7 @@ def test_think_uses_the_step_embedding_of_each_landscape(variant):
         assert relative_error(energies, expected) < LOOSE, landscape
 
 
-@pytest.mark.parametrize("variant", with_pred_step_bug())
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_objective_system1_matches_naive_recipe(variant, monkeypatch):
     """The full training Objective (fixed init) equals the naive S1 loss and its gradients."""
     model, tokens, targets, init = step_problem(variant)
@@ -360,7 +344,6 @@ def test_step_gradient_matches_finite_differences(variant):
         assert analytic == pytest.approx(numeric, rel=5e-3), name
 
 
-@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
 @pytest.mark.parametrize("variant", ["time_embed", "pred_step"])
 def test_step_gradient_matches_fine_finite_differences(variant):
     """With a true float64 model, plain central differences at h = 1e-5 agree to ~1e-7."""
@@ -400,7 +383,6 @@ def test_transformer_pp_matches_naive_full_mask():
     assert error < LOOSE_GRAD, name
 
 
-@pytest.mark.xfail(reason=FLOAT32_INTERNALS, strict=True)
 def test_transformer_pp_matches_naive_to_float64_precision():
     """In float64 the baseline should agree with the naive decoder to ~1e-15."""
     model, tokens = make_model(kind="transformer_pp"), make_tokens()

@@ -93,10 +93,16 @@ def test_wandb_and_tensorboard_sinks_get_scalars(
     with MetricsLogger(tmp_path / "run", {"t": 1}, tensorboard=True, wandb=True) as logger:
         logger.log({"step": 4, "loss": torch.tensor(1.5), "flag": True, "name": "x"})
         logger.log({"step": 4, "split": "val", "loss": 2.0})
-    assert wandb.kwargs == {"project": "ebt", "name": "run", "dir": str(tmp_path / "run"),
-                            "config": {"t": 1}}
+    assert wandb.kwargs == {
+        "project": "ebt",
+        "name": "run",
+        "dir": str(tmp_path / "run"),
+        "config": {"t": 1},
+    }
     assert [c for c in wandb.calls if c[0] == "log"] == [
-        ("log", ({"loss": 1.5},), {"step": 4}), ("log", ({"val/loss": 2.0},), {"step": 4})]
+        ("log", ({"loss": 1.5},), {"step": 4}),
+        ("log", ({"val/loss": 2.0},), {"step": 4}),
+    ]
     assert wandb.calls[-1][0] == "finish"
     (writer,) = writers
     assert writer.kwargs == {"log_dir": str(tmp_path / "run" / "tensorboard")}

@@ -1,8 +1,8 @@
 """ebt: Energy-Based Transformers in PyTorch.
 
-    import ebt
-    model = ebt.load("runs/tiny")            # a trained run directory
-    trajectory = model.think(tokens)         # states[k], energies[k] for every thinking step
+import ebt
+model = ebt.load("runs/tiny")            # a trained run directory
+trajectory = model.think(tokens)         # states[k], energies[k] for every thinking step
 """
 
 from ebt.api import LoadedRun, load, load_run

@@ -2,8 +2,8 @@
 
 Both models are timed in the same process, interleaved step by step, so machine noise hits
 them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
-allocation on GPU; on CPU it is the peak resident set (VmHWM, torch's own libraries included) of a separate child
-process per model.
+allocation on GPU; on CPU it is the peak resident set (VmHWM, torch's own libraries included)
+of a separate child process per model.
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ def bench_train(
             if index >= warmup:
                 times[prefix].append(elapsed)
     del steppers
-    result: dict[str, Any] = {"device": str(device), "repeats": repeats, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "device": str(device),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
     for prefix, cfg in configs.items():
         result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])
         result[f"{prefix}peak_mem_mb"] = peak_memory_mb(cfg, vocab_size, device)

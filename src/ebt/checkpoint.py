@@ -47,7 +47,7 @@ def step_dir_name(step: int) -> str:
 
 def _step_of(path: Path) -> int | None:
     """The step number of a `step_NNNNNN` directory name, or None for any other name."""
-    digits = path.name[len(STEP_PREFIX):]
+    digits = path.name[len(STEP_PREFIX) :]
     if not path.name.startswith(STEP_PREFIX) or not digits.isdigit():
         return None
     return int(digits)
@@ -126,8 +126,13 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "python": (version, tuple(internal), gauss),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
     }
 
 
@@ -152,8 +157,9 @@ def restore_rng(train_state: Mapping[str, Any]) -> None:
 def _model_tensors(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, unshared copies of the weights (safetensors rejects shared storage)."""
     state = model if isinstance(model, Mapping) else unwrap(model).state_dict()
-    return {name: tensor.detach().to("cpu", copy=True).contiguous()
-            for name, tensor in state.items()}
+    return {
+        name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state.items()
+    }
 
 
 def _state_of(thing: Any) -> Any:
@@ -161,8 +167,15 @@ def _state_of(thing: Any) -> Any:
     return thing.state_dict() if hasattr(thing, "state_dict") else thing
 
 
-def _write_step_files(tmp: Path, step: int, model: Any, config_dict: dict[str, Any],
-                      optimizer: Any, scheduler: Any, extra: dict | None) -> None:
+def _write_step_files(
+    tmp: Path,
+    step: int,
+    model: Any,
+    config_dict: dict[str, Any],
+    optimizer: Any,
+    scheduler: Any,
+    extra: dict | None,
+) -> None:
     """Write and fsync the three checkpoint files into the temporary directory `tmp`."""
     state = {
         "step": int(step),
@@ -241,8 +254,11 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     if not run.is_dir():
         return []
-    found = [(step, path) for path in run.iterdir()
-             if (step := _step_of(path)) is not None and _is_complete(path)]
+    found = [
+        (step, path)
+        for path in run.iterdir()
+        if (step := _step_of(path)) is not None and _is_complete(path)
+    ]
     return [path for _, path in sorted(found)]
 
 

@@ -84,7 +84,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_parser(sub: Any, name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+def _add_run_parser(
+    sub: Any, name: str, handler: Callable, help_text: str
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text)
     parser.add_argument("run", help="run directory (or one of its step_* checkpoints)")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")

@@ -79,7 +79,9 @@ class ThinkConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | pydoc | path/glob[,path...] | hf:NAME[:CONFIG] | hf-local:PATH
+    source: str = (
+        "stdlib"  # stdlib | pydoc | path/glob[,path...] | hf:NAME[:CONFIG] | hf-local:PATH
+    )
     text_field: str = "text"  # field holding the text in Hugging Face datasets
     tokenizer: str = "byte"  # byte | path to a tokenizer.json (or a directory holding one)
     seq_len: int = 128  # tokens fed to the model; examples hold seq_len + 1
@@ -201,18 +203,29 @@ def finalize(config: Config) -> Config:
     model = config.model
     if model.size:
         if model.size not in SIZE_PRESETS:
-            raise ConfigError(f"unknown model.size '{model.size}'." + _suggest(model.size, list(SIZE_PRESETS)))
+            raise ConfigError(
+                f"unknown model.size '{model.size}'." + _suggest(model.size, list(SIZE_PRESETS))
+            )
         model.layers, model.heads, model.dim = SIZE_PRESETS[model.size]
         model.size = ""
     checks = [
         (model.kind in KINDS, f"model.kind must be one of {KINDS}, got '{model.kind}'"),
-        (model.variant in VARIANTS, f"model.variant must be one of {VARIANTS}, got '{model.variant}'"),
-        (model.dim % model.heads == 0, f"model.dim={model.dim} is not divisible by model.heads={model.heads}"),
+        (
+            model.variant in VARIANTS,
+            f"model.variant must be one of {VARIANTS}, got '{model.variant}'",
+        ),
+        (
+            model.dim % model.heads == 0,
+            f"model.dim={model.dim} is not divisible by model.heads={model.heads}",
+        ),
         ((model.dim // model.heads) % 2 == 0, "model.dim / model.heads must be even (RoPE pairs)"),
         (config.think.landscapes >= 1, "think.landscapes must be >= 1"),
         (config.think.steps >= 1, "think.steps must be >= 1"),
         (config.think.step_size_random_scale >= 1, "think.step_size_random_scale must be >= 1"),
-        (config.think.init in ("random_noise", "zeros"), "think.init must be random_noise or zeros"),
+        (
+            config.think.init in ("random_noise", "zeros"),
+            "think.init must be random_noise or zeros",
+        ),
         (config.data.seq_len >= 2, "data.seq_len must be >= 2"),
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),

@@ -14,7 +14,9 @@ from ebt.api import LoadedRun
 from ebt.models import EnergyTransformer
 
 
-def next_token_logits(run: LoadedRun, tokens: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+def next_token_logits(
+    run: LoadedRun, tokens: torch.Tensor, steps: int | None = None
+) -> torch.Tensor:
     """Logits (B, V) for the token after tokens (B, T)."""
     model = run.model
     if isinstance(model, EnergyTransformer):
@@ -61,5 +63,5 @@ def generate(
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-            yield text[len(shown):]
+            yield text[len(shown) :]
             shown = text

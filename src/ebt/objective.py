@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ebt.config import ThinkConfig
 from ebt.models import EnergyTransformer, TransformerPP
+from ebt.nn.layers import at_least_float32
 from ebt.thinking import StepOptions, step_schedule, think
 
 
@@ -27,7 +28,8 @@ class ObjectiveOutput:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Mean next-token cross-entropy of logits (B, S, V) over targets (B, S), pads ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id)
+    logits = at_least_float32(logits.flatten(0, 1))  # (B * S, V)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=pad_id)
 
 
 def initial_state(
@@ -98,8 +100,12 @@ class Objective(nn.Module):
             init[batch - replay_states.shape[0] :] = replay_states
         step_size = training_step_size(model, think_config, (batch, length), training)
         schedule = step_schedule(
-            think_config.landscapes, think_config.steps, think_config.random_steps,
-            think_config.random_steps_min, think_config.random_steps_final_landscape, training,
+            think_config.landscapes,
+            think_config.steps,
+            think_config.random_steps,
+            think_config.random_steps_min,
+            think_config.random_steps_final_landscape,
+            training,
         )
         options = step_options(model, think_config, step_size, training)
         trajectory = think(model, inputs, init, schedule, options)

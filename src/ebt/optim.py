@@ -40,9 +40,7 @@ def param_groups(model: nn.Module, train: TrainConfig, think: ThinkConfig) -> li
     """Optimizer parameter groups: `step_size` (if trainable) and `main`, each with a name."""
     alpha = step_size_parameter(model)
     alpha_trains = alpha is not None and alpha.requires_grad
-    main = [
-        p for p in model.parameters() if p.requires_grad and not (alpha_trains and p is alpha)
-    ]
+    main = [p for p in model.parameters() if p.requires_grad and not (alpha_trains and p is alpha)]
     groups = [{"name": "main", "params": main, "lr": train.lr, "weight_decay": train.weight_decay}]
     if alpha_trains:
         alpha_lr = train.lr * think.step_size_lr_multiplier
@@ -52,9 +50,7 @@ def param_groups(model: nn.Module, train: TrainConfig, think: ThinkConfig) -> li
     return groups
 
 
-def build_optimizer(
-    model: nn.Module, train: TrainConfig, think: ThinkConfig
-) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, train: TrainConfig, think: ThinkConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, train, think)` with betas (beta1, beta2)."""
     groups = param_groups(model, train, think)
     if not any(group["params"] for group in groups):

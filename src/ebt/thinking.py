@@ -11,6 +11,7 @@ once per landscape and reused by every step on that landscape.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -148,6 +149,8 @@ def think(
             )
             if stale:
                 cache = _encode(model, tokens, landscape, options.create_graph)
+            elif cache.landscape != landscape:  # same keys/values, new step conditioning
+                cache = dataclasses.replace(cache, landscape=landscape)
             if options.detach or not options.create_graph or not state.requires_grad:
                 state = state.detach().requires_grad_()
             keep_graph = options.create_graph and (not options.truncate or index == last)

@@ -122,8 +122,9 @@ def _open_tensorboard(run_dir: Path, config: dict[str, Any]) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
-        raise ImportError(f"TensorBoard logging needs the tensorboard package; {_INSTALL_HINT}") \
-            from error
+        raise ImportError(
+            f"TensorBoard logging needs the tensorboard package; {_INSTALL_HINT}"
+        ) from error
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     writer.add_text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```")
     return writer
@@ -134,8 +135,9 @@ def _open_wandb(run_dir: Path, config: dict[str, Any], project: str) -> Any:
     try:
         import wandb
     except ImportError as error:
-        raise ImportError(f"Weights & Biases logging needs the wandb package; {_INSTALL_HINT}") \
-            from error
+        raise ImportError(
+            f"Weights & Biases logging needs the wandb package; {_INSTALL_HINT}"
+        ) from error
     return wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config)
 
 
@@ -196,6 +198,9 @@ def format_row(row: dict[str, Any]) -> str:
     head = [str(plain["split"])] if "split" in plain else []
     if "step" in plain:
         head.append(f"step {plain['step']}")
-    rest = [f"{key} {_format_value(value)}" for key, value in plain.items()
-            if key not in ("split", "step") and not isinstance(value, dict | list)]
+    rest = [
+        f"{key} {_format_value(value)}"
+        for key, value in plain.items()
+        if key not in ("split", "step") and not isinstance(value, dict | list)
+    ]
     return " | ".join(head + rest)

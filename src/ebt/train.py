@@ -46,8 +46,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.train, config.think)
         self.scheduler = build_scheduler(self.optimizer, config.train)
         self.batches = BatchIterator(
-            self.train_data, config.train.batch_size, seed=config.train.seed,
-            rank=context.rank, world_size=context.world_size,
+            self.train_data,
+            config.train.batch_size,
+            seed=config.train.seed,
+            rank=context.rank,
+            world_size=context.world_size,
         )
         self.replay = self._replay_buffer()
         self.step = 0
@@ -119,8 +122,11 @@ class Trainer:
     def evaluate_split(self, name: str = "val") -> dict[str, Any]:
         train = self.config.train
         batches = iter_eval_batches(
-            self.val_data, train.batch_size, train.eval_batches,
-            rank=self.context.rank, world_size=self.context.world_size,
+            self.val_data,
+            train.batch_size,
+            train.eval_batches,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
         )
         return {"step": self.step, "split": name} | evaluate(
             self.objective, batches, self.context.device, seed=train.seed
@@ -131,8 +137,14 @@ class Trainer:
         if self.replay is not None:
             extra["replay"] = self.replay.state_dict()
         checkpoint.save_checkpoint(
-            self.run_dir, self.step, self.model, self.config.to_dict(), self.optimizer,
-            self.scheduler, extra=extra, keep=self.config.train.keep_checkpoints,
+            self.run_dir,
+            self.step,
+            self.model,
+            self.config.to_dict(),
+            self.optimizer,
+            self.scheduler,
+            extra=extra,
+            keep=self.config.train.keep_checkpoints,
         )
         barrier()
 
@@ -178,8 +190,11 @@ def train(config: Config) -> dict[str, Any]:
             truncate_metrics(run_dir, trainer.step)
     barrier()
     with MetricsLogger(
-        run_dir, config.to_dict(), tensorboard=config.train.tensorboard,
-        wandb=config.train.wandb, wandb_project=config.train.wandb_project,
+        run_dir,
+        config.to_dict(),
+        tensorboard=config.train.tensorboard,
+        wandb=config.train.wandb,
+        wandb_project=config.train.wandb_project,
         enabled=context.is_main,
     ) as logger:
         return trainer.run(logger)

@@ -31,8 +31,12 @@ from typing import Any
 SPLITS = ("train", "val", "all")
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 HF_BUILDERS = {
-    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
-    ".txt": "text", ".arrow": "arrow",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".arrow": "arrow",
 }
 
 
@@ -80,8 +84,9 @@ def _read_text(path: Path, strict: bool) -> str | None:
         return None
 
 
-def _hashed_files(files: list[Path], root: Path, split: str, val_fraction: float,
-                  strict: bool) -> Iterator[str]:
+def _hashed_files(
+    files: list[Path], root: Path, split: str, val_fraction: float, strict: bool
+) -> Iterator[str]:
     """Texts of the `files` whose path relative to `root` hashes into `split`."""
     for path in files:
         if in_split(path.relative_to(root).as_posix(), split, val_fraction):
@@ -107,8 +112,11 @@ def expand_paths(spec: str) -> list[Path]:
         if not item:
             continue
         expanded = os.path.expanduser(item)
-        matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else (
-            [expanded] if os.path.exists(expanded) else [])
+        matches = (
+            sorted(glob.glob(expanded, recursive=True))
+            if glob.has_magic(expanded)
+            else ([expanded] if os.path.exists(expanded) else [])
+        )
         if not matches:
             raise DataError(f"data source path '{item}' matches nothing")
         for match in map(Path, matches):
@@ -181,8 +189,9 @@ def _open_hf_hub(spec: str) -> Iterable[dict[str, Any]]:
     return datasets.load_dataset(name, config or None, split="train", streaming=True)
 
 
-def _hf_documents(rows: Iterable[dict[str, Any]], text_field: str, split: str,
-                  val_fraction: float) -> Iterator[str]:
+def _hf_documents(
+    rows: Iterable[dict[str, Any]], text_field: str, split: str, val_fraction: float
+) -> Iterator[str]:
     """`text_field` of each row in `split` (hash of the text); a missing field fails loudly."""
     for row in rows:
         if text_field not in row:
@@ -200,10 +209,10 @@ def _resolve(source: str, text_field: str) -> Callable[[str, float], Iterator[st
     if source == "pydoc":
         return _pydoc_documents
     if source.startswith("hf-local:"):
-        rows = _open_hf_local(source[len("hf-local:"):])
+        rows = _open_hf_local(source[len("hf-local:") :])
         return lambda split, frac: _hf_documents(rows, text_field, split, frac)
     if source.startswith("hf:"):
-        rows = _open_hf_hub(source[len("hf:"):])
+        rows = _open_hf_hub(source[len("hf:") :])
         return lambda split, frac: _hf_documents(rows, text_field, split, frac)
     looks_like_path = any(char in source for char in "/\\,.*?[~") or os.path.exists(source)
     if not looks_like_path or "://" in source:
@@ -215,8 +224,9 @@ def _resolve(source: str, text_field: str) -> Callable[[str, float], Iterator[st
     return lambda split, frac: _local_documents(source, split, frac)
 
 
-def _checked(documents: Iterator[str], source: str, split: str, val_fraction: float,
-             max_documents: int) -> Iterator[str]:
+def _checked(
+    documents: Iterator[str], source: str, split: str, val_fraction: float, max_documents: int
+) -> Iterator[str]:
     """Pass documents through, stop at `max_documents`, fail if the split is empty."""
     count = 0
     for text in documents:
@@ -227,12 +237,19 @@ def _checked(documents: Iterator[str], source: str, split: str, val_fraction: fl
     if count == 0:
         hint = "raise val_fraction or add files" if split == "val" else "lower val_fraction"
         name = "validation" if split == "val" else split
-        raise DataError(f"no {name} documents: source '{source}' at val_fraction={val_fraction}; "
-                        f"{hint}")
+        raise DataError(
+            f"no {name} documents: source '{source}' at val_fraction={val_fraction}; {hint}"
+        )
 
 
-def iter_documents(source: str, split: str, *, val_fraction: float = 0.05,
-                   text_field: str = "text", max_documents: int = 0) -> Iterator[str]:
+def iter_documents(
+    source: str,
+    split: str,
+    *,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    max_documents: int = 0,
+) -> Iterator[str]:
     """Documents (strings) of `split` ("train", "val" or "all") of `source`, in a stable order.
 
     Unknown sources and paths that match nothing fail at call time; an empty split fails when

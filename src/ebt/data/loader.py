@@ -165,17 +165,24 @@ def _build_examples(
 ) -> tuple[np.ndarray, int]:
     """Tokenize the documents of `split` and turn them into examples; too little data fails."""
     documents = iter_documents(
-        source, split, val_fraction=data.val_fraction, text_field=data.text_field,
+        source,
+        split,
+        val_fraction=data.val_fraction,
+        text_field=data.text_field,
         max_documents=data.max_documents,
     )
     length = data.seq_len + 1
     make = pack_examples if data.pack else truncate_examples
     examples, num_tokens = make(_encoded(tokenizer, documents), length, tokenizer.pad_id)
     if len(examples) == 0:
-        need = (f"need at least seq_len+1 = {length} for one example" if data.pack
-                else "need a document of at least 2 tokens")
-        raise DataError(f"corpus too small: {num_tokens} tokens in source '{source}' split "
-                        f"'{split}', {need}")
+        need = (
+            f"need at least seq_len+1 = {length} for one example"
+            if data.pack
+            else "need a document of at least 2 tokens"
+        )
+        raise DataError(
+            f"corpus too small: {num_tokens} tokens in source '{source}' split '{split}', {need}"
+        )
     return examples, num_tokens
 
 
@@ -215,8 +222,17 @@ class BatchIterator:
     `state_dict()` is {"epoch", "position"}: loading it resumes with exactly the same batches.
     """
 
-    def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
@@ -272,8 +288,9 @@ class BatchIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def iter_eval_batches(dataset: TokenDataset, batch_size: int, max_batches: int = 0,
-                      rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+def iter_eval_batches(
+    dataset: TokenDataset, batch_size: int, max_batches: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[torch.Tensor]:
     """Deterministic evaluation batches (B, seq_len+1), no shuffling, last partial batch kept.
 
     `max_batches` (0 = all) counts global batches: when it limits, max_batches * batch_size

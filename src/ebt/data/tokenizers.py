@@ -223,7 +223,10 @@ def tokenizer_train_command(
 
     start = time.perf_counter()
     documents = iter_documents(
-        source, "train", val_fraction=val_fraction, text_field=text_field,
+        source,
+        "train",
+        val_fraction=val_fraction,
+        text_field=text_field,
         max_documents=max_documents,
     )
     tokenizer = train_bpe(counted(documents), vocab_size, out_dir)

@@ -21,7 +21,10 @@ _KEY_RULES: list[tuple[str, str]] = [
     (r"embeddings\.weight", "token_embedding.weight"),
     (r"vocab_to_embed\.weight", "candidate_projection.weight"),
     (r"output\.weight", "output.weight"),
-    (r"transformer\.layers\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"blocks.\1.modulation.1.\2"),
+    (
+        r"transformer\.layers\.(\d+)\.adaLN_modulation\.1\.(weight|bias)",
+        r"blocks.\1.modulation.1.\2",
+    ),
     (r"transformer\.layers\.(\d+)\.(.+)", r"blocks.\1.\2"),
     (r"transformer\.norm\.weight", "norm.weight"),
     (r"transformer\.time_embeddings\.weight", "step_embedding.weight"),
@@ -99,7 +102,9 @@ def _think_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
         "replay_buffer": get("mcmc_replay_buffer", False),
         "truncate": get("truncate_mcmc", False),
         "detach": not get("no_mcmc_detach", False),
-        "grad_clamp": get("clamp_futures_grad_max_change", 9.0) if get("clamp_futures_grad") else 0.0,
+        "grad_clamp": get("clamp_futures_grad_max_change", 9.0)
+        if get("clamp_futures_grad")
+        else 0.0,
         "absolute_clamp": get("absolute_clamp", 0.0),
         "init": get("denoising_initial_condition", "random_noise"),
         "init_scale": get("gaussian_random_noise_scaling", 1.0),

@@ -17,16 +17,30 @@ def build_model(config: Config, vocab_size: int) -> nn.Module:
     ffn_dim = model.ffn_dim or model.dim
     if model.kind == "transformer_pp":
         args = TransformerArgs(
-            vocab_size, model.dim, model.layers, model.heads, ffn_dim, config.data.seq_len,
-            model.norm_eps, model.rope_theta,
+            vocab_size,
+            model.dim,
+            model.layers,
+            model.heads,
+            ffn_dim,
+            config.data.seq_len,
+            model.norm_eps,
+            model.rope_theta,
         )
         return TransformerPP(args)
     think = config.think
     args = EnergyTransformerArgs(
-        vocab_size=vocab_size, dim=model.dim, layers=model.layers, heads=model.heads,
-        ffn_dim=ffn_dim, max_seq_len=config.data.seq_len, variant=model.variant,
-        landscapes=think.landscapes, norm_eps=model.norm_eps, rope_theta=model.rope_theta,
-        step_size=think.step_size, step_size_learnable=think.step_size_learnable,
+        vocab_size=vocab_size,
+        dim=model.dim,
+        layers=model.layers,
+        heads=model.heads,
+        ffn_dim=ffn_dim,
+        max_seq_len=config.data.seq_len,
+        variant=model.variant,
+        landscapes=think.landscapes,
+        norm_eps=model.norm_eps,
+        rope_theta=model.rope_theta,
+        step_size=think.step_size,
+        step_size_learnable=think.step_size_learnable,
         langevin_noise=think.langevin_noise,
         inference_steps=(think.random_steps_min or 1) if think.random_steps else think.steps,
     )

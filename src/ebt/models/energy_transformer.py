@@ -22,7 +22,7 @@ from torch import nn
 
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
-from ebt.nn.layers import RMSNorm, init_linear_xavier, modulate, rope_table
+from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
 from ebt.thinking import StepOptions, Trajectory, step_schedule
 from ebt.thinking import think as run_thinking
 
@@ -65,12 +65,15 @@ class EnergyTransformer(nn.Module):
         self.step_size = nn.Parameter(
             torch.tensor(float(args.step_size)), requires_grad=args.step_size_learnable
         )
-        self.langevin_std = nn.Parameter(torch.tensor(float(args.langevin_noise)), requires_grad=False)
+        self.langevin_std = nn.Parameter(
+            torch.tensor(float(args.langevin_noise)), requires_grad=False
+        )
         self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
         self.candidate_projection = nn.Linear(args.vocab_size, args.dim, bias=False)
         adaln = args.variant == "adaln"
         self.blocks = nn.ModuleList(
-            Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln) for _ in range(args.layers)
+            Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln)
+            for _ in range(args.layers)
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.energy_head = nn.Linear(args.dim, 1, bias=False)
@@ -84,8 +87,7 @@ class EnergyTransformer(nn.Module):
             for block in self.blocks:
                 block.modulation[1].reset_parameters()
         self.offset = 2 if args.variant == "time_embed" else 1
-        rotations = rope_table(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
-        self.register_buffer("rope", rotations, persistent=False)  # (max_seq_len + 2, hd/2)
+        self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
 
     @property
     def context_depends_on_landscape(self) -> bool:
@@ -96,7 +98,7 @@ class EnergyTransformer(nn.Module):
         return self.args.vocab_size
 
     def _rope(self, positions: torch.Tensor) -> Rope:
-        return self.rope[positions]  # (T, hd/2) complex
+        return self.rope(positions, self.token_embedding.weight.dtype)  # (T, hd/2) complex
 
     def _condition(self, landscape: int, batch: int) -> torch.Tensor:
         return self.step_embedding.weight[landscape].unsqueeze(0).expand(batch, -1)  # (B, D)

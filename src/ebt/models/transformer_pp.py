@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ebt.nn.block import Block
-from ebt.nn.layers import RMSNorm, init_linear_xavier, rope_table
+from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier
 
 
 @dataclass
@@ -37,8 +37,7 @@ class TransformerPP(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         init_linear_xavier(self)
-        rotations = rope_table(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
-        self.register_buffer("rope", rotations, persistent=False)  # (max_seq_len + 2, hd/2)
+        self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
 
     @property
     def vocab_size(self) -> int:
@@ -48,7 +47,7 @@ class TransformerPP(nn.Module):
         """Next-token logits (B, S, V) for tokens (B, S)."""
         x = self.token_embedding(tokens)  # (B, S, D)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = self.rope[positions].unsqueeze(1)  # (S, 1, hd/2): broadcast over heads
+        rope = self.rope(positions, x.dtype).unsqueeze(1)  # (S, 1, hd/2): broadcast over heads
         for block in self.blocks:
             x, _, _ = block.context(x, rope, None)
         return self.output(self.norm(x))  # (B, S, V)

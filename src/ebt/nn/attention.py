@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ebt.nn.layers import at_least_float32
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Fused causal self-attention, (B, H, T, hd) each; first-order gradients only."""
@@ -51,7 +53,7 @@ def prediction_attention(
     context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
     self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
     scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
-    weights = scores.float().softmax(dim=-1).type_as(queries)
+    weights = at_least_float32(scores).softmax(dim=-1).type_as(queries)
     # split (whose backward is one cat) rather than two slices (whose backwards each fill a
     # zero tensor of the full score size): the double backward runs through this every step.
     context_weights, self_weight = weights.split((weights.shape[-1] - 1, 1), dim=-1)

@@ -7,6 +7,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Widen bf16/fp16 to float32 for numerically sensitive ops; never narrow float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, with a learned per-channel gain."""
 
@@ -16,13 +21,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op (it supports double backward)
+        if x.dtype in (torch.float32, torch.float64):  # one op (it supports double backward)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
+        normed = F.rms_norm(at_least_float32(x), self.weight.shape, eps=self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases; the paper keeps the hidden width equal to the model width."""
+    """w2(silu(w1 x) * w3 x), no biases; the paper's hidden width equals the model width."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -34,11 +40,16 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_table(head_dim: int, length: int, theta: float = 1e4) -> torch.Tensor:
-    """Unit complex rotations (length, head_dim/2) for interleaved pairs (x0,x1), (x2,x3), ..."""
-    inverse = 1.0 / theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
-    angles = torch.outer(torch.arange(length).float(), inverse)  # (length, head_dim/2)
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_table(
+    head_dim: int, length: int, theta: float = 1e4, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Unit complex rotations (length, head_dim/2) for interleaved pairs (x0,x1), (x2,x3), ...
+
+    In float32 this is computed exactly as the paper's code does (float32 angles, complex64).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=dtype)[: head_dim // 2] / head_dim
+    angles = torch.outer(torch.arange(length, dtype=dtype), 1.0 / theta**exponents)
+    return torch.polar(torch.ones_like(angles), angles)  # (length, head_dim/2)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -47,7 +58,7 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     One complex multiply: fewer kernels than the real-valued form, and it supports double
     backward, which the prediction stream needs.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    pairs = torch.view_as_complex(at_least_float32(x).unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
     return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)  # (B, T, H, hd)
 
 
@@ -63,3 +74,18 @@ def init_linear_xavier(module: nn.Module) -> None:
             nn.init.xavier_normal_(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+class RopeTables(nn.Module):
+    """Rotation tables as non-persistent buffers: complex64 (float32 compute, as the paper) and
+    complex128 (float64 compute, for exact reference checks); `.to()` moves both."""
+
+    def __init__(self, head_dim: int, length: int, theta: float) -> None:
+        super().__init__()
+        self.register_buffer("table32", rope_table(head_dim, length, theta), persistent=False)
+        double = rope_table(head_dim, length, theta, torch.float64)
+        self.register_buffer("table64", double, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        table = self.table64 if dtype == torch.float64 else self.table32
+        return table[positions]  # (T, hd/2)
