@@ -44,6 +44,9 @@ def load_run(
     tokenizer = _tokenizer_for(step_dir, config)
     model = build_model(config, tokenizer.vocab_size)
     model.load_state_dict(state)
+    if any(item.strip().startswith("think.langevin_noise") for item in overrides or []):
+        with torch.no_grad():  # an explicit noise level replaces the trained sigma
+            model.langevin_std.fill_(config.think.langevin_noise)
     model.to(device).eval()
     return LoadedRun(model, tokenizer, config, step_dir)
 

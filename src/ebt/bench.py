@@ -23,7 +23,7 @@ from ebt.config import Config
 from ebt.data import load_tokenizer
 from ebt.distributed import pick_device
 from ebt.models import build_model
-from ebt.objective import Objective
+from ebt.objective import Objective, backward
 from ebt.optim import build_optimizer
 
 
@@ -47,7 +47,7 @@ class _Stepper:
         """Seconds for forward + backward + optimizer step."""
         self._sync()
         start = time.perf_counter()
-        self.objective(self.batch).loss.backward()
+        backward(self.objective(self.batch).loss, self.objective.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ebt.config import ConfigError, load_config
+from ebt.data.corpus import DataError
+from ebt.thinking import ThinkingError
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -141,6 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError, ThinkingError) as error:
         print(f"ebt: error: {error}", file=sys.stderr)
         return 2

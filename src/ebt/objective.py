@@ -19,6 +19,17 @@ from ebt.nn.layers import at_least_float32
 from ebt.thinking import StepOptions, step_schedule, think
 
 
+def backward(loss: torch.Tensor, model: nn.Module) -> None:
+    """loss.backward() into the model's trainable parameters only.
+
+    Naming the inputs lets autograd skip the gradient into the thinking state (a leaf that
+    requires grad only so that dE/dp can be taken), which would cost a (B*S, D) x (D, V) matmul
+    and a softmax backward per step and is never used.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    torch.autograd.backward(loss, inputs=parameters)
+
+
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # scalar, carries the graph in training

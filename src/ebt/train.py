@@ -22,7 +22,7 @@ from ebt.data import BatchIterator, build_token_dataset, iter_eval_batches, load
 from ebt.distributed import DistributedContext, barrier, setup
 from ebt.evaluate import evaluate
 from ebt.models import build_model
-from ebt.objective import Objective
+from ebt.objective import Objective, backward
 from ebt.optim import build_optimizer, build_scheduler, lr_report
 from ebt.replay import ReplayBuffer
 from ebt.tracking import MetricsLogger, format_row, truncate_metrics
@@ -99,7 +99,7 @@ class Trainer:
             batch, replay_states = self.replay.extend_batch(fresh)
         with self._autocast():
             output = self.wrapped(batch, replay_states)
-        (output.loss * scale).backward()
+        backward(output.loss * scale, self.model)
         if self.replay is not None:
             self.replay.update(fresh, output.final_state[: fresh.shape[0]])
         return output.metrics

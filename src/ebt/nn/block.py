@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ebt.nn.attention import causal_attention, prediction_attention
 from ebt.nn.layers import RMSNorm, SwiGLU, apply_rope, modulate
@@ -25,12 +26,14 @@ class Attention(nn.Module):
     def heads_of(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (B, T, H, hd)
 
-    def rotated(self, linear: nn.Linear, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """linear(x) split into heads and rotated (RoPE before the head transpose, no copy)."""
-        return apply_rope(self.heads_of(linear(x)), rope).transpose(1, 2)  # (B, H, T, hd)
+    def project(self, x: torch.Tensor, names: str) -> tuple[torch.Tensor, ...]:
+        """Projections named by letters of "qkv" in one matmul, split into heads (B, T, H, hd).
 
-    def plain(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.heads_of(linear(x)).transpose(1, 2)  # (B, H, T, hd)
+        The weights stay separate parameters (as in the paper); concatenating them per call
+        costs a small copy and saves separate matmuls in every pass, the double backward too.
+        """
+        weight = torch.cat([getattr(self, f"w{name}").weight for name in names])
+        return tuple(self.heads_of(part) for part in F.linear(x, weight).chunk(len(names), -1))
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(x.transpose(1, 2).flatten(2))  # (B, T, D)
@@ -73,13 +76,17 @@ class Block(nn.Module):
         reads the context stream's last output, so the last block needs nothing more).
         """
         mod = self._modulation(condition)
-        attention, normed = self.attention, self._attention_input(x, mod)
-        k = attention.rotated(attention.wk, normed, rope)  # (B, H, T, hd)
-        v = attention.plain(attention.wv, normed)  # (B, H, T, hd)
+        normed = self._attention_input(x, mod)
         if keys_only:
-            return None, k, v
-        q = attention.rotated(attention.wq, normed, rope)  # (B, H, T, hd)
-        attended = attention.merge(causal_attention(q, k, v))  # (B, T, D)
+            k, v = self.attention.project(normed, "kv")  # (B, T, H, hd) each
+            return None, apply_rope(k, rope).transpose(1, 2), v.transpose(1, 2)
+        q, k, v = self.attention.project(normed, "qkv")  # (B, T, H, hd) each
+        q, k, v = (
+            apply_rope(q, rope).transpose(1, 2),
+            apply_rope(k, rope).transpose(1, 2),
+            v.transpose(1, 2),
+        )
+        attended = self.attention.merge(causal_attention(q, k, v))  # (B, T, D)
         return self._finish(x, attended, mod), k, v
 
     def prediction(
@@ -92,13 +99,11 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """Candidates z (B, R, D) read the cached context keys/values and themselves only."""
         mod = self._modulation(condition)
-        attention, normed = self.attention, self._attention_input(z, mod)
-        q = attention.heads_of(attention.wq(normed))  # (B, R, H, hd)
+        q, k, v = self.attention.project(self._attention_input(z, mod), "qkv")  # (B, R, H, hd)
         # A candidate's key only meets its own query, at the same position; rotations preserve
         # dot products, so the self score needs no RoPE and only the context scores do. The
         # caller may pre-scale the rotations by 1/sqrt(hd) (see prediction_attention).
         rotated_q = apply_rope(q, rope).transpose(1, 2)  # (B, H, R, hd)
-        q = q.transpose(1, 2)  # (B, H, R, hd)
-        k, v = attention.plain(attention.wk, normed), attention.plain(attention.wv, normed)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, R, hd)
         attended = prediction_attention(rotated_q, q, k, v, context, mask)
         return self._finish(z, self.attention.merge(attended), mod)

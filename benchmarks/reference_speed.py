@@ -1,0 +1,363 @@
+"""Training-step speed and peak memory: our `ebt` vs the paper's own code (alexiglad/EBT).
+
+How to run (CPU; the paper's code is imported at run time, never vendored here):
+
+    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference
+    EBT_REFERENCE_DIR=/tmp/ebt-reference python benchmarks/reference_speed.py --repeats 10
+
+Entries (dim 256, 4 layers, 4 heads, context 128, batch 8, byte vocabulary of 257 with random
+token ids 1..256, float32, default torch threads; each step is forward + loss + backward +
+AdamW step with the paper's parameter groups, no gradient clipping):
+
+- reference_ebt_time_embed: the paper's `EBT_NLP` (ebt_type time_embed) with System-1
+  settings: 2 landscapes, step size 500 (learnable), softmax-normalised candidates, no
+  Langevin noise, no randomisation, detached steps, no truncation; its `forward_loss_wrapper`.
+- reference_transformer_pp: the paper's `Baseline_Transformer_NLP`.
+- ours_ebt_time_embed, ours_ebt_pred_step, ours_transformer_pp: `ebt.bench._Stepper`.
+
+All steps are timed in one process, interleaved step by step (so machine noise hits every
+entry alike); the median is reported. Peak memory is the peak resident set (VmHWM, torch and
+the imported modules included) of a separate child process per entry that takes two steps.
+
+The paper's modules import pytorch_lightning, torchmetrics, torchvision, diffusers and
+transformers at module level; none of them is used on this path, so any that is not installed
+is replaced by an inert stub while its modules are imported. The Hugging Face tokenizer it
+loads is replaced by a stand-in with 257 entries and pad/eos id 0, so nothing touches the
+network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper
+from ebt.config import Config, finalize
+
+ENV_VAR = "EBT_REFERENCE_DIR"
+VOCAB, DIM, LAYERS, HEADS, CONTEXT, BATCH, SEED = 257, 256, 4, 4, 128, 8, 33
+LR, WEIGHT_DECAY, STEP_SIZE, STEP_SIZE_LR_MULTIPLIER = 1.2e-3, 0.01, 500.0, 1500.0
+
+# The hyper-parameters the paper's EBT_NLP / Baseline_Transformer_NLP read (System-1 recipe).
+REFERENCE_HPARAMS: dict[str, Any] = {
+    "tokenizer": "byte-stand-in",
+    "context_length": CONTEXT,
+    "embedding_dim": DIM,
+    "num_transformer_blocks": LAYERS,
+    "multiheaded_attention_heads": HEADS,
+    "batch_size_per_device": BATCH,
+    "ffn_dim_multiplier": None,
+    "weight_initialization_method": "xavier",
+    "weight_initialization_gain": 1.0,
+    "execution_mode": "pretrain",
+    "debug_unused_parameters": False,
+    "ebt_type": "time_embed",
+    "ebt_norm": "rms",
+    "ebt_act_func": "silu",
+    "dyt_alpha_init": 0.5,
+    "mcmc_num_steps": 2,
+    "mcmc_step_size": STEP_SIZE,
+    "mcmc_step_size_learnable": True,
+    "mcmc_step_size_lr_multiplier": STEP_SIZE_LR_MULTIPLIER,
+    "normalize_initial_condition": True,
+    "normalize_initial_condition_only_first_step": False,
+    "denoising_initial_condition": "random_noise",
+    "gaussian_random_noise_scaling": 1.0,
+    "no_mcmc_detach": False,
+    "truncate_mcmc": False,
+    "mcmc_replay_buffer": False,
+    "randomize_mcmc_step_size_scale": 1.0,
+    "randomize_mcmc_num_steps": 0,
+    "randomize_mcmc_num_steps_min": 0,
+    "randomize_mcmc_num_steps_final_landscape": False,
+    "langevin_dynamics_noise": 0.0,
+    "langevin_dynamics_noise_learnable": False,
+    "vocab_to_embed_uses_prob_dist": False,
+    "num_modality_processing_mlp_layers": 1,
+    "clamp_futures_grad": False,
+    "clamp_futures_grad_max_change": 9.0,
+    "absolute_clamp": 0.0,
+    "clamp_max_after_warm_up": 0.0,
+    "sharpen_predicted_distribution": 0.0,
+    "soften_target_prob_dist": 0.0,
+    "reconstruction_coeff": 1.0,
+    "contrastive_loss": False,
+    "contrastive_loss_coeff": 0.0005,
+}
+
+STUBBED_PACKAGES: dict[str, tuple[str, ...]] = {
+    "pytorch_lightning": (),
+    "torchmetrics": (),
+    "torchvision": ("transforms", "transforms.functional", "models", "utils"),
+    "diffusers": (),
+    "transformers": (),
+}
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+class _HParams(dict):
+    """Attribute access to a dict (what the paper's code expects of `self.hparams`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _LightningModuleStandIn(nn.Module):
+    """Just enough of LightningModule for construction and forward: hparams and device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hparams = _HParams()
+
+    @property
+    def device(self) -> torch.device:
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+
+class _Unavailable:
+    """Placeholder for names of stubbed packages; fails loudly if ever used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a stubbed optional dependency was used by the benchmark path")
+
+
+class _ByteTokenizer:
+    """Stand-in for the Hugging Face tokenizer: 257 entries, eos (= pad) id 0."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> _ByteTokenizer:
+        return cls()
+
+
+def _stub_module(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    def __getattr__(attr: str) -> Any:  # PEP 562 module attribute hook
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable
+
+    module.__getattr__ = __getattr__  # type: ignore[method-assign]
+    if name == "pytorch_lightning":
+        module.LightningModule = _LightningModuleStandIn  # type: ignore[attr-defined]
+    if name == "transformers":
+        module.AutoTokenizer = _ByteTokenizer  # type: ignore[attr-defined]
+    return module
+
+
+@contextlib.contextmanager
+def _missing_packages_stubbed() -> Iterator[None]:
+    """Put inert modules in sys.modules for absent packages; take them out afterwards."""
+    added = []
+    for package, submodules in STUBBED_PACKAGES.items():
+        if importlib.util.find_spec(package) is not None:
+            continue
+        for name in (package, *(f"{package}.{sub}" for sub in submodules)):
+            sys.modules[name] = _stub_module(name)
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+# --------------------------------------------------------------------------- the paper's code
+
+
+def reference_dir() -> str:
+    path = os.environ.get(ENV_VAR, "")
+    if not path or not os.path.isfile(os.path.join(path, "model", "nlp", "ebt.py")):
+        sys.exit(
+            f"{ENV_VAR} must point at a work tree of the paper's code (alexiglad/EBT), e.g.\n"
+            "    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference\n"
+            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/reference_speed.py"
+        )
+    return path
+
+
+def import_reference(path: str) -> dict[str, types.ModuleType]:
+    """The paper's NLP modules, imported from `path` with absent packages stubbed."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    names = ["model.ar_ebt_default", "model.ar_ebt_time_embed", "model.ar_ebt_adaln"]
+    names += ["model.ar_transformer", "model.nlp.ebt", "model.nlp.baseline_transformer"]
+    with _missing_packages_stubbed():
+        modules = {name: importlib.import_module(name) for name in names}
+    for name in ("model.nlp.ebt", "model.nlp.baseline_transformer"):
+        modules[name].AutoTokenizer = _ByteTokenizer  # never reach the Hugging Face hub
+    return modules
+
+
+def _reference_optimizer(module: nn.Module) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
+    alpha = getattr(module, "alpha", None)
+    params = [p for p in module.parameters() if p.requires_grad and p is not alpha]
+    groups: list[dict[str, Any]] = [{"params": params, "lr": LR, "weight_decay": WEIGHT_DECAY}]
+    if alpha is not None and alpha.requires_grad:
+        alpha_lr = LR * STEP_SIZE_LR_MULTIPLIER
+        groups.append({"params": [alpha], "lr": alpha_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+
+
+class _ReferenceStepper:
+    """The paper's LightningModule taking training steps on a fixed random batch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.train()
+        self.optimizer = _reference_optimizer(module)
+        generator = torch.Generator().manual_seed(SEED)
+        tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
+        self.batch = {"input_ids": tokens}
+
+    def step(self) -> float:
+        """Seconds for forward + loss + backward + optimizer step."""
+        start = time.perf_counter()
+        self.module.forward_loss_wrapper(self.batch, "train")["loss"].backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def _reference_stepper(path: str, module_name: str, class_name: str) -> _ReferenceStepper:
+    modules = import_reference(path)
+    torch.manual_seed(SEED)
+    model_class = getattr(modules[module_name], class_name)
+    return _ReferenceStepper(model_class(dict(REFERENCE_HPARAMS)))
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def our_config(kind: str, variant: str = "time_embed") -> Config:
+    config = Config()
+    model, think, train = config.model, config.think, config.train
+    model.kind, model.variant = kind, variant
+    model.dim, model.layers, model.heads = DIM, LAYERS, HEADS
+    think.landscapes, think.steps, think.step_size = 2, 1, STEP_SIZE
+    think.step_size_learnable, think.step_size_lr_multiplier = True, STEP_SIZE_LR_MULTIPLIER
+    config.data.seq_len = CONTEXT
+    train.batch_size, train.lr, train.weight_decay, train.seed = BATCH, LR, WEIGHT_DECAY, SEED
+    return finalize(config)
+
+
+def _our_stepper(kind: str, variant: str = "time_embed") -> _Stepper:
+    return _Stepper(our_config(kind, variant), VOCAB, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- measuring
+
+BUILDERS: dict[str, Callable[[str], Any]] = {
+    "reference_ebt_time_embed": lambda path: _reference_stepper(path, "model.nlp.ebt", "EBT_NLP"),
+    "ours_ebt_time_embed": lambda path: _our_stepper("ebt", "time_embed"),
+    "ours_ebt_pred_step": lambda path: _our_stepper("ebt", "pred_step"),
+    "reference_transformer_pp": lambda path: _reference_stepper(
+        path, "model.nlp.baseline_transformer", "Baseline_Transformer_NLP"
+    ),
+    "ours_transformer_pp": lambda path: _our_stepper("transformer_pp"),
+}
+RATIOS = {
+    "ebt_time_embed": ("ours_ebt_time_embed", "reference_ebt_time_embed"),
+    "ebt_pred_step_vs_reference_time_embed": ("ours_ebt_pred_step", "reference_ebt_time_embed"),
+    "transformer_pp": ("ours_transformer_pp", "reference_transformer_pp"),
+}
+
+
+def time_interleaved(path: str, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of every entry, one step of each in turn, warm-up steps dropped."""
+    steppers = {name: build(path) for name, build in BUILDERS.items()}
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for index in range(warmup + repeats):
+        for name, stepper in steppers.items():
+            elapsed = stepper.step()
+            if index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def _peak_child(name: str, path: str, queue: Any) -> None:
+    _reset_peak_rss()
+    import_reference(path)  # every child holds the same imported modules
+    stepper = BUILDERS[name](path)
+    for _ in range(2):
+        stepper.step()
+    queue.put(_peak_rss_mb())
+
+
+def peak_memory_mb(name: str, path: str) -> float:
+    """Peak RSS of a fresh spawned child that builds entry `name` and takes two steps."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_child, args=(name, path, queue))
+    child.start()
+    peak = queue.get()
+    child.join()
+    return peak
+
+
+def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
+    entries = {}
+    for name, seconds in times.items():
+        entries[name] = {
+            "ms_per_step": round(1000 * statistics.median(seconds), 2),
+            "ms_min": round(1000 * min(seconds), 2),
+            "ms_max": round(1000 * max(seconds), 2),
+            "peak_mem_mb": round(peak_memory_mb(name, path), 1),
+        }
+    ratios = {
+        label: {
+            key: round(entries[ours][key] / entries[ref][key], 3)
+            for key in ("ms_per_step", "peak_mem_mb")
+        }
+        for label, (ours, ref) in RATIOS.items()
+    }
+    return {"entries": entries, "ratios_ours_over_reference": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
+    args = parser.parse_args()
+    path = reference_dir()
+    times = time_interleaved(path, args.repeats, args.warmup)
+    setting = {"dim": DIM, "layers": LAYERS, "heads": HEADS, "context": CONTEXT}
+    setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": "float32", "device": "cpu"}
+    result = {
+        "setting": setting,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    result |= summarise(times, path)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

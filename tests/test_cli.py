@@ -1,0 +1,246 @@
+"""The `ebt` command line, called in-process: train, eval, generate, bench, tokenizer, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ebt
+from ebt.cli import main
+from ebt.data import load_tokenizer
+from ebt.tracking import read_metrics
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
+TEXT = "\n\n".join(
+    f"the {animal} sat on the {thing} and looked at the {other}."
+    for animal in ("cat", "dog", "fox", "owl")
+    for thing in ("mat", "log", "hill")
+    for other in ("sun", "moon", "sky")
+)
+OOD = "\n\n".join(f"Return value {n}: the function returns a list of {n} items." for n in range(30))
+
+
+def tiny_overrides(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    """`key=value` overrides shrinking configs/text/tiny.toml to a seconds-long CPU run."""
+    return [
+        f"data.source={corpus}",
+        "data.seq_len=16",
+        "data.val_fraction=0.1",
+        "model.dim=32",
+        "model.layers=1",
+        "model.heads=2",
+        "model.variant=pred_step",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.eval_batches=2",
+        "train.log_every=2",
+        "train.save_every=2",
+        "train.progress=false",
+        "train.num_threads=1",
+        "train.device=cpu",
+        f"train.out_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    """A tmp dir holding corpus.txt and ood.txt, with EBT_CACHE_DIR pointing inside it."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (root / "ood.txt").write_text(OOD, encoding="utf-8")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EBT_CACHE_DIR", str(root / "cache"))
+        yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(workspace: Path) -> Path:
+    """`ebt train` of a 4-step tiny EBT (evaluated and saved every 2 steps)."""
+    run = workspace / "run"
+    assert main(["train", str(TINY), *tiny_overrides(run, workspace / "corpus.txt")]) == 0
+    return run
+
+
+def json_output(capsys: pytest.CaptureFixture) -> dict:
+    """stdout must be exactly one JSON object."""
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    payload = json.loads(lines[0])
+    assert isinstance(payload, dict)
+    return payload
+
+
+def test_train_writes_the_run_directory(run_dir):
+    """config.json, metrics.jsonl, step_NNNNNN/{weights, config, train state} and latest."""
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["dim"] == 32 and config["train"]["max_steps"] == 4
+    assert (run_dir / "latest").read_text().strip() == "step_000004"
+    for step in ("step_000002", "step_000004"):
+        for name in ("model.safetensors", "config.json", "train_state.pt"):
+            assert (run_dir / step / name).is_file()
+
+
+def test_train_metrics_rows(run_dir):
+    """Training rows carry step and loss; evaluation rows carry a split name."""
+    rows = read_metrics(run_dir)
+    training = [row for row in rows if "split" not in row]
+    evaluation = [row for row in rows if "split" in row]
+    assert [row["step"] for row in training] == [2, 4]
+    assert all(isinstance(row["loss"], float) for row in training)
+    assert [(row["step"], row["split"]) for row in evaluation] == [(2, "val"), (4, "val")]
+
+
+def test_eval_json(run_dir, capsys):
+    """`ebt eval RUN --json` prints one object with per-step losses, ppl and energies."""
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    result = json_output(capsys)
+    assert result["split"] == "val"
+    assert len(result["loss_per_step"]) == len(result["energy_per_step"]) == 2
+    assert result["ppl"] > 1 and isinstance(result["energy_gap"], float)
+
+
+def test_eval_ood_split(run_dir, workspace, capsys):
+    """`--split ood` evaluates data.ood_source (here a local file)."""
+    ood = f"data.ood_source={workspace / 'ood.txt'}"
+    assert main(["eval", str(run_dir), ood, "--split", "ood", "--json"]) == 0
+    result = json_output(capsys)
+    assert result["split"] == "ood" and result["ppl"] > 1 and result["tokens"] > 0
+
+
+def test_generate_prints_prompt_then_text(run_dir, capsys):
+    """`ebt generate` streams the prompt followed by the new text."""
+    prompt = "the cat"
+    assert main(["generate", str(run_dir), "--prompt", prompt, "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and out.endswith("\n")
+    assert len(out) > len(prompt) + 1  # some generated text (bytes of an untrained model)
+
+
+def test_bench_train_vs_baseline(workspace, capsys, monkeypatch):
+    """`ebt bench train ... --vs-baseline --json`: timings and memory for both models."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU peak-memory child processes
+    overrides = tiny_overrides(workspace / "bench", workspace / "corpus.txt")
+    args = [
+        "bench",
+        "train",
+        str(TINY),
+        *overrides,
+        "--vs-baseline",
+        "--json",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    assert main(args) == 0
+    result = json_output(capsys)
+    for key in (
+        "ms_per_step",
+        "peak_mem_mb",
+        "baseline_ms_per_step",
+        "baseline_peak_mem_mb",
+        "ratio_vs_baseline",
+    ):
+        assert result[key] > 0, key
+
+
+def test_tokenizer_train_then_train_with_it(workspace, capsys):
+    """`ebt tokenizer train` writes tokenizer.json; a run with data.tokenizer=DIR trains."""
+    out = workspace / "bpe"
+    args = [
+        "tokenizer",
+        "train",
+        "--source",
+        str(workspace / "corpus.txt"),
+        "--vocab-size",
+        "300",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert (out / "tokenizer.json").is_file()
+    run = workspace / "bpe_run"
+    overrides = tiny_overrides(
+        run,
+        workspace / "corpus.txt",
+        f"data.tokenizer={out}",
+        "train.max_steps=2",
+        "data.seq_len=8",
+        "train.batch_size=2",
+    )
+    assert main(["train", str(TINY), *overrides]) == 0
+    vocab = load_tokenizer(str(out)).vocab_size
+    assert 257 < vocab <= 300  # the byte alphabet, the end token, and merges up to 300
+    assert ebt.load(run).vocab_size == vocab
+    assert (run / "step_000002" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.dimm=8", ["model.dimm", "Did you mean 'dim'", "layers"]),
+        ("modle.dim=8", ["modle", "Did you mean 'model'", "think"]),
+    ],
+    ids=["key", "section"],
+)
+def test_misspelled_config_names_exit_2(override, expected, capsys):
+    """A typo exits with code 2 and names the valid choices, suggesting the closest."""
+    assert main(["train", str(TINY), override]) == 2
+    error = capsys.readouterr().err
+    for text in expected:
+        assert text in error
+
+
+def test_eval_honours_a_langevin_noise_override(run_dir, capsys):
+    """`ebt eval RUN think.langevin_noise=1`: noisy thinking, so two seeds give two losses."""
+    losses = []
+    for seed in (1, 2):
+        args = [
+            "eval",
+            str(run_dir),
+            "think.init=zeros",
+            "think.langevin_noise=1",
+            f"train.seed={seed}",
+            "--json",
+        ]
+        assert main(args) == 0
+        losses.append(json_output(capsys)["loss"])
+    assert abs(losses[0] - losses[1]) > 1e-3
+
+
+def test_missing_data_source_exits_2(tmp_path, capsys, monkeypatch):
+    """A data.source that matches nothing is a user error: exit 2 with a one-line message."""
+    monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
+    args = [
+        "train",
+        str(TINY),
+        f"data.source={tmp_path / 'missing.txt'}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.progress=false",
+    ]
+    assert main(args) == 2
+    assert "matches nothing" in capsys.readouterr().err
+
+
+def test_python_m_ebt_help():
+    """`python -m ebt --help` lists the subcommands."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ebt", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    for command in ("train", "eval", "generate", "bench", "tokenizer"):
+        assert command in result.stdout
