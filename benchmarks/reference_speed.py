@@ -6,8 +6,8 @@ How to run (CPU; the paper's code is imported at run time, never vendored here):
     EBT_REFERENCE_DIR=/tmp/ebt-reference python benchmarks/reference_speed.py --repeats 10
 
 Entries (dim 256, 4 layers, 4 heads, context 128, batch 8, byte vocabulary of 257 with random
-token ids 1..256, float32, default torch threads; each step is forward + loss + backward +
-AdamW step with the paper's parameter groups, no gradient clipping):
+token ids 1..256, float32; each step is forward + loss + backward + AdamW step with the
+paper's parameter groups, no gradient clipping):
 
 - reference_ebt_time_embed: the paper's `EBT_NLP` (ebt_type time_embed) with System-1
   settings: 2 landscapes, step size 500 (learnable), softmax-normalised candidates, no
@@ -16,8 +16,11 @@ AdamW step with the paper's parameter groups, no gradient clipping):
 - ours_ebt_time_embed, ours_ebt_pred_step, ours_transformer_pp: `ebt.bench._Stepper`.
 
 All steps are timed in one process, interleaved step by step (so machine noise hits every
-entry alike); the median is reported. Peak memory is the peak resident set (VmHWM, torch and
-the imported modules included) of a separate child process per entry that takes two steps.
+entry alike); the median is reported, and each ratio also as the median over rounds of the
+per-round ratio (`ms_per_step_paired`, the more robust one on a busy machine). `--threads N`
+pins torch's intra-op threads (default: torch's own choice). Peak memory is the peak resident
+set (VmHWM, torch and the imported modules included) of a separate child process per entry
+that takes two steps.
 
 The paper's modules import pytorch_lightning, torchmetrics, torchvision, diffusers and
 transformers at module level; none of them is used on this path, so any that is not installed
@@ -330,13 +333,14 @@ def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
             "ms_max": round(1000 * max(seconds), 2),
             "peak_mem_mb": round(peak_memory_mb(name, path), 1),
         }
-    ratios = {
-        label: {
+    ratios = {}
+    for label, (ours, ref) in RATIOS.items():
+        ratios[label] = {
             key: round(entries[ours][key] / entries[ref][key], 3)
             for key in ("ms_per_step", "peak_mem_mb")
         }
-        for label, (ours, ref) in RATIOS.items()
-    }
+        paired = [mine / theirs for mine, theirs in zip(times[ours], times[ref], strict=True)]
+        ratios[label]["ms_per_step_paired"] = round(statistics.median(paired), 3)
     return {"entries": entries, "ratios_ours_over_reference": ratios}
 
 
@@ -344,8 +348,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     path = reference_dir()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     times = time_interleaved(path, args.repeats, args.warmup)
     setting = {"dim": DIM, "layers": LAYERS, "heads": HEADS, "context": CONTEXT}
     setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": "float32", "device": "cpu"}

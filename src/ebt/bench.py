@@ -1,4 +1,6 @@
-"""`ebt bench train`: median milliseconds per training step and peak memory, EBT vs baseline.
+"""`ebt bench train|generate`: median ms per training step / per token, and peak memory.
+
+Training: the configured model against its same-size baseline.
 
 Both models are timed in the same process, interleaved step by step, so machine noise hits
 them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
@@ -22,6 +24,7 @@ import torch
 from ebt.config import Config
 from ebt.data import load_tokenizer
 from ebt.distributed import pick_device
+from ebt.generate import generate_ids
 from ebt.models import build_model
 from ebt.objective import Objective, backward
 from ebt.optim import build_optimizer
@@ -126,3 +129,40 @@ def bench_train(
         result["ratio_vs_baseline"] = result["ms_per_step"] / result["baseline_ms_per_step"]
     result["config"] = {"model": config.to_dict()["model"], "think": config.to_dict()["think"]}
     return result
+
+
+def _token_times(model: torch.nn.Module, prompt: list[int], count: int, window: int, cached: bool):
+    times, stream = [], generate_ids(model, prompt, count, window, cached=cached)
+    start = time.perf_counter()
+    for _ in stream:
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times[1:]  # the first token also pays the prompt's prefill
+
+
+def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> dict[str, Any]:
+    """Median ms per generated token near the configured context length: cached generation
+    against the recompute-everything path (the paper's generator), alternating runs."""
+    device = pick_device(config.train.device)
+    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, vocab_size).to(device).eval()
+    window = config.data.seq_len
+    prompt = torch.randint(1, vocab_size, (window - new_tokens,)).tolist()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for cached in (True, False):
+            times[cached] += _token_times(model, prompt, new_tokens + 1, window, cached)
+    cached_ms = 1000 * statistics.median(times[True])
+    naive_ms = 1000 * statistics.median(times[False])
+    return {
+        "ms_per_token": cached_ms,
+        "naive_ms_per_token": naive_ms,
+        "speedup": naive_ms / cached_ms,
+        "context_length": window,
+        "new_tokens": new_tokens,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "config": {"model": config.to_dict()["model"], "think": config.to_dict()["think"]},
+    }

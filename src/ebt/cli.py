@@ -18,10 +18,13 @@ def _print_json(payload: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ebt.distributed import is_main_process
     from ebt.train import train
 
     config = load_config(args.config, args.overrides)
     result = train(config)
+    if not is_main_process():  # under torchrun only rank 0 prints
+        return 0
     if args.json:
         _print_json(result)
     else:
@@ -52,12 +55,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.api import load_run
-    from ebt.generate import generate
+    from ebt.generate import Sampling, generate
 
     run = load_run(args.run, args.overrides)
-    pieces = generate(
-        run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.steps
-    )
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps)
+    pieces = generate(run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop)
     sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -67,10 +69,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ebt.bench import bench_train
+    from ebt.bench import bench_generate, bench_train
 
     config = load_config(args.config, args.overrides)
-    result = bench_train(config, args.vs_baseline, args.repeats, args.warmup)
+    if args.what == "generate":
+        result = bench_generate(config, args.new_tokens, args.repeats)
+    else:
+        result = bench_train(config, args.vs_baseline, args.repeats, args.warmup)
     if args.json:
         _print_json(result)
     else:
@@ -116,15 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=200)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
 
     bench = sub.add_parser("bench", help="benchmark training steps")
-    bench.add_argument("what", choices=["train"])
+    bench.add_argument("what", choices=["train", "generate"])
     bench.add_argument("config")
     bench.add_argument("overrides", nargs="*")
     bench.add_argument("--vs-baseline", action="store_true", help="also time Transformer++")
     bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--new-tokens", type=int, default=16, help="generate: tokens per run")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
@@ -136,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--out", required=True, help="output directory")
     tokenizer.add_argument("--max-documents", type=int, default=0)
     tokenizer.set_defaults(handler=cmd_tokenizer)
+
+    from ebt.interop.commands import add_interop_commands
+
+    add_interop_commands(sub)  # import-reference, export-reference, push
     return parser
 
 

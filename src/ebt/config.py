@@ -118,7 +118,8 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "ebt"
-    parallel: str = "ddp"  # ddp | fsdp (used only under torchrun)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2; used only under torchrun)
+    activation_checkpointing: bool = False  # recompute prediction-stream blocks in backward
 
 
 @dataclass

@@ -1,67 +1,150 @@
-"""Text generation for both model kinds: the EBT thinks only about the newest position.
+"""Text generation for both model kinds, with a KV cache.
 
-This first version re-encodes the (windowed) prefix for every new token; the EBT optimises a
-single candidate against it, so a token costs one context pass plus the thinking steps.
+The EBT keeps one context cache per landscape (one in all for `pred_step` / `default`); each new
+token extends every cache by one position and only the newest position's candidate is optimised.
+Transformer++ gets the same cached generator, so the two compare fairly. `cached=False` is the
+recompute-everything path (the paper's generator: the whole window is re-run and, for the EBT,
+every position re-optimised for every token), kept for tests and `ebt bench generate`.
+Beyond the context window the cache is rebuilt from the last half window (a sliding window).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from ebt.api import LoadedRun
-from ebt.models import EnergyTransformer
+from ebt.models import TransformerPP
 
 
-def next_token_logits(
-    run: LoadedRun, tokens: torch.Tensor, steps: int | None = None
-) -> torch.Tensor:
-    """Logits (B, V) for the token after tokens (B, T)."""
-    model = run.model
-    if isinstance(model, EnergyTransformer):
-        last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
-        trajectory = model.think(tokens, steps=steps, rows=last)
-        return trajectory.states[-1][:, -1]
-    with torch.no_grad():
-        return model(tokens)[:, -1]
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    steps: int | None = None  # EBT thinking steps per landscape (None: the trained recipe's)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> int:
-    """Greedy when temperature is 0, else a draw from the top-k tempered distribution."""
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy at temperature 0, else a draw from the top-k / top-p tempered distribution."""
     logits = logits.float().reshape(-1)
-    if temperature <= 0:
+    if sampling.temperature <= 0:
         return int(logits.argmax())
-    if top_k > 0:
-        threshold = logits.topk(min(top_k, logits.numel())).values[-1]
+    if sampling.top_k > 0:
+        threshold = logits.topk(min(sampling.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probabilities = (logits / temperature).softmax(-1)
+    probabilities = (logits / sampling.temperature).softmax(-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probabilities.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p > sampling.top_p  # keep the top-p nucleus
+        probabilities = probabilities.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
     return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
-def generate(
-    run: LoadedRun,
-    prompt: str,
-    max_new_tokens: int = 200,
-    temperature: float = 0.0,
-    top_k: int = 0,
+class Decoder:
+    """Next-token logits for a growing sequence, cached or recomputed from scratch."""
+
+    def __init__(self, model: torch.nn.Module, window: int, cached: bool = True) -> None:
+        self.model, self.window, self.cached = model, window, cached
+        self.ids: list[int] = []
+        self.state = None  # EBT: {landscape: ContextCache}; Transformer++: per-layer (k, v)
+        self.cached_length = 0
+
+    def _landscapes(self) -> list[int]:
+        model = self.model
+        return list(range(model.args.landscapes)) if model.context_depends_on_landscape else [0]
+
+    @torch.no_grad()
+    def _advance(self, new: list[int], device: torch.device) -> torch.Tensor | None:
+        """Bring the cache up to date with self.ids; returns Transformer++ logits if computed."""
+        tokens = torch.tensor([new], device=device)  # (1, T)
+        if isinstance(self.model, TransformerPP):
+            logits, self.state = self.model.forward_cached(tokens, self.state)
+            return logits[:, -1]
+        if self.state is None:
+            self.state = {lv: self.model.encode_context(tokens, lv) for lv in self._landscapes()}
+        else:
+            self.state = {lv: self.model.extend_context(c, tokens) for lv, c in self.state.items()}
+        return None
+
+    def _refresh(self, device: torch.device) -> torch.Tensor | None:
+        if self.cached_length + 1 > self.window or self.state is None:  # (re)build the window
+            keep = self.ids[-(self.window // 2) :] if len(self.ids) > self.window else self.ids
+            self.state, self.cached_length = None, len(keep)
+            return self._advance(keep, device)
+        self.cached_length += 1
+        return self._advance(self.ids[-1:], device)
+
+    def next_logits(self, steps: int | None) -> torch.Tensor:
+        """Logits (1, V) for the token after self.ids."""
+        device = next(self.model.parameters()).device
+        if not self.cached:
+            return self._recompute(device, steps)
+        logits = self._refresh(device)
+        if logits is not None:
+            return logits
+        row = torch.tensor([self.cached_length - 1], device=device)
+        init = torch.randn(1, 1, self.model.vocab_size, device=device)
+        trajectory = self.model.think(None, init, steps=steps, rows=row, caches=self.state)
+        return trajectory.states[-1][:, -1]
+
+    def _recompute(self, device: torch.device, steps: int | None) -> torch.Tensor:
+        tokens = torch.tensor([self.ids[-self.window :]], device=device)  # (1, T)
+        if isinstance(self.model, TransformerPP):
+            with torch.no_grad():
+                return self.model(tokens)[:, -1]
+        # Positions are independent, so only the last one's start matters: draw it exactly as
+        # the cached path does, and start the others (whose results are discarded) from zeros.
+        last = torch.randn(1, 1, self.model.vocab_size, device=device)
+        rest = torch.zeros(1, tokens.shape[1] - 1, self.model.vocab_size, device=device)
+        init = torch.cat((rest, last), dim=1)  # (1, T, V)
+        return self.model.think(tokens, init, steps=steps).states[-1][:, -1]
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    window: int,
+    sampling: Sampling | None = None,
     seed: int = 0,
-    steps: int | None = None,
-) -> Iterator[str]:
-    """Yield text pieces as tokens are produced (prompt excluded)."""
-    tokenizer, window = run.tokenizer, run.config.data.seq_len
-    ids = tokenizer.encode(prompt) or [tokenizer.pad_id]
-    device = next(run.model.parameters()).device
+    cached: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one by one."""
+    sampling = sampling or Sampling()
+    decoder = Decoder(model, window, cached)
+    decoder.ids = list(prompt_ids)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    for _ in range(max_new_tokens):
+        token = sample(decoder.next_logits(sampling.steps).cpu(), sampling, generator)
+        decoder.ids.append(token)
+        yield token
+
+
+def generate(
+    run,
+    prompt: str,
+    max_new_tokens: int = 200,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+    stop: list[str] | None = None,
+) -> Iterator[str]:
+    """Yield text pieces of a loaded run's continuation of `prompt`, stopping at a stop string."""
+    tokenizer = run.tokenizer
+    ids = tokenizer.encode(prompt) or [tokenizer.pad_id]
     new: list[int] = []
     shown = ""
-    for _ in range(max_new_tokens):
-        tokens = torch.tensor([ids[-window:]], device=device)  # (1, T)
-        token = sample(next_token_logits(run, tokens, steps).cpu(), temperature, top_k, generator)
-        ids.append(token)
+    stream = generate_ids(run.model, ids, max_new_tokens, run.config.data.seq_len, sampling, seed)
+    for token in stream:
         new.append(token)
         text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-            yield text[len(shown) :]
-            shown = text
+        if text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+            continue
+        cut = min((text.find(s) for s in stop or [] if s in text), default=-1)
+        if cut >= 0:
+            yield text[len(shown) : cut]
+            return
+        yield text[len(shown) :]
+        shown = text

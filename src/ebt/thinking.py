@@ -136,8 +136,13 @@ def think(
     schedule: list[int],
     options: StepOptions,
     rows: torch.Tensor | None = None,
+    caches: dict | None = None,
 ) -> Trajectory:
-    """Optimise candidates init (B, R, V) for context tokens (B, S) along `schedule`."""
+    """Optimise candidates init (B, R, V) for context tokens (B, S) along `schedule`.
+
+    caches: prebuilt context caches by landscape (e.g. a generation KV cache); then tokens is
+    not read. For models whose context does not depend on the landscape, caches[0] serves all.
+    """
     trajectory = Trajectory()
     cache = None
     state = init
@@ -147,7 +152,9 @@ def think(
             stale = cache is None or (
                 model.context_depends_on_landscape and cache.landscape != landscape
             )
-            if stale:
+            if stale and caches is not None:
+                cache = caches[landscape if model.context_depends_on_landscape else 0]
+            elif stale:
                 cache = _encode(model, tokens, landscape, options.create_graph)
             elif cache.landscape != landscape:  # same keys/values, new step conditioning
                 cache = dataclasses.replace(cache, landscape=landscape)

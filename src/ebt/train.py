@@ -3,23 +3,45 @@
 A run directory holds config.json, metrics.jsonl, tokenizer/ and step_NNNNNN/ checkpoints.
 Starting `train` on a run directory that already has a checkpoint resumes it exactly: model,
 optimizer, scheduler, RNG streams, data position and replay buffer are all restored.
+
+Under torchrun every rank reads its own shard of each batch; the RNG streams and the replay
+buffer are per rank and are gathered into rank 0's checkpoint, so a distributed run resumes
+exactly on the same number of processes (and approximately on another number).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from ebt import checkpoint
 from ebt.config import Config
 from ebt.data import BatchIterator, build_token_dataset, iter_eval_batches, load_tokenizer
-from ebt.distributed import DistributedContext, barrier, setup
+from ebt.distributed import (
+    DistributedContext,
+    barrier,
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    gather_to_main,
+    gathered,
+    is_sharded,
+    load_full_model_state,
+    load_optimizer_state,
+    main_first,
+    mean_over_ranks,
+    no_sync,
+    setup,
+    sync_replicated_grads,
+    teardown,
+    wrap_objective,
+)
 from ebt.evaluate import evaluate
 from ebt.models import build_model
 from ebt.objective import Objective, backward
@@ -34,15 +56,20 @@ class Trainer:
     def __init__(self, config: Config, context: DistributedContext) -> None:
         self.config, self.context = config, context
         self.run_dir = Path(config.train.out_dir)
-        torch.manual_seed(config.train.seed + context.rank)
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
-        self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
-        self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
+        with main_first():  # rank 0 builds the token caches, the others then read them
+            self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
+            self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
         self.model = build_model(config, self.tokenizer.vocab_size).to(context.device)
+        if hasattr(self.model, "activation_checkpointing"):
+            self.model.activation_checkpointing = config.train.activation_checkpointing
+        if context.enabled:  # per-rank noise: initial candidates, Langevin, step sizes, replay
+            torch.manual_seed(config.train.seed + context.rank)
         self.objective = Objective(self.model, config.think, self.tokenizer.pad_id)
-        self.wrapped = self._wrap(self.objective)
+        self.wrapped = wrap_objective(self.objective, context, config.train.parallel)
         self.optimizer = build_optimizer(self.model, config.train, config.think)
         self.scheduler = build_scheduler(self.optimizer, config.train)
         self.batches = BatchIterator(
@@ -54,12 +81,6 @@ class Trainer:
         )
         self.replay = self._replay_buffer()
         self.step = 0
-
-    def _wrap(self, objective: Objective) -> nn.Module:
-        if not self.context.enabled:
-            return objective
-        device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
 
     def _replay_buffer(self) -> ReplayBuffer | None:
         think = self.config.think
@@ -74,17 +95,36 @@ class Trainer:
         if step_dir is None:
             return False
         state, _ = checkpoint.load_model_state(step_dir, device=str(self.context.device))
-        self.model.load_state_dict(state)
+        if is_sharded(self.model):
+            load_full_model_state(self.model, state)
+        else:
+            self.model.load_state_dict(state)
         train_state = checkpoint.load_train_state(step_dir)
-        self.optimizer.load_state_dict(train_state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, train_state["optimizer"])
         self.scheduler.load_state_dict(train_state["scheduler"])
-        extra = train_state["extra"]
-        self.batches.load_state_dict(extra["data"])
-        if self.replay is not None:
-            self.replay.load_state_dict(extra.get("replay", {}))
-        checkpoint.restore_rng(train_state)
+        self._restore_rank_state(train_state)
         self.step = train_state["step"]
         return True
+
+    def _restore_rank_state(self, train_state: dict[str, Any]) -> None:
+        """This rank's data position, replay buffer and RNG streams from a checkpoint."""
+        extra, rank, world = train_state["extra"], self.context.rank, self.context.world_size
+        ranks = extra.get("ranks") or [{"rng": train_state["rng"], "replay": extra.get("replay")}]
+        data, saved_world = dict(extra["data"]), int(extra.get("world_size", len(ranks)))
+        if saved_world != world:  # keep the global position in the epoch; not an exact resume
+            data["position"] = data["position"] * saved_world // world
+            if self.context.is_main:
+                warnings.warn(
+                    f"resuming a {saved_world}-process run on {world} processes: data order, "
+                    "random streams and replay buffers continue approximately, not exactly",
+                    stacklevel=2,
+                )
+        self.batches.load_state_dict(data)
+        if rank >= len(ranks):  # a rank the checkpoint did not have: fresh streams and buffer
+            return
+        if self.replay is not None:
+            self.replay.load_state_dict(ranks[rank].get("replay") or {})
+        checkpoint.restore_rng({"rng": ranks[rank]["rng"]})
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         enabled = self.config.train.precision == "bf16" and self.context.device.type == "cuda"
@@ -92,14 +132,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def _micro_step(self, scale: float) -> dict[str, torch.Tensor]:
+    def _micro_step(self, scale: float, sync: bool = True) -> dict[str, torch.Tensor]:
         fresh = next(self.batches).to(self.context.device)  # (B, S + 1)
         batch, replay_states = fresh, None
         if self.replay is not None:
             batch, replay_states = self.replay.extend_batch(fresh)
-        with self._autocast():
-            output = self.wrapped(batch, replay_states)
-        backward(output.loss * scale, self.model)
+        with no_sync(self.wrapped, sync):  # DDP: all-reduce on the last micro-step only
+            with self._autocast():
+                output = self.wrapped(batch, replay_states)
+            backward(output.loss * scale, self.model)
         if self.replay is not None:
             self.replay.update(fresh, output.final_state[: fresh.shape[0]])
         return output.metrics
@@ -107,17 +148,23 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (with gradient accumulation); returns the logged row."""
         accumulation = self.config.train.grad_accum
-        rows = [self._micro_step(1.0 / accumulation) for _ in range(accumulation)]
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        rows = [
+            self._micro_step(1.0 / accumulation, sync=index == accumulation - 1)
+            for index in range(accumulation)
+        ]
+        sync_replicated_grads(self.model)
+        norm = clip_grad_norm(self.model.parameters(), self.config.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        means = {
+            key: sum(r[key].item() for r in rows) / accumulation
+            for key in ("loss", "initial_loss", "final_step_loss", "energy_gap", "step_size")
+            if key in rows[0]
+        }  # this rank's; logged as the mean over ranks
         row = {"step": self.step, "grad_norm": norm.item()}
-        for key in ("loss", "initial_loss", "final_step_loss", "energy_gap", "step_size"):
-            if key in rows[0]:
-                row[key] = sum(r[key].item() for r in rows) / accumulation
-        return row | lr_report(self.optimizer)
+        return row | mean_over_ranks(means, self.context.device) | lr_report(self.optimizer)
 
     def evaluate_split(self, name: str = "val") -> dict[str, Any]:
         train = self.config.train
@@ -128,20 +175,37 @@ class Trainer:
             rank=self.context.rank,
             world_size=self.context.world_size,
         )
-        return {"step": self.step, "split": name} | evaluate(
-            self.objective, batches, self.context.device, seed=train.seed
-        )
+        with gathered(self.objective):  # FSDP: one all-gather, then collective-free batches
+            metrics = evaluate(self.objective, batches, self.context.device, seed=train.seed)
+        return {"step": self.step, "split": name} | metrics
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG streams and the replay buffer (CPU tensors)."""
+        state: dict[str, Any] = {"rng": checkpoint.rng_state()}
+        if self.replay is not None:
+            state["replay"] = {k: v.cpu() for k, v in self.replay.state_dict().items()}
+        return state
 
     def save(self) -> None:
-        extra: dict[str, Any] = {"data": self.batches.state_dict()}
-        if self.replay is not None:
+        """Write a checkpoint from rank 0; every rank must call this (it gathers)."""
+        extra: dict[str, Any] = {
+            "data": self.batches.state_dict(),
+            "world_size": self.context.world_size,
+        }
+        if self.context.enabled:
+            extra["ranks"] = gather_to_main(self._rank_state())
+        elif self.replay is not None:
             extra["replay"] = self.replay.state_dict()
+        model, optimizer = self.model, self.optimizer
+        if is_sharded(self.model):  # full state dicts, gathered onto rank 0's CPU
+            model = full_model_state(self.model)
+            optimizer = full_optimizer_state(self.model, self.optimizer)
         checkpoint.save_checkpoint(
             self.run_dir,
             self.step,
-            self.model,
+            model,
             self.config.to_dict(),
-            self.optimizer,
+            optimizer,
             self.scheduler,
             extra=extra,
             keep=self.config.train.keep_checkpoints,
@@ -177,8 +241,20 @@ class Trainer:
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Train (or resume) the run config.train.out_dir; returns the final evaluation row."""
+    """Train (or resume) the run config.train.out_dir; returns the final evaluation row.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group (and leaves it at the end if
+    it created it); every rank returns the same evaluation row.
+    """
     context = setup(config.train.device)
+    try:
+        return _train(config, context)
+    finally:
+        if context.owns_group:
+            teardown()
+
+
+def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     trainer = Trainer(config, context)
     resumed = trainer.resume_if_possible()
     run_dir = trainer.run_dir

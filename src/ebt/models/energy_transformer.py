@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
@@ -88,6 +89,9 @@ class EnergyTransformer(nn.Module):
                 block.modulation[1].reset_parameters()
         self.offset = 2 if args.variant == "time_embed" else 1
         self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
+        # Recompute each prediction-stream block in backward instead of storing its activations
+        # (non-reentrant torch.utils.checkpoint, which supports double backward); a training knob.
+        self.activation_checkpointing = False
 
     @property
     def context_depends_on_landscape(self) -> bool:
@@ -119,6 +123,25 @@ class EnergyTransformer(nn.Module):
             values.append(v)
         return ContextCache(keys, values, landscape, condition)
 
+    def extend_context(self, cache: ContextCache, tokens: torch.Tensor) -> ContextCache:
+        """Append tokens (B, T) to a context cache: the KV cache of generation.
+
+        Equals encode_context on the concatenated tokens (up to float rounding) and costs a
+        context pass over the new tokens only.
+        """
+        x = self.token_embedding(tokens)  # (B, T, D)
+        start = cache.keys[0].shape[2]
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        rope = self._rope(positions).unsqueeze(1)  # (T, 1, hd/2)
+        keys, values = [], []
+        for index, block in enumerate(self.blocks):
+            past = (cache.keys[index], cache.values[index])
+            last = index == len(self.blocks) - 1
+            x, k, v = block.context(x, rope, cache.condition, keys_only=last, past=past)
+            keys.append(k)
+            values.append(v)
+        return ContextCache(keys, values, cache.landscape, cache.condition)
+
     def embed_candidates(self, probabilities: torch.Tensor, landscape: int) -> torch.Tensor:
         """Candidate distributions (B, R, V) -> prediction-stream inputs (B, R, D)."""
         z = self.candidate_projection(probabilities)  # (B, R, D)
@@ -143,8 +166,14 @@ class EnergyTransformer(nn.Module):
         head_dim = self.args.dim // self.args.heads
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
-            z = block.prediction(z, rope, cache.condition, (k, v), mask)
+            if recompute:
+                z = checkpoint(
+                    block.prediction, z, rope, cache.condition, (k, v), mask, use_reentrant=False
+                )
+            else:
+                z = block.prediction(z, rope, cache.condition, (k, v), mask)
         z = self.norm(z)
         if self.final_modulation is not None:
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
@@ -167,6 +196,7 @@ class EnergyTransformer(nn.Module):
         step_size: float | None = None,
         langevin_noise: float | None = None,
         rows: torch.Tensor | None = None,
+        caches: dict[int, ContextCache] | None = None,
     ) -> Trajectory:
         """Optimise next-token candidates for every position of tokens (B, S) at inference.
 
@@ -174,12 +204,13 @@ class EnergyTransformer(nn.Module):
         the trained recipe's). langevin_noise: default the trained sigma; 0 turns it off.
         Returns a Trajectory: states[k] raw logits after step k, energies[k] (B, S) the energy of
         the state step k starts from. rows: optimise only the candidates for these positions
-        (e.g. the last one when generating); init is then (B, len(rows), V).
+        (e.g. the last one when generating); init is then (B, len(rows), V). caches: context
+        caches by landscape to think against instead of encoding tokens (see extend_context).
         """
         if init is None:
             count = tokens.shape[1] if rows is None else rows.shape[0]
             init = torch.randn(tokens.shape[0], count, self.vocab_size, device=tokens.device)
+        schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
         noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
         options = StepOptions(step_size=self.resolve_step_size(step_size), langevin_std=noise)
-        schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
-        return run_thinking(self, tokens, init, schedule, options, rows)
+        return run_thinking(self, tokens, init, schedule, options, rows, caches)

@@ -45,9 +45,19 @@ class TransformerPP(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, S, V) for tokens (B, S)."""
-        x = self.token_embedding(tokens)  # (B, S, D)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = self.rope(positions, x.dtype).unsqueeze(1)  # (S, 1, hd/2): broadcast over heads
-        for block in self.blocks:
-            x, _, _ = block.context(x, rope, None)
-        return self.output(self.norm(x))  # (B, S, V)
+        return self.forward_cached(tokens)[0]
+
+    def forward_cached(
+        self, tokens: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits (B, T, V) for tokens (B, T) that follow `past` (per-layer keys/values, the
+        generation KV cache), and the extended cache."""
+        x = self.token_embedding(tokens)  # (B, T, D)
+        start = past[0][0].shape[2] if past else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        rope = self.rope(positions, x.dtype).unsqueeze(1)  # (T, 1, hd/2): broadcast over heads
+        cache = []
+        for index, block in enumerate(self.blocks):
+            x, k, v = block.context(x, rope, None, past=past[index] if past else None)
+            cache.append((k, v))
+        return self.output(self.norm(x)), cache  # (B, T, V)

@@ -19,8 +19,19 @@ from ebt.nn.layers import at_least_float32
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Fused causal self-attention, (B, H, T, hd) each; first-order gradients only."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    """Fused causal attention; first-order gradients only.
+
+    q (B, H, T, hd) are the last T of the Tk >= T positions in k, v (B, H, Tk, hd): query t
+    sees keys up to Tk - T + t (plain causal self-attention when Tk == T).
+    """
+    queries, keys = q.shape[2], k.shape[2]
+    if queries == keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if queries == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v)
+    rows = torch.arange(queries, device=q.device).unsqueeze(1) + (keys - queries)  # (T, 1)
+    allowed = torch.arange(keys, device=q.device).unsqueeze(0) <= rows  # (T, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 def prediction_mask(

@@ -37,9 +37,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One matmul for w1 and w3 (the weights stay separate parameters, as in the paper).
-        gate, value = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * value)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def rope_table(

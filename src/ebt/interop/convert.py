@@ -1,0 +1,233 @@
+"""Checkpoints of the paper's code (Lightning `.ckpt`) to ebt run directories, and back.
+
+    import_reference("epoch=0-step=1000.ckpt", "runs/imported", tokenizer="neox/tokenizer.json")
+    export_reference("runs/imported", "back.ckpt")
+
+Reading never unpickles code: `torch.load(weights_only=True)`, with only Lightning's
+`AttributeDict` (read as a plain dict) and `argparse.Namespace` allowed beyond torch's own list
+of tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebt.checkpoint import (
+    load_model_state,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_run_config,
+)
+from ebt.config import Config, config_from_dict
+from ebt.data import ByteTokenizer, Tokenizer, load_tokenizer
+from ebt.interop.reference import (
+    InteropError,
+    config_from_hparams,
+    convert_state_dict,
+    hparams_from_config,
+    reference_state_dict,
+)
+from ebt.models import build_model
+
+# Where Lightning versions define AttributeDict (a dict with attribute access).
+_ATTRIBUTE_DICTS = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+)
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _safe_globals() -> list[Any]:
+    """Lightning's AttributeDict is rebuilt as a plain dict; Namespace is a plain container."""
+    return [(dict, name) for name in _ATTRIBUTE_DICTS] + [argparse.Namespace]
+
+
+def _unsafe_message(path: Path, error: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"'{found.group(1)}'" if found else "a Python object that is not a plain container"
+    return (
+        f"cannot read {path} safely: it holds {what}. ebt reads checkpoints with "
+        "torch.load(weights_only=True), allowing only tensors and plain containers; re-save "
+        "its 'state_dict' and 'hyper_parameters' (as a dict) with torch.save and import that"
+    )
+
+
+def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of a `.ckpt` of the paper's code; `hyper_parameters` a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise InteropError(_unsafe_message(path, error)) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise InteropError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' dict")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if isinstance(hparams, argparse.Namespace):
+        hparams = vars(hparams)
+    if not isinstance(hparams, dict):
+        raise InteropError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
+    checkpoint["hyper_parameters"] = dict(hparams)
+    return checkpoint
+
+
+def resolve_tokenizer(
+    spec: str | None, vocab_size: int, reference_name: str | None = None
+) -> tuple[Tokenizer, str]:
+    """(tokenizer, its `data.tokenizer` spec) for a checkpoint whose vocabulary has vocab_size.
+
+    Without a spec only the byte vocabulary (257) is known; anything else must be given.
+    """
+    if spec is None:
+        if vocab_size == ByteTokenizer.vocab_size:
+            return ByteTokenizer(), "byte"
+        used = f" (its run used '{reference_name}')" if reference_name else ""
+        raise InteropError(
+            f"the checkpoint's vocabulary has {vocab_size} tokens{used}; pass --tokenizer SPEC "
+            "with that tokenizer: a tokenizer.json, a directory holding one, or hf:NAME where "
+            "the Hugging Face Hub is reachable (the paper's runs use EleutherAI/gpt-neox-20b)"
+        )
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size != vocab_size:
+        raise InteropError(
+            f"tokenizer '{spec}' has {tokenizer.vocab_size} tokens but the checkpoint's "
+            f"vocabulary has {vocab_size} (the paper's code sizes it as len(tokenizer), "
+            "added tokens included: 50277 for EleutherAI/gpt-neox-20b)"
+        )
+    return tokenizer, "byte" if isinstance(tokenizer, ByteTokenizer) else spec
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain(item) for item in value)
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and _plain(item) for key, item in value.items()
+    )
+
+
+def _converted(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    try:
+        return convert_state_dict(reference)
+    except KeyError as error:
+        raise InteropError(
+            f"{error.args[0]} (not a text EBT or Transformer++ of the paper)"
+        ) from None
+
+
+def _check_loads(config: Config, state: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """Fail now, naming the mismatch, if the weights do not fit the model the config builds."""
+    with torch.device("meta"):  # shapes only, no memory or init cost
+        model = build_model(config, vocab_size)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        shapes = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        raise InteropError(
+            "the weights do not fit the model the hyper-parameters describe: "
+            f"missing {missing}, unexpected {extra}, other shapes {shapes}"
+        )
+
+
+def import_reference(
+    checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None
+) -> Path:
+    """Write an ebt run directory from a `.ckpt` of the paper's code; returns its step dir.
+
+    tokenizer: "byte", "hf:NAME", a tokenizer.json or a directory holding one; needed unless the
+    vocabulary is the byte one (257). The run's step is the checkpoint's global_step (else 0).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InteropError(f"{out} exists and is not an empty directory; choose a new OUT_DIR")
+    loaded = read_reference_checkpoint(checkpoint)
+    raw_state, hparams = loaded["state_dict"], loaded["hyper_parameters"]
+    config = config_from_hparams(hparams, raw_state)
+    state = _converted(raw_state)
+    vocab_size = int(state["token_embedding.weight"].shape[0])
+    chosen, spec = resolve_tokenizer(tokenizer, vocab_size, hparams.get("tokenizer"))
+    _check_loads(config, state, vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen.save(out / "tokenizer")
+    config.data.tokenizer = (
+        spec if spec == "byte" or spec.startswith("hf:") else str((out / "tokenizer").resolve())
+    )
+    config.train.out_dir = str(out)
+    write_run_config(out, config.to_dict())
+    extra = {
+        "reference_checkpoint": str(Path(checkpoint).resolve()),
+        "reference_hyper_parameters": {k: v for k, v in hparams.items() if _plain(v)},
+    }
+    step = int(loaded.get("global_step") or 0)
+    return save_checkpoint(out, step, state, config.to_dict(), None, None, extra=extra)
+
+
+def _tokenizer_name(config: Config, original: dict[str, Any]) -> str:
+    """What the paper's code should load with AutoTokenizer.from_pretrained."""
+    if original.get("tokenizer"):
+        return str(original["tokenizer"])
+    return config.data.tokenizer.removeprefix("hf:")
+
+
+def _same_ffn_width(original: dict[str, Any], derived: dict[str, Any]) -> bool:
+    if "ffn_dim_multiplier" not in original:
+        return False
+    dim = derived["embedding_dim"]
+
+    def width(multiplier: Any) -> int:
+        return dim if multiplier is None else int(dim * multiplier)
+
+    return width(original["ffn_dim_multiplier"]) == width(derived["ffn_dim_multiplier"])
+
+
+def export_reference(
+    run: str | Path, out_file: str | Path, tokenizer_name: str | None = None
+) -> Path:
+    """Write a `.ckpt` the paper's code loads (state_dict under `model.`, hyper_parameters).
+
+    The hyper-parameters of an imported run are restored, then every flag ebt models is set
+    from the run's config. tokenizer_name overrides what the paper's code will load.
+    """
+    step_dir = resolve_checkpoint(run)
+    state, config_dict = load_model_state(step_dir)
+    config = config_from_dict(config_dict)
+    derived = hparams_from_config(config)
+    try:
+        train_state = load_train_state(step_dir)
+    except FileNotFoundError:
+        train_state = {}
+    original = (train_state.get("extra") or {}).get("reference_hyper_parameters") or {}
+    hparams = {**original, **derived}
+    if _same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
+        hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
+    hparams["tokenizer"] = tokenizer_name or _tokenizer_name(config, original)
+    with torch.device("meta"):  # the model's own parameter order, not safetensors' sorted one
+        order = build_model(config, int(state["token_embedding.weight"].shape[0])).state_dict()
+    state = {name: state[name] for name in order if name in state} | state
+    checkpoint = {
+        "state_dict": reference_state_dict(state, config.model.variant),
+        "hyper_parameters": hparams,
+        "global_step": int(train_state.get("step", 0)),
+        "epoch": 0,
+    }
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, out)
+    return out
