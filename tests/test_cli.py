@@ -244,3 +244,19 @@ def test_python_m_ebt_help():
     assert result.returncode == 0
     for command in ("train", "eval", "generate", "bench", "tokenizer"):
         assert command in result.stdout
+
+
+def test_think_prints_curves_and_writes_a_plot(run_dir, tmp_path, capsys):
+    """`think RUN --steps --samples --json --plot`: one curve point per pair, and a PNG."""
+    plot = tmp_path / "think.png"
+    args = ["think", str(run_dir), "--steps", "1,2", "--samples", "1,2", "--batches", "1"]
+    assert main(args + ["--json", "--plot", str(plot)]) == 0
+    result = json_output(capsys)
+    assert [(c["steps"], c["samples"]) for c in result["curves"]] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+    ]
+    assert "energy_auroc_wrong" in result["uncertainty"]
+    assert plot.stat().st_size > 1000

@@ -68,6 +68,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def cmd_think(args: argparse.Namespace) -> int:
+    from ebt.api import load_run
+    from ebt.data import build_token_dataset, iter_eval_batches
+    from ebt.inference import thinking_curves
+    from ebt.plots import plot_thinking
+
+    run = load_run(args.run, args.overrides)
+    data = run.config.data
+    source = args.data or (data.ood_source if args.split == "ood" else None)
+    split = "all" if source else args.split
+    dataset = build_token_dataset(data, run.tokenizer, split, source=source)
+    batches = iter_eval_batches(dataset, run.config.train.batch_size, args.batches)
+    steps, samples = _int_list(args.steps), _int_list(args.samples)
+    result = thinking_curves(run.model, batches, steps, samples, run.tokenizer.pad_id, args.seed)
+    if args.plot:
+        plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
+    result.pop("tokens", None)
+    result |= {"split": source or split, "checkpoint": str(run.checkpoint)}
+    _print_json(result) if args.json else print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ebt.bench import bench_generate, bench_train
 
@@ -126,7 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
 
-    bench = sub.add_parser("bench", help="benchmark training steps")
+    think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
+    think.add_argument("--steps", default="1,2,4,8", help="steps per landscape, comma-separated")
+    think.add_argument("--samples", default="1,4", help="best-of-N values, comma-separated")
+    think.add_argument("--split", default="val", choices=["val", "train", "ood"])
+    think.add_argument("--data", default="", help="text files/globs to evaluate instead")
+    think.add_argument("--batches", type=int, default=8)
+    think.add_argument("--seed", type=int, default=0)
+    think.add_argument("--plot", default="", help="write the curves to this PNG")
+    think.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmark training steps or generation")
     bench.add_argument("what", choices=["train", "generate"])
     bench.add_argument("config")
     bench.add_argument("overrides", nargs="*")

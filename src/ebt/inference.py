@@ -1,0 +1,140 @@
+"""System-2 thinking at inference: think longer (more steps), self-verify (best of N by energy).
+
+All N candidates of a position share one context cache: the candidate rows are simply repeated
+(`rows`), and since a candidate attends only to the context and itself, the N copies never see
+each other. The candidate with the lowest final energy wins, independently per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ebt.models import EnergyTransformer, TransformerPP
+
+
+@dataclass
+class Verdict:
+    """The chosen candidates (B, S, V), their final energies (B, S), and the compute spent."""
+
+    logits: torch.Tensor
+    energies: torch.Tensor | None
+    forward_passes_per_token: float
+
+
+@torch.no_grad()
+def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: int):
+    cache = model.encode_context(tokens, landscape if model.context_depends_on_landscape else 0)
+    cache.landscape = landscape
+    return model.energies(cache, states.softmax(-1), rows)  # (B, N * S)
+
+
+def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, samples: int) -> Verdict:
+    """Think `steps` per landscape from `samples` random starts; keep the lowest-energy one."""
+    batch, length = tokens.shape
+    rows = torch.arange(length, device=tokens.device).repeat(samples)  # (N * S,)
+    init = torch.randn(batch, samples * length, model.vocab_size, device=tokens.device)
+    trajectory = model.think(tokens, init, steps=steps, rows=rows)
+    final = trajectory.states[-1]  # (B, N * S, V)
+    energies = _final_energies(model, tokens, final, rows, trajectory.landscapes[-1])
+    energies = energies.view(batch, samples, length)  # (B, N, S)
+    best = energies.argmin(dim=1)  # (B, S)
+    chosen = final.view(batch, samples, length, -1).gather(
+        1, best[:, None, :, None].expand(-1, 1, -1, final.shape[-1])
+    )  # (B, 1, S, V)
+    passes = len(trajectory.states) * samples + samples  # energy evaluations per token
+    return Verdict(chosen.squeeze(1), energies.min(dim=1).values, float(passes))
+
+
+def predict(model: torch.nn.Module, tokens: torch.Tensor, steps: int, samples: int) -> Verdict:
+    """Next-token logits for every position; Transformer++ ignores steps and samples."""
+    if isinstance(model, TransformerPP):
+        with torch.no_grad():
+            return Verdict(model(tokens), None, 1.0)
+    return best_of_n(model, tokens, steps, samples)
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    flat = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return flat.view_as(targets).masked_fill(targets == pad_id, float("nan"))  # (B, S)
+
+
+def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for `positives` (ties count half)."""
+    positive, negative = scores[positives], scores[~positives]
+    if not len(positive) or not len(negative):
+        return float("nan")
+    greater = (positive[:, None] > negative[None, :]).float().mean()
+    ties = (positive[:, None] == negative[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+def uncertainty(energy: torch.Tensor, loss: torch.Tensor, wrong: torch.Tensor) -> dict:
+    """How well the final energy flags mistakes: AUROC for "top-1 wrong", correlation with loss."""
+    keep = ~torch.isnan(loss)
+    energy, loss, wrong = energy[keep].double(), loss[keep].double(), wrong[keep]
+    if len(energy) > 20000:  # the pairwise AUROC is quadratic; a fixed subsample suffices
+        pick = torch.randperm(len(energy), generator=torch.Generator().manual_seed(0))[:20000]
+        energy, loss, wrong = energy[pick], loss[pick], wrong[pick]
+    correlation = torch.corrcoef(torch.stack((energy, loss)))[0, 1]
+    return {
+        "energy_auroc_wrong": auroc(energy, wrong),
+        "energy_loss_correlation": float(correlation),
+        "top1_error": float(wrong.float().mean()),
+        "tokens": len(energy),
+    }
+
+
+def thinking_curves(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    steps_list: list[int],
+    samples_list: list[int],
+    pad_id: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Loss / perplexity for every (steps, samples) pair, plus per-token energy and loss of the
+    last pair (for energy-vs-loss plots and uncertainty metrics)."""
+    batches = list(batches)
+    curves, last_tokens = [], {}
+    for steps in steps_list:
+        for samples in samples_list:
+            torch.manual_seed(seed)
+            point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id)
+            curves.append(point)
+    result: dict[str, Any] = {"curves": curves}
+    if last_tokens.get("energy") is not None:
+        result["uncertainty"] = uncertainty(**last_tokens)
+        result["tokens"] = last_tokens
+    return result
+
+
+def _evaluate_point(model, batches, steps: int, samples: int, pad_id: int):
+    losses, energies, wrong, passes = [], [], [], 0.0
+    for batch in batches:
+        verdict = predict(model, batch[:, :-1], steps, samples)
+        losses.append(_token_losses(verdict.logits, batch[:, 1:], pad_id).flatten())
+        wrong.append((verdict.logits.argmax(-1) != batch[:, 1:]).flatten())
+        if verdict.energies is not None:
+            energies.append(verdict.energies.flatten())
+        passes = verdict.forward_passes_per_token
+    token_losses = torch.cat(losses)
+    mean = float(token_losses.nanmean())
+    point = {
+        "steps": steps,
+        "samples": samples,
+        "loss": mean,
+        "ppl": math.exp(mean),
+        "forward_passes_per_token": passes,
+    }
+    tokens = {
+        "loss": token_losses,
+        "wrong": torch.cat(wrong),
+        "energy": torch.cat(energies) if energies else None,
+    }
+    return point, tokens

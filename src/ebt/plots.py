@@ -1,0 +1,55 @@
+"""Figures people would rather look at than read: thinking curves, energy vs loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Left: loss per thinking steps, one line per best-of-N; right: energy vs token loss."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for samples in sorted({c["samples"] for c in result["curves"]}):
+        points = [c for c in result["curves"] if c["samples"] == samples]
+        steps = [c["steps"] for c in points]
+        left.plot(steps, [c["loss"] for c in points], marker="o", label=f"best of {samples}")
+        for c in points:
+            left.annotate(
+                f"{c['forward_passes_per_token']:g}",
+                (c["steps"], c["loss"]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                fontsize=7,
+                ha="center",
+            )
+    left.set_xscale("log", base=2)
+    left.set_xlabel("thinking steps per landscape (labels: energy evaluations per token)")
+    left.set_ylabel("validation loss (nats / token)")
+    left.legend()
+    left.grid(alpha=0.3)
+    tokens = result.get("tokens")
+    if tokens and tokens.get("energy") is not None:
+        keep = ~tokens["loss"].isnan()
+        energy, loss = tokens["energy"][keep][:5000], tokens["loss"][keep][:5000]
+        right.scatter(energy.numpy(), loss.numpy(), s=3, alpha=0.3)
+        auroc = result.get("uncertainty", {}).get("energy_auroc_wrong", float("nan"))
+        right.set_title(
+            f"final energy vs token loss (AUROC for wrong top-1: {auroc:.3f})", fontsize=9
+        )
+        right.set_xlabel("final energy")
+        right.set_ylabel("token loss")
+    else:
+        right.text(0.5, 0.5, "no energies (Transformer++)", ha="center", va="center")
+        right.set_axis_off()
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

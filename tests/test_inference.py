@@ -1,0 +1,85 @@
+"""Inference-time thinking: best-of-N by energy, thinking curves, uncertainty metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebt.config import load_config
+from ebt.inference import auroc, best_of_n, thinking_curves
+from ebt.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(kind: str = "ebt", variant: str = "time_embed") -> torch.nn.Module:
+    overrides = [f"model.kind={kind}", f"model.variant={variant}", "model.dim=32"]
+    overrides += ["model.layers=2", "model.heads=2", "data.seq_len=12", "think.step_size=20"]
+    torch.manual_seed(0)
+    return build_model(load_config(None, overrides), 20).eval()
+
+
+@pytest.mark.parametrize("variant", ["time_embed", "pred_step"])
+def test_best_of_one_equals_plain_thinking(variant):
+    """One sample from the same start is exactly model.think's last state."""
+    model, tokens = _model(variant=variant), torch.randint(1, 20, (2, 10))
+    torch.manual_seed(1)
+    verdict = best_of_n(model, tokens, steps=2, samples=1)
+    torch.manual_seed(1)
+    init = torch.randn(2, 10, 20)
+    plain = model.think(tokens, init, steps=2).states[-1]
+    torch.testing.assert_close(verdict.logits, plain)
+
+
+def test_best_of_n_keeps_the_lowest_final_energy_per_token():
+    """Each position gets the candidate whose own final energy is lowest among the N."""
+    model, tokens = _model(), torch.randint(1, 20, (2, 10))
+    torch.manual_seed(2)
+    verdict = best_of_n(model, tokens, steps=1, samples=4)
+    torch.manual_seed(2)
+    init = torch.randn(2, 40, 20)
+    rows = torch.arange(10).repeat(4)
+    final = model.think(tokens, init, steps=1, rows=rows).states[-1]  # (B, 4 * S, V)
+    cache = model.encode_context(tokens, 1)
+    with torch.no_grad():
+        energies = model.energies(cache, final.softmax(-1), rows).view(2, 4, 10)
+    torch.testing.assert_close(verdict.energies, energies.min(dim=1).values)
+    chosen = final.view(2, 4, 10, 20)[
+        torch.arange(2)[:, None], energies.argmin(1), torch.arange(10)
+    ]
+    torch.testing.assert_close(verdict.logits, chosen)
+    assert verdict.forward_passes_per_token == 2 * 4 + 4  # 2 landscapes x 1 step, + final
+
+
+def test_transformer_pp_curves_are_flat():
+    """Thinking does not exist for the baseline: every (steps, samples) point is the same."""
+    batches = [torch.randint(1, 20, (2, 11))]
+    result = thinking_curves(_model("transformer_pp"), batches, [1, 4], [1, 2])
+    losses = {round(point["loss"], 6) for point in result["curves"]}
+    assert len(losses) == 1 and "uncertainty" not in result
+
+
+def test_ebt_curves_report_compute_and_uncertainty():
+    batches = [torch.randint(1, 20, (2, 11))]
+    result = thinking_curves(_model(), batches, [1, 2], [1, 2])
+    assert [(p["steps"], p["samples"]) for p in result["curves"]] == [
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+    ]
+    passes = [p["forward_passes_per_token"] for p in result["curves"]]
+    assert passes == [3.0, 6.0, 5.0, 10.0]
+    assert 0.0 <= result["uncertainty"]["energy_auroc_wrong"] <= 1.0
+
+
+def test_auroc():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    assert auroc(scores, torch.tensor([False, False, True, True])) == pytest.approx(0.75)
+    assert auroc(scores, torch.tensor([False, False, False, True])) == pytest.approx(1.0)
