@@ -9,9 +9,10 @@ Cases, each for the variants time_embed, default and adaln (and Transformer++ lo
 
 - vectors: the parity vectors' `ref.ckpt` (../shared/vectors, or EBT_VECTORS) imported with
   `ebt.interop.import_reference`; the paper's `EBT_NLP` is built from the same checkpoint.
-- random: the paper's `EBT_NLP` built with its own random initialisation at the size given by
-  --dim/--layers/--heads/--vocab/--context (System-1 flags, step size 500), saved as a `.ckpt`
-  in the paper's layout and imported; thinking takes --steps steps per landscape.
+- random: the paper's `EBT_NLP` (and Transformer++) built with its own random initialisation at
+  the size given by --dim/--layers/--heads/--vocab/--context (System-1 flags, 2 landscapes, step
+  size --step-size), saved as a `.ckpt` in the paper's layout and imported; thinking takes
+  --steps steps per landscape.
 - export: a randomly initialised model of ours at that size, written with
   `ebt.interop.export_reference` and loaded into the paper's `EBT_NLP` from the exported
   hyper-parameters and state_dict alone.
@@ -19,8 +20,16 @@ Cases, each for the variants time_embed, default and adaln (and Transformer++ lo
 Both sides think at inference from the same initial candidate (the paper's
 `ebt_advanced_inference` with its noise draw replaced by that tensor; ours `model.think(tokens,
 init=...)`). Reported per step: the worst relative difference max|ours - paper| / max|paper| of
-the energies (of the state each step starts from, then of the final state) and of the states
-after each step. The exit status is 1 when any exceeds --tolerance (1e-4).
+the energies (of the state each step starts from; "final": of the last state, the paper's extra
+forward) and of the states after each step; Transformer++ rows compare logits. The exit status
+is 1 when any exceeds --tolerance (1e-4).
+
+Columns ours_fp32 / paper_fp32 give each side's own float32 error against our float64 run of the
+same trajectory: what float32 rounding alone does, hence how closely any two float32
+implementations can agree. Untrained random weights make large steps ill-conditioned (at the
+paper's System-1 step size 500 their candidates reach |logits| ~ 1e5 and the softmax saturates),
+so the default --step-size for random models is 0.05; larger ones show differences that track
+those two columns.
 
 The paper's modules import pytorch_lightning, torchmetrics, torchvision, diffusers and
 transformers at module level; absent ones are replaced by inert stand-ins (see
@@ -31,6 +40,7 @@ size, so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -124,22 +134,37 @@ def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-12)).item()
 
 
+def worst(ours: list, reference: list, step: int) -> float | None:
+    """relative(ours[step], reference[step]) when both have that step."""
+    if step >= len(ours):
+        return None
+    return relative(ours[step].double(), reference[step].double())
+
+
 def compare(case: str, variant: str, ours: nn.Module, theirs: nn.Module, batch: dict) -> list:
-    """Rows {case, variant, step, energy, state} (state None for the final energy)."""
+    """Rows {case, variant, step, energy, state, ours_fp32, paper_fp32} (state None for the
+    final energy). ours_fp32 / paper_fp32: each side's own float32 error against our float64
+    run, i.e. what float32 rounding alone does to this trajectory."""
     tokens, init, steps = batch["tokens"], batch["init"], batch["steps"]
     our_states, our_energies = our_think(ours, tokens, init, steps)
     paper_states, paper_energies = paper_think(theirs, tokens, init, steps)
+    exact_states, exact_energies = our_think(
+        copy.deepcopy(ours).double(), tokens, init.double(), steps
+    )
     assert len(our_states) == len(paper_states) and len(our_energies) == len(paper_energies)
     rows = []
-    for step, (mine, paper) in enumerate(zip(our_energies, paper_energies, strict=True)):
-        state = None
-        if step < len(our_states):
-            state = relative(our_states[step], paper_states[step])
+    for step in range(len(our_energies)):
         label = step + 1 if step < len(our_states) else "final"
-        energy = relative(mine, paper)
-        rows.append(
-            {"case": case, "variant": variant, "step": label, "energy": energy} | {"state": state}
-        )
+        row = {"case": case, "variant": variant, "step": label}
+        row["energy"] = worst(our_energies, paper_energies, step)
+        row["state"] = worst(our_states, paper_states, step)
+        for side, states, energies in (
+            ("ours_fp32", our_states, our_energies),
+            ("paper_fp32", paper_states, paper_energies),
+        ):
+            errors = (worst(states, exact_states, step), worst(energies, exact_energies, step))
+            row[side] = max(error for error in errors if error is not None)
+        rows.append(row)
     return rows
 
 
@@ -148,7 +173,7 @@ def compare_logits(case: str, ours: nn.Module, theirs: nn.Module, tokens: torch.
         paper = theirs(tokens, learning=False, return_raw_logits=True)
         mine = ours(tokens)
     row = {"case": case, "variant": "transformer_pp", "step": "logits", "energy": None}
-    return row | {"state": relative(mine, paper)}
+    return row | {"state": relative(mine, paper), "ours_fp32": None, "paper_fp32": None}
 
 
 def word_tokenizer(path: Path, vocab: int) -> str:
@@ -258,21 +283,34 @@ def export_case(modules: dict, work: Path, args: argparse.Namespace) -> list:
     return rows
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
 def report(rows: list[dict[str, Any]], tolerance: float) -> bool:
     """Print the table and the worst differences; True when all are within tolerance."""
-    print(f"{'case':8} {'variant':15} {'step':>6} {'energy rel':>11} {'state rel':>11}")
+    columns = ("energy", "state", "ours_fp32", "paper_fp32")
+    print(f"{'case':8} {'variant':15} {'step':>6} " + " ".join(f"{c:>10}" for c in columns))
     for row in rows:
-        energy = "-" if row["energy"] is None else f"{row['energy']:.2e}"
-        state = "-" if row["state"] is None else f"{row['state']:.2e}"
-        print(f"{row['case']:8} {row['variant']:15} {row['step']!s:>6} {energy:>11} {state:>11}")
+        cells = " ".join(f"{_cell(row[c]):>10}" for c in columns)
+        print(f"{row['case']:8} {row['variant']:15} {row['step']!s:>6} {cells}")
     worst_energy = max(row["energy"] or 0.0 for row in rows)
     worst_state = max(row["state"] or 0.0 for row in rows)
     ok = max(worst_energy, worst_state) <= tolerance
     verdict = "PASS" if ok else "FAIL"
     print(
-        f"worst: energies {worst_energy:.2e}, states/logits {worst_state:.2e} ({verdict} at "
-        f"{tolerance:g})"
+        f"worst ours vs paper: energies {worst_energy:.2e}, states/logits {worst_state:.2e} "
+        f"({verdict} at {tolerance:g})"
     )
+    above = [row for row in rows if max(row["energy"] or 0.0, row["state"] or 0.0) > tolerance]
+    floor = [
+        row
+        for row in above
+        if max(row["energy"] or 0.0, row["state"] or 0.0)
+        <= 2 * max(row["ours_fp32"] or 0.0, row["paper_fp32"] or 0.0)
+    ]
+    if above:
+        print(f"{len(above)} row(s) above tolerance, {len(floor)} within 2x the float32 error")
     return ok
 
 
@@ -284,7 +322,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=257)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="steps per landscape (random case)")
+    parser.add_argument("--steps", type=int, default=1, help="steps per landscape (random cases)")
     parser.add_argument("--step-size", type=float, default=0.05, help="alpha of random models")
     parser.add_argument("--seed", type=int, default=33)
     parser.add_argument("--tolerance", type=float, default=1e-4)

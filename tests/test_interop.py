@@ -3,6 +3,7 @@ save_pretrained / from_pretrained, and `ebt push` with huggingface_hub mocked (n
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -12,8 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VECTORS
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import models, pre_tokenizers
+from reference_layout import (
+    WORDS,
+    paper_hparams,
+    paper_state_dict,
+    write_paper_checkpoint,
+    write_word_tokenizer,
+)
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -27,20 +33,10 @@ from ebt.objective import Objective
 
 EBT_VARIANTS = ["ebt_time_embed", "ebt_default", "ebt_adaln"]
 ALL_VECTORS = [*EBT_VARIANTS, "transformer_pp"]
-WORDS = [f"w{i}" for i in range(1, 64)]
 
 
 def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
-
-
-def write_word_tokenizer(path: Path) -> Path:
-    """A 64-entry word-level tokenizer.json ("<|endoftext|>" = 0, then w1..w63)."""
-    vocab = {"<|endoftext|>": 0} | {word: index for index, word in enumerate(WORDS, start=1)}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +65,6 @@ def imported(workspace: Path) -> dict[str, Path]:
 
 def expected_of(name: str) -> dict:
     return torch.load(VECTORS / name / "expected.pt", weights_only=True)
-
-
-# --------------------------------------------------------------------------- parity
 
 
 @pytest.mark.parametrize("name", EBT_VARIANTS)
@@ -113,85 +106,17 @@ def test_imported_model_generates_text(imported, capsys):
     assert out.startswith("w1 w2 w3") and len(out.split()) > 3
 
 
-def test_imported_model_evaluates(imported, workspace, capsys):
+def test_imported_model_evaluates_and_thinks(imported, workspace, capsys):
     corpus = workspace / "corpus.txt"
     corpus.write_text("\n\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(20)))
     argv = ["eval", str(imported["ebt_default"]), f"data.source={corpus}", "--batches", "1"]
     assert main([*argv, "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["split"] == "val" and result["loss"] > 0
-
-
-# --------------------------------------------------------------------------- converter
-
-
-def paper_state_dict(
-    variant: str, vocab: int = 257, dim: int = 16, layers: int = 2, ffn: int = 24, steps: int = 3
-) -> dict[str, torch.Tensor]:
-    """Random weights in the paper's key layout (`model.` prefix); variant "tpp": Transformer++."""
-    generator = torch.Generator().manual_seed(len(variant))
-
-    def tensor(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator) * 0.1
-
-    state = {"model.embeddings.weight": tensor(vocab, dim)}
-    if variant != "tpp":
-        state |= {"model.alpha": torch.tensor(37.0), "model.langevin_dynamics_noise_std": tensor()}
-        state["model.vocab_to_embed.weight"] = tensor(dim, vocab)
-    for layer in range(layers):
-        prefix = f"model.transformer.layers.{layer}."
-        state |= {f"{prefix}attention.w{name}.weight": tensor(dim, dim) for name in "qkvo"}
-        state[f"{prefix}feed_forward.w1.weight"] = tensor(ffn, dim)
-        state[f"{prefix}feed_forward.w2.weight"] = tensor(dim, ffn)
-        state[f"{prefix}feed_forward.w3.weight"] = tensor(ffn, dim)
-        state[f"{prefix}attention_norm.weight"] = tensor(dim)
-        state[f"{prefix}ffn_norm.weight"] = tensor(dim)
-        if variant == "adaln":
-            state[f"{prefix}adaLN_modulation.1.weight"] = tensor(6 * dim, dim)
-            state[f"{prefix}adaLN_modulation.1.bias"] = tensor(6 * dim)
-    state["model.transformer.norm.weight"] = tensor(dim)
-    if variant == "tpp":
-        return state | {"model.output.weight": tensor(vocab, dim)}
-    if variant != "default":
-        state["model.transformer.time_embeddings.weight"] = tensor(steps, dim)
-    if variant != "adaln":
-        return state | {"model.transformer.final_layer.weight": tensor(1, dim)}
-    final = "model.transformer.final_layer."
-    state[f"{final}linear.weight"] = tensor(1, dim)
-    state[f"{final}adaLN_modulation.1.weight"] = tensor(2 * dim, dim)
-    return state | {f"{final}adaLN_modulation.1.bias": tensor(2 * dim)}
-
-
-def paper_hparams(variant: str, dim: int = 16, ffn: int = 24, steps: int = 3, **changes) -> dict:
-    values = {
-        "modality": "NLP",
-        "model_name": "baseline_transformer" if variant == "tpp" else "ebt",
-        "tokenizer": "some/tokenizer",
-        "embedding_dim": dim,
-        "num_transformer_blocks": 2,
-        "multiheaded_attention_heads": 2,
-        "ffn_dim_multiplier": ffn / dim,
-        "context_length": 12,
-        "ebt_type": "time_embed" if variant == "tpp" else variant,
-        "mcmc_num_steps": steps,
-        "mcmc_step_size": 500.0,
-        "mcmc_step_size_learnable": True,
-        "normalize_initial_condition": variant != "tpp",
-        "dataset_name": "pajama",
-        "wandb_tags": ["a", "b"],
-    }
-    return values | changes
-
-
-def write_paper_checkpoint(path: Path, variant: str, **changes) -> Path:
-    checkpoint = {
-        "state_dict": paper_state_dict(variant),
-        "hyper_parameters": paper_hparams(variant, **changes),
-        "global_step": 1234,
-        "epoch": 3,
-    }
-    torch.save(checkpoint, path)
-    return path
+    argv = ["think", str(imported["ebt_time_embed"]), "--steps", "1,2", "--samples", "1"]
+    assert main([*argv, "--data", str(corpus), "--batches", "1", "--json"]) == 0
+    curves = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["curves"]
+    assert [curve["steps"] for curve in curves] == [1, 2]
 
 
 @pytest.mark.parametrize("variant", ["time_embed", "default", "adaln", "tpp"])
@@ -266,15 +191,15 @@ def test_unsupported_flags_are_refused_by_name(tmp_path, change, named, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_flags_the_variant_ignores_are_accepted(tmp_path):
-    source = write_paper_checkpoint(tmp_path / "paper.ckpt", "default", ebt_norm="layer")
+@pytest.mark.parametrize(
+    ("variant", "change"),
+    [("default", {"ebt_norm": "layer"}), ("tpp", {"contrastive_loss": True})],
+)
+def test_flags_the_model_ignores_are_accepted(tmp_path, variant, change):
+    source = write_paper_checkpoint(tmp_path / "paper.ckpt", variant, **change)
     assert main(["import-reference", str(source), str(tmp_path / "run")]) == 0
-
-
-def test_transformer_pp_ignores_ebt_flags(tmp_path):
-    source = write_paper_checkpoint(tmp_path / "paper.ckpt", "tpp", contrastive_loss=True)
-    assert main(["import-reference", str(source), str(tmp_path / "run")]) == 0
-    assert ebt.load_run(tmp_path / "run").config.model.kind == "transformer_pp"
+    kind = ebt.load_run(tmp_path / "run").config.model.kind
+    assert kind == ("transformer_pp" if variant == "tpp" else "ebt")
 
 
 def test_tokenizer_is_required_unless_the_vocabulary_is_bytes(tmp_path, workspace, capsys):
@@ -312,7 +237,7 @@ def test_reading_never_unpickles_code(tmp_path):
         read_reference_checkpoint(tmp_path / "evil.ckpt")
 
 
-def test_lightning_attribute_dict_reads_as_a_plain_dict(tmp_path, monkeypatch):
+def test_lightning_and_argparse_hyper_parameters_read_as_plain_dicts(tmp_path, monkeypatch):
     for name in ("lightning_fabric", "lightning_fabric.utilities"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     module = types.ModuleType("lightning_fabric.utilities.data")
@@ -327,6 +252,9 @@ def test_lightning_attribute_dict_reads_as_a_plain_dict(tmp_path, monkeypatch):
     loaded = read_reference_checkpoint(tmp_path / "lightning.ckpt")
     assert loaded["hyper_parameters"] == dict(hparams)
     assert type(loaded["hyper_parameters"]) is dict
+    checkpoint["hyper_parameters"] = argparse.Namespace(**hparams)
+    torch.save(checkpoint, tmp_path / "namespace.ckpt")
+    assert read_reference_checkpoint(tmp_path / "namespace.ckpt")["hyper_parameters"] == hparams
 
 
 def test_export_refuses_pred_step(tmp_path, capsys):
@@ -336,9 +264,6 @@ def test_export_refuses_pred_step(tmp_path, capsys):
     assert main(["export-reference", str(tmp_path / "ours"), str(tmp_path / "x.ckpt")]) == 2
     assert "pred_step" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
-
-
-# --------------------------------------------------------------------------- sharing
 
 
 def test_save_pretrained_from_pretrained_round_trip(imported, tmp_path):
@@ -418,15 +343,19 @@ def test_push_uploads_a_pretrained_directory(imported, tmp_path, monkeypatch, ca
     assert torch.equal(model.output.weight, ebt.load(run).output.weight)
 
 
-def test_push_needs_a_token_in_the_environment(imported, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("token", "hub", "message"),
+    [(None, True, "HF_TOKEN"), ("hf_test_token", False, "pip install huggingface_hub")],
+)
+def test_push_needs_a_token_and_huggingface_hub(
+    imported, tmp_path, monkeypatch, capsys, token, hub, message
+):
     fake_hub(monkeypatch, tmp_path)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    if not hub:
+        monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if absent
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
     assert main(["push", str(imported["ebt_default"]), "someone/x"]) == 2
-    assert "HF_TOKEN" in capsys.readouterr().err
-
-
-def test_push_needs_huggingface_hub(imported, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if absent
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    assert main(["push", str(imported["ebt_default"]), "someone/x"]) == 2
-    assert "pip install huggingface_hub" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -131,23 +131,7 @@ def _summary_table(
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
-def model_card(
-    model: nn.Module,
-    config: Config,
-    tokenizer: Tokenizer | None = None,
-    checkpoint: Path | None = None,
-    name: str = "ebt model",
-    location: str = "THIS_REPO_OR_DIRECTORY",
-) -> str:
-    """A Hugging Face model card (Markdown with YAML front matter) for a model and its run.
-
-    checkpoint: the run's step directory (for trained steps and metrics.jsonl), if any;
-    location: what the loading example passes to from_pretrained (a hub id or a directory).
-    """
-    import ebt
-
-    config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-    return f"""---
+_CARD = """---
 library_name: ebt
 tags:
 - ebt
@@ -158,15 +142,14 @@ pipeline_tag: text-generation
 
 # {name}
 
-{"An Energy-Based Transformer" if config.model.kind == "ebt" else "A Transformer++ baseline"}
-(Gladstone et al. 2025, arXiv:2507.02092) for next-token prediction, saved with ebt
-{ebt.__version__}. An EBT scores (context, candidate) pairs with one energy per position and
-predicts by gradient descent on the candidate ("thinking").
+{what} (Gladstone et al. 2025, arXiv:2507.02092) for next-token prediction, saved with ebt
+{version}. An EBT scores (context, candidate) pairs with one energy per position and predicts by
+gradient descent on the candidate ("thinking").
 
-{_summary_table(model, config, tokenizer, _trained_steps(checkpoint))}
+{summary}
 ## Evaluation (last recorded evaluation of each split)
 
-{_metrics_table(_last_evaluations(checkpoint))}
+{metrics}
 ## How to load
 
 ```python
@@ -182,9 +165,36 @@ A downloaded copy of this directory is also an ebt checkpoint:
 ## Training config
 
 ```json
-{config_json}
+{config}
 ```
 """
+
+
+def model_card(
+    model: nn.Module,
+    config: Config,
+    tokenizer: Tokenizer | None = None,
+    checkpoint: Path | None = None,
+    name: str = "ebt model",
+    location: str = "THIS_REPO_OR_DIRECTORY",
+) -> str:
+    """A Hugging Face model card (Markdown with YAML front matter) for a model and its run.
+
+    checkpoint: the run's step directory (for trained steps and metrics.jsonl), if any;
+    location: what the loading example passes to from_pretrained (a hub id or a directory).
+    """
+    import ebt
+
+    kind = config.model.kind
+    return _CARD.format(
+        name=name,
+        what="An Energy-Based Transformer" if kind == "ebt" else "A Transformer++ baseline",
+        version=ebt.__version__,
+        summary=_summary_table(model, config, tokenizer, _trained_steps(checkpoint)),
+        metrics=_metrics_table(_last_evaluations(checkpoint)),
+        location=location,
+        config=json.dumps(config.to_dict(), indent=2, sort_keys=True),
+    )
 
 
 def _resolve(
@@ -259,7 +269,13 @@ def resolve_pretrained(dir_or_hub_id: str | Path, revision: str | None = None) -
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no directory '{text}' (and it is not a hub id like user/name)")
     hub = _import_hub()
-    local = hub.snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
+    try:
+        local = hub.snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as error:  # offline, unknown repository, no access
+        raise InteropError(
+            f"'{text}' is not a local directory, and downloading it from the Hugging Face Hub "
+            f"failed: {error}"
+        ) from error
     return Path(local)
 
 

@@ -97,6 +97,12 @@ FIXED_FLAGS: tuple[_Fixed, ...] = (
     ),
 )
 _MODEL_NAMES = {"ebt": "ebt", "baseline_transformer": "transformer_pp"}
+_REQUIRED = (
+    "embedding_dim",
+    "num_transformer_blocks",
+    "multiheaded_attention_heads",
+    "context_length",
+)
 _INITS = ("random_noise", "zeros")
 
 
@@ -194,7 +200,12 @@ def config_from_hparams(hparams: dict[str, Any], state_dict: dict[str, torch.Ten
     _check_model(hparams)
     kind = _kind(hparams, state_dict)
     check_supported(hparams, kind)
-    first_ffn = next(v for k, v in state_dict.items() if k.endswith("feed_forward.w1.weight"))
+    missing = [key for key in _REQUIRED if key not in hparams]
+    if missing:
+        raise InteropError(f"the checkpoint's hyper_parameters lack {', '.join(missing)}")
+    ffn = [v for k, v in state_dict.items() if k.endswith("layers.0.feed_forward.w1.weight")]
+    if not ffn:
+        raise InteropError("state_dict holds no transformer.layers.0.feed_forward.w1.weight")
     variant = hparams.get("ebt_type", "default") if kind == "ebt" else "default"
     values = {
         "model": {
@@ -203,7 +214,7 @@ def config_from_hparams(hparams: dict[str, Any], state_dict: dict[str, torch.Ten
             "dim": hparams["embedding_dim"],
             "layers": hparams["num_transformer_blocks"],
             "heads": hparams["multiheaded_attention_heads"],
-            "ffn_dim": int(first_ffn.shape[0]),
+            "ffn_dim": int(ffn[0].shape[0]),
         },
         "data": {"seq_len": hparams["context_length"]},
         "think": _think_from_hparams(hparams),
