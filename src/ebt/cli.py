@@ -85,7 +85,9 @@ def cmd_think(args: argparse.Namespace) -> int:
     dataset = build_token_dataset(data, run.tokenizer, split, source=source)
     batches = iter_eval_batches(dataset, run.config.train.batch_size, args.batches)
     steps, samples = _int_list(args.steps), _int_list(args.samples)
-    result = thinking_curves(run.model, batches, steps, samples, run.tokenizer.pad_id, args.seed)
+    result = thinking_curves(
+        run.model, batches, steps, samples, run.tokenizer.pad_id, args.seed, args.halt_tolerance
+    )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
     result.pop("tokens", None)
@@ -160,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     think.add_argument("--batches", type=int, default=8)
     think.add_argument("--seed", type=int, default=0)
     think.add_argument("--plot", default="", help="write the curves to this PNG")
+    think.add_argument(
+        "--halt-tolerance",
+        type=float,
+        default=None,
+        help="also run adaptive thinking: a token stops when its energy moves less than this",
+    )
     think.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmark training steps or generation")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ebt.adaptive import adaptive_think
 from ebt.models import EnergyTransformer, TransformerPP
 
 
@@ -51,11 +52,22 @@ def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, sample
     return Verdict(chosen.squeeze(1), energies.min(dim=1).values, float(passes))
 
 
-def predict(model: torch.nn.Module, tokens: torch.Tensor, steps: int, samples: int) -> Verdict:
-    """Next-token logits for every position; Transformer++ ignores steps and samples."""
+def predict(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    steps: int,
+    samples: int,
+    tolerance: float | None = None,
+) -> Verdict:
+    """Next-token logits for every position; Transformer++ ignores steps and samples.
+
+    With a tolerance, each token halts on its own (adaptive compute, one sample)."""
     if isinstance(model, TransformerPP):
         with torch.no_grad():
             return Verdict(model(tokens), None, 1.0)
+    if tolerance is not None:
+        result = adaptive_think(model, tokens, steps, tolerance, langevin_noise=None)
+        return Verdict(result.logits, result.energies, result.forward_passes_per_token)
     return best_of_n(model, tokens, steps, samples)
 
 
@@ -97,9 +109,11 @@ def thinking_curves(
     samples_list: list[int],
     pad_id: int = 0,
     seed: int = 0,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Loss / perplexity for every (steps, samples) pair, plus per-token energy and loss of the
-    last pair (for energy-vs-loss plots and uncertainty metrics)."""
+    last pair (for energy-vs-loss plots and uncertainty metrics). With a tolerance, also an
+    adaptive point per steps value (`"adaptive": true`, steps = the per-landscape budget)."""
     batches = list(batches)
     curves, last_tokens = [], {}
     for steps in steps_list:
@@ -107,6 +121,11 @@ def thinking_curves(
             torch.manual_seed(seed)
             point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id)
             curves.append(point)
+    if tolerance is not None and not isinstance(model, TransformerPP):
+        for steps in steps_list:
+            torch.manual_seed(seed)
+            point, _ = _evaluate_point(model, batches, steps, 1, pad_id, tolerance)
+            curves.append(point | {"adaptive": True, "tolerance": tolerance})
     result: dict[str, Any] = {"curves": curves}
     if last_tokens.get("energy") is not None:
         result["uncertainty"] = uncertainty(**last_tokens)
@@ -114,10 +133,10 @@ def thinking_curves(
     return result
 
 
-def _evaluate_point(model, batches, steps: int, samples: int, pad_id: int):
+def _evaluate_point(model, batches, steps: int, samples: int, pad_id: int, tolerance=None):
     losses, energies, wrong, passes = [], [], [], 0.0
     for batch in batches:
-        verdict = predict(model, batch[:, :-1], steps, samples)
+        verdict = predict(model, batch[:, :-1], steps, samples, tolerance)
         losses.append(_token_losses(verdict.logits, batch[:, 1:], pad_id).flatten())
         wrong.append((verdict.logits.argmax(-1) != batch[:, 1:]).flatten())
         if verdict.energies is not None:

@@ -14,19 +14,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Left: loss per thinking steps, one line per best-of-N; right: energy vs token loss."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for samples in sorted({c["samples"] for c in result["curves"]}):
-        points = [c for c in result["curves"] if c["samples"] == samples]
+    fixed = [c for c in result["curves"] if not c.get("adaptive")]
+    adaptive = [c for c in result["curves"] if c.get("adaptive")]
+    if adaptive:
+        left.plot(
+            [c["steps"] for c in adaptive],
+            [c["loss"] for c in adaptive],
+            marker="s",
+            linestyle="--",
+            label=f"adaptive (tol {adaptive[0]['tolerance']:g})",
+        )
+    for samples in sorted({c["samples"] for c in fixed}):
+        points = [c for c in fixed if c["samples"] == samples]
         steps = [c["steps"] for c in points]
         left.plot(steps, [c["loss"] for c in points], marker="o", label=f"best of {samples}")
-        for c in points:
-            left.annotate(
-                f"{c['forward_passes_per_token']:g}",
-                (c["steps"], c["loss"]),
-                textcoords="offset points",
-                xytext=(0, 6),
-                fontsize=7,
-                ha="center",
-            )
+    for c in result["curves"]:
+        label = f"{c['forward_passes_per_token']:.3g}"
+        offset = (0, -12) if c.get("adaptive") else (0, 6)
+        left.annotate(
+            label,
+            (c["steps"], c["loss"]),
+            textcoords="offset points",
+            xytext=offset,
+            fontsize=7,
+            ha="center",
+        )
     left.set_xscale("log", base=2)
     left.set_xlabel("thinking steps per landscape (labels: energy evaluations per token)")
     left.set_ylabel("validation loss (nats / token)")

@@ -1,0 +1,99 @@
+"""Adaptive thinking: every token stops when its energy stops moving, and leaves the batch.
+
+Positions are independent (a candidate reads only the context and itself), so the unconverged
+candidates are gathered into a smaller batch for the next step: real compute saved, not a mask.
+A token halts at step k when |E_k - E_{k-1}| < tolerance (E_k: energy of the state step k starts
+from) or when the gradient norm of its step falls under `grad_tolerance`; its answer is then the
+state it had reached. `max_steps` per landscape is the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ebt.models import EnergyTransformer
+from ebt.thinking import StepOptions, step_schedule, take_step
+
+
+@dataclass
+class AdaptiveResult:
+    logits: torch.Tensor  # (B, S, V) final raw candidates
+    energies: torch.Tensor  # (B, S) last energy each token saw
+    steps: torch.Tensor  # (B, S) steps each token took
+    forward_passes_per_token: float  # mean energy evaluations per token
+
+
+def _caches(model: EnergyTransformer, tokens: torch.Tensor, schedule: list[int]) -> dict:
+    landscapes = sorted(set(schedule)) if model.context_depends_on_landscape else [0]
+    with torch.no_grad():
+        return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
+
+
+def _slice(cache, index: int):
+    keys = [k[index : index + 1] for k in cache.keys]
+    values = [v[index : index + 1] for v in cache.values]
+    condition = None if cache.condition is None else cache.condition[index : index + 1]
+    return dataclasses.replace(cache, keys=keys, values=values, condition=condition)
+
+
+def _think_row(model, caches, state, schedule, options, tolerance, grad_tolerance):
+    """One sequence: state (1, S, V); returns (state, last energies (S,), steps (S,),
+    energy evaluations (S,))."""
+    length = state.shape[1]
+    active = torch.arange(length, device=state.device)  # positions still thinking
+    previous = torch.full((length,), float("inf"), device=state.device)
+    last_energy = torch.zeros(length, device=state.device)
+    steps = torch.zeros(length, dtype=torch.long, device=state.device)
+    evaluations = torch.zeros(length, device=state.device)
+    for landscape in schedule:
+        if not len(active):
+            break
+        cache = caches[landscape if model.context_depends_on_landscape else 0]
+        cache = dataclasses.replace(cache, landscape=landscape)
+        current = state[:, active].detach().requires_grad_()  # (1, R, V)
+        with torch.enable_grad():
+            new, energies = take_step(model, cache, current, options, False, active)
+        energies = energies[0]  # (R,)
+        evaluations[active] += 1
+        stalled = (previous[active] - energies).abs() < tolerance
+        moved = new.detach() - current.softmax(-1).detach()
+        flat = (moved.norm(dim=-1)[0] / options.step_size.clamp(min=1e-12)) < grad_tolerance
+        go = ~stalled
+        state[:, active[go]] = new.detach()[:, go]
+        last_energy[active], previous[active] = energies, energies
+        steps[active[go]] += 1
+        active = active[go & ~flat]
+    return state, last_energy, steps, evaluations
+
+
+@torch.no_grad()
+def adaptive_think(
+    model: EnergyTransformer,
+    tokens: torch.Tensor,
+    max_steps: int,
+    tolerance: float = 0.0,
+    grad_tolerance: float = 0.0,
+    init: torch.Tensor | None = None,
+    langevin_noise: float | None = 0.0,
+) -> AdaptiveResult:
+    """Think at most `max_steps` per landscape, each token stopping on its own."""
+    batch, length = tokens.shape
+    shape = (batch, length, model.vocab_size)
+    state = init.clone() if init is not None else torch.randn(shape, device=tokens.device)
+    schedule = step_schedule(model.args.landscapes, max_steps)
+    caches = _caches(model, tokens, schedule)
+    noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
+    options = StepOptions(step_size=model.resolve_step_size(None), langevin_std=noise)
+    energies = torch.zeros(batch, length, device=tokens.device)
+    steps = torch.zeros(batch, length, dtype=torch.long, device=tokens.device)
+    evaluations = torch.zeros(batch, length, device=tokens.device)
+    for row in range(batch):
+        row_caches = {landscape: _slice(c, row) for landscape, c in caches.items()}
+        result = _think_row(
+            model, row_caches, state[row : row + 1], schedule, options, tolerance, grad_tolerance
+        )
+        state[row : row + 1], energies[row], steps[row], evaluations[row] = result
+    return AdaptiveResult(state, energies, steps, float(evaluations.mean()))
