@@ -20,7 +20,8 @@ entry alike); the median is reported, and each ratio also as the median over rou
 per-round ratio (`ms_per_step_paired`, the more robust one on a busy machine). `--threads N`
 pins torch's intra-op threads (default: torch's own choice). Peak memory is the peak resident
 set (VmHWM, torch and the imported modules included) of a separate child process per entry
-that takes two steps.
+that takes two steps; `process_baseline_peak_mem_mb` is the same for a child that builds no
+model (subtract it to compare the models' own memory).
 
 The paper's modules import pytorch_lightning, torchmetrics, torchvision, diffusers and
 transformers at module level; none of them is used on this path, so any that is not installed
@@ -285,6 +286,16 @@ BUILDERS: dict[str, Callable[[str], Any]] = {
     ),
     "ours_transformer_pp": lambda path: _our_stepper("transformer_pp"),
 }
+
+
+class _Idle:
+    """No model at all: the child's peak RSS from Python, torch and the imported modules."""
+
+    def step(self) -> float:
+        return 0.0
+
+
+MEMORY_ONLY: dict[str, Callable[[str], Any]] = {"process_baseline": lambda path: _Idle()}
 RATIOS = {
     "ebt_time_embed": ("ours_ebt_time_embed", "reference_ebt_time_embed"),
     "ebt_pred_step_vs_reference_time_embed": ("ours_ebt_pred_step", "reference_ebt_time_embed"),
@@ -307,7 +318,7 @@ def time_interleaved(path: str, repeats: int, warmup: int) -> dict[str, list[flo
 def _peak_child(name: str, path: str, queue: Any) -> None:
     _reset_peak_rss()
     import_reference(path)  # every child holds the same imported modules
-    stepper = BUILDERS[name](path)
+    stepper = (BUILDERS | MEMORY_ONLY)[name](path)
     for _ in range(2):
         stepper.step()
     queue.put(_peak_rss_mb())
@@ -341,7 +352,12 @@ def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
         }
         paired = [mine / theirs for mine, theirs in zip(times[ours], times[ref], strict=True)]
         ratios[label]["ms_per_step_paired"] = round(statistics.median(paired), 3)
-    return {"entries": entries, "ratios_ours_over_reference": ratios}
+    baseline = round(peak_memory_mb("process_baseline", path), 1)
+    return {
+        "entries": entries,
+        "process_baseline_peak_mem_mb": baseline,
+        "ratios_ours_over_reference": ratios,
+    }
 
 
 def main() -> None:
