@@ -76,7 +76,7 @@ def test_ebt_curves_report_compute_and_uncertainty():
         (2, 2),
     ]
     passes = [p["forward_passes_per_token"] for p in result["curves"]]
-    assert passes == [3.0, 6.0, 5.0, 10.0]
+    assert passes == [2.0, 6.0, 4.0, 10.0]
     assert 0.0 <= result["uncertainty"]["energy_auroc_wrong"] <= 1.0
 
 

@@ -48,7 +48,10 @@ def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, sample
     chosen = final.view(batch, samples, length, -1).gather(
         1, best[:, None, :, None].expand(-1, 1, -1, final.shape[-1])
     )  # (B, 1, S, V)
-    passes = len(trajectory.states) * samples + samples  # energy evaluations per token
+    # Energy evaluations per token: every thinking step of every sample, plus the final-energy
+    # evaluation that verification needs to choose among samples (with one sample that
+    # evaluation only reports the energy, so it is not counted as compute spent on the answer).
+    passes = len(trajectory.states) * samples + (samples if samples > 1 else 0)
     return Verdict(chosen.squeeze(1), energies.min(dim=1).values, float(passes))
 
 
