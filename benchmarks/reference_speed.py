@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper
+from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper, interleaved_times
 from ebt.config import Config, finalize
 
 ENV_VAR = "EBT_REFERENCE_DIR"
@@ -306,13 +306,7 @@ RATIOS = {
 def time_interleaved(path: str, repeats: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per step of every entry, one step of each in turn, warm-up steps dropped."""
     steppers = {name: build(path) for name, build in BUILDERS.items()}
-    times: dict[str, list[float]] = {name: [] for name in steppers}
-    for index in range(warmup + repeats):
-        for name, stepper in steppers.items():
-            elapsed = stepper.step()
-            if index >= warmup:
-                times[name].append(elapsed)
-    return times
+    return interleaved_times(steppers, repeats, warmup)
 
 
 def _peak_child(name: str, path: str, queue: Any) -> None:

@@ -24,3 +24,12 @@ def vectors_dir() -> Path:
     if not VECTORS.is_dir():
         pytest.skip(f"parity vectors not found at {VECTORS} (set EBT_VECTORS)")
     return VECTORS
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run far faster than with OpenMP spinning on 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

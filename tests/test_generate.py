@@ -13,12 +13,7 @@ CASES = [("ebt", v) for v in ("time_embed", "adaln", "default", "pred_step")]
 CASES.append(("transformer_pp", "time_embed"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind: str, variant: str, window: int = 16) -> torch.nn.Module:

@@ -10,13 +10,7 @@ from ebt.config import load_config
 from ebt.inference import auroc, best_of_n, thinking_curves
 from ebt.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind: str = "ebt", variant: str = "time_embed") -> torch.nn.Module:

@@ -19,13 +19,7 @@ from ebt.thinking import StepOptions, ThinkingError, step_schedule, take_step, t
 VOCAB, BATCH, LENGTH = 257, 2, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models run far faster than with OpenMP spinning on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(variant: str = "pred_step", **think: object) -> EnergyTransformer:

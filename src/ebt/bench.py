@@ -57,6 +57,17 @@ class _Stepper:
         return time.perf_counter() - start
 
 
+def interleaved_times(steppers: dict[str, Any], repeats: int, warmup: int) -> dict[str, list]:
+    """Seconds per `step()` of every stepper, one step of each in turn, warm-up dropped."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for index in range(warmup + repeats):
+        for name, stepper in steppers.items():
+            elapsed = stepper.step()
+            if index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
 def baseline_config(config: Config) -> Config:
     baseline = copy.deepcopy(config)
     baseline.model.kind = "transformer_pp"
@@ -110,12 +121,7 @@ def bench_train(
     vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
     configs = {"": config} | ({"baseline_": baseline_config(config)} if vs_baseline else {})
     steppers = {prefix: _Stepper(cfg, vocab_size, device) for prefix, cfg in configs.items()}
-    times: dict[str, list[float]] = {prefix: [] for prefix in steppers}
-    for index in range(warmup + repeats):
-        for prefix, stepper in steppers.items():
-            elapsed = stepper.step()
-            if index >= warmup:
-                times[prefix].append(elapsed)
+    times = interleaved_times(steppers, repeats, warmup)
     del steppers
     result: dict[str, Any] = {
         "device": str(device),
