@@ -24,11 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_train import SYSTEM2, TINY, training_rows, write_corpus
 
+import ebt.thinking
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.config import Config, load_config
 from ebt.distributed import setup, sync_replicated_grads, wrap_objective
 from ebt.models import build_model
 from ebt.objective import Objective, backward
+from ebt.thinking import recomputed_step
 from ebt.tracking import read_metrics
 from ebt.train import train
 
@@ -91,11 +93,11 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _gradient_worker(rank: int, out: Path, parallel: str, backend: str) -> None:
+def _gradient_worker(rank: int, out: Path, backend: str, parallels: tuple[str, ...]) -> None:
     torch.set_default_dtype(torch.float64)
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     context = setup(device)
-    for name in CASES:
+    for parallel, name in [(parallel, name) for parallel in parallels for name in CASES]:
         objective = fresh_objective(case_config(name), device)
         wrapped = wrap_objective(objective, context, parallel)
         torch.manual_seed(100 + rank)  # the reference replays these per-rank streams
@@ -132,36 +134,66 @@ def max_relative_difference(got: dict, expected: dict) -> float:
     )
 
 
-def check_gradients(tmp_path: Path, parallel: str, backend: str = "gloo") -> None:
-    spawn(_gradient_worker, tmp_path, parallel, backend, backend=backend)
-    torch.set_default_dtype(torch.float64)  # conftest restores float32 for the next test
-    for name in CASES:
-        got = torch.load(tmp_path / f"{parallel}-{name}.pt", weights_only=True)
-        difference = max_relative_difference(got, reference_gradients(name))
-        print(f"{parallel} {name}: max relative gradient difference {difference:.2e}")
-        assert got["energy_head.weight"].dtype == torch.float64
-        assert difference < 1e-10, (parallel, name, difference)
+def check_gradients(folder: Path, parallel: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name in CASES:
+            got = torch.load(folder / f"{parallel}-{name}.pt", weights_only=True)
+            difference = max_relative_difference(got, reference_gradients(name))
+            print(f"{parallel} {name}: max relative gradient difference {difference:.2e}")
+            assert got["energy_head.weight"].dtype == torch.float64
+            assert difference < 1e-10, (parallel, name, difference)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def gradient_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process spawn computes the DDP and the FSDP2 gradients of every case."""
+    folder = tmp_path_factory.mktemp("gradients")
+    spawn(_gradient_worker, folder, "gloo", ("ddp", "fsdp"))
+    return folder
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_data_parallel_gradients_equal_one_process(tmp_path, parallel):
+def test_data_parallel_gradients_equal_one_process(gradient_folder, parallel):
     """S1 and S2 second-order gradients of 2 ranks == one process on the same global batch."""
-    check_gradients(tmp_path, parallel)
+    check_gradients(gradient_folder, parallel)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA devices")
 def test_fsdp_gradients_equal_one_process_on_gpu(tmp_path):
-    check_gradients(tmp_path, "fsdp", backend="nccl")
+    """The same FSDP2 check with NCCL on 2 GPUs (never run here: no GPU on the dev machine)."""
+    spawn(_gradient_worker, tmp_path, "nccl", ("fsdp",), backend="nccl")
+    check_gradients(tmp_path, "fsdp")
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    """Non-reentrant recomputation of prediction-stream blocks is exact under double backward."""
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
+    """Non-reentrant recomputation of thinking steps is exact under double backward, Langevin
+    noise and random step sizes included (the recomputation replays the RNG draws)."""
+    recomputed = []
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        recomputed.append(1)
+        return recomputed_step(*args, **kwargs)
+
+    monkeypatch.setattr(ebt.thinking, "recomputed_step", counting_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine can be 10x slower
+    try:
+        compare_recomputed_gradients()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(recomputed) >= len(CASES)  # every recipe took at least one recomputed step
+
+
+def compare_recomputed_gradients() -> None:
     for name in CASES:
         grads = []
         for recompute in (False, True):
             objective = fresh_objective(case_config(name))
-            objective.model.activation_checkpointing = recompute
+            objective.activation_checkpointing = recompute
             torch.manual_seed(100)
             backward(objective(global_batch()).loss, objective.model)
             grads.append(
@@ -219,27 +251,36 @@ def run_overrides(root: Path, name: str, steps: int, parallel: str) -> list[str]
     )
 
 
-def _resume_worker(rank: int, root: Path, parallel: str) -> None:
+def _resume_worker(rank: int, root: Path) -> None:
     writes = _audit_writes(root) if rank else []
     os.environ["EBT_CACHE_DIR"] = str(root / "cache")
-    for name, steps in (("whole", 4), ("split", 2), ("split", 4)):
-        train(load_config(TINY, run_overrides(root, name, steps, parallel)))
+    for parallel in ("ddp", "fsdp"):
+        for name, steps in (("whole", 4), ("split", 2), ("split", 4)):
+            train(load_config(TINY, run_overrides(root, f"{parallel}-{name}", steps, parallel)))
     assert not writes, f"rank {rank} wrote files: {writes}"
 
 
+@pytest.fixture(scope="module")
+def resume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process spawn trains whole and split (resumed) runs with DDP and with FSDP2."""
+    root = tmp_path_factory.mktemp("resume")
+    write_corpus(root / "corpus.txt")
+    spawn(_resume_worker, root)  # fails if rank 1 wrote any file under root
+    return root
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_run_resumes_exactly_and_only_rank0_writes(tmp_path, parallel):
+def test_two_process_run_resumes_exactly_and_only_rank0_writes(resume_root, parallel):
     """4 steps at once == 2 steps, then resumed to 4 (per-rank RNG streams and replay buffers
     restored): bit-identical weights, identical logs; rank 1 writes nothing, not even caches."""
-    write_corpus(tmp_path / "corpus.txt")
-    spawn(_resume_worker, tmp_path, parallel)
-    whole, _ = load_model_state(tmp_path / "whole")
-    split, _ = load_model_state(tmp_path / "split")
+    whole_dir, split_dir = resume_root / f"{parallel}-whole", resume_root / f"{parallel}-split"
+    whole, _ = load_model_state(whole_dir)
+    split, _ = load_model_state(split_dir)
     assert whole.keys() == split.keys()
     assert all(torch.equal(whole[name], split[name]) for name in whole)
-    assert training_rows(tmp_path / "whole") == training_rows(tmp_path / "split")
-    assert [row["step"] for row in training_rows(tmp_path / "whole")] == [1, 2, 3, 4]
-    ranks = load_train_state(tmp_path / "whole")["extra"]["ranks"]
+    assert training_rows(whole_dir) == training_rows(split_dir)
+    assert [row["step"] for row in training_rows(whole_dir)] == [1, 2, 3, 4]
+    ranks = load_train_state(whole_dir)["extra"]["ranks"]
     assert len(ranks) == WORLD and not torch.equal(
         ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"]
     )

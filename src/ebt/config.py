@@ -119,7 +119,7 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "ebt"
     parallel: str = "ddp"  # ddp | fsdp (FSDP2; used only under torchrun)
-    activation_checkpointing: bool = False  # recompute prediction-stream blocks in backward
+    activation_checkpointing: bool = False  # recompute each second-order thinking step
 
 
 @dataclass

@@ -7,15 +7,18 @@ and one ordinary backward of the full second-order loss:
 - DDP (`train.parallel=ddp`): its gradient hooks fire on the parameters' final accumulation,
   which includes the grad-of-grad terms; tests compare it with one process on the same batch.
 - FSDP2 (`train.parallel=fsdp`): `fully_shard` on every block and on the objective as the root.
-  FSDP's own per-module hooks cannot follow a double backward (they reshard after the inner
-  `autograd.grad` and free storage the outer backward still reads, and they reduce gradients
-  before the second-order terms have accumulated). The blocks are therefore called through
-  methods that FSDP does not hook (`Block.context` / `Block.prediction`), the root pre-forward
-  all-gathers every block, and all gradients are reduce-scattered by FSDP's end-of-backward
-  callback, after every term has accumulated. Memory: parameters are sharded at rest (with
-  gradients and optimizer state); during a step the full parameters are resident, as with
-  ZeRO-2. Scalar parameters (alpha, the Langevin sigma) cannot be sharded: they stay replicated
-  and `sync_replicated_grads` averages their gradients.
+  FSDP's own per-module hooks do not survive the inner `autograd.grad` (checked with torch
+  2.13 on gloo): its end-of-backward callback fires when the inner call ends and reshards in
+  the middle of the forward, the outer backward then reads freed parameter storage ("setStorage
+  ... storage of size 0"), and with resharding switched off the block gradients are never
+  reduce-scattered. The blocks are therefore called through methods that FSDP does not hook
+  (`Block.context` / `Block.prediction`), the root pre-forward all-gathers every block, and all
+  gradients are reduce-scattered by FSDP's end-of-backward callback, after every term has
+  accumulated. Memory: parameters, gradients and optimizer state are sharded at rest; during a
+  step the full parameters (and in backward the full gradients) are resident, so FSDP here
+  saves about what ZeRO-2 saves, not what ZeRO-3 saves. Scalar parameters (alpha, the Langevin
+  sigma) cannot be sharded: they stay replicated and `sync_replicated_grads` averages their
+  gradients.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
         return values
     keys = sorted(values)
-    total = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], device=device))
+    numbers = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    total = all_reduce_sum(numbers)
     return dict(zip(keys, (total / dist.get_world_size()).tolist(), strict=True))
 
 

@@ -65,7 +65,11 @@ def training_step_size(
 
 
 def step_options(
-    model: EnergyTransformer, think_config: ThinkConfig, step_size: torch.Tensor, training: bool
+    model: EnergyTransformer,
+    think_config: ThinkConfig,
+    step_size: torch.Tensor,
+    training: bool,
+    recompute: bool = False,
 ) -> StepOptions:
     noise = think_config.langevin_noise
     langevin = model.langevin_std.clamp(min=1e-6) if noise != 0 else 0.0
@@ -77,6 +81,7 @@ def step_options(
         detach=think_config.detach,
         grad_clamp=think_config.grad_clamp,
         absolute_clamp=think_config.absolute_clamp,
+        recompute=training and recompute,
     )
 
 
@@ -91,6 +96,8 @@ class Objective(nn.Module):
         self.model = model
         self.think_config = think_config
         self.pad_id = pad_id
+        # Recompute each second-order thinking step in backward (train.activation_checkpointing)
+        self.activation_checkpointing = False
 
     def forward(
         self, batch: torch.Tensor, replay_states: torch.Tensor | None = None
@@ -118,7 +125,8 @@ class Objective(nn.Module):
             think_config.random_steps_final_landscape,
             training,
         )
-        options = step_options(model, think_config, step_size, training)
+        recompute = self.activation_checkpointing
+        options = step_options(model, think_config, step_size, training, recompute)
         trajectory = think(model, inputs, init, schedule, options)
         return self._ebt_loss(trajectory, targets)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 class EnergyModel(Protocol):
@@ -42,6 +43,7 @@ class StepOptions:
     detach: bool = True  # cut the graph between steps
     grad_clamp: float = 0.0  # clamp dE/dp to +-grad_clamp / alpha (0 = off)
     absolute_clamp: float = 0.0  # clamp the new state to +-absolute_clamp (0 = off)
+    recompute: bool = False  # activation checkpointing of every step that keeps its graph
 
 
 @dataclass
@@ -129,6 +131,29 @@ def take_step(
     return new_state, energies.detach()
 
 
+def recomputed_step(
+    model: EnergyModel,
+    cache,
+    state: torch.Tensor,
+    options: StepOptions,
+    keep_graph: bool,
+    rows: torch.Tensor | None = None,
+    where: tuple[int, int] = (0, 0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """take_step under non-reentrant activation checkpointing (exact under double backward).
+
+    The whole step is the unit: the prediction-stream forward *and* the graph of its candidate
+    gradient are dropped after the step and recomputed (same RNG draws) in the final backward.
+    Checkpointing single blocks saves next to nothing here, because the create_graph gradient
+    keeps the recomputed activations alive until the final backward anyway.
+    """
+
+    def step(current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return take_step(model, cache, current, options, keep_graph, rows, where)
+
+    return checkpoint(step, state, use_reentrant=False)
+
+
 def think(
     model: EnergyModel,
     tokens: torch.Tensor,
@@ -162,7 +187,8 @@ def think(
                 state = state.detach().requires_grad_()
             keep_graph = options.create_graph and (not options.truncate or index == last)
             where = (index, landscape)
-            state, energies = take_step(model, cache, state, options, keep_graph, rows, where)
+            step = recomputed_step if options.recompute and keep_graph else take_step
+            state, energies = step(model, cache, state, options, keep_graph, rows, where)
             if not options.create_graph:
                 state = state.detach()
             trajectory.states.append(state)

@@ -64,11 +64,10 @@ class Trainer:
             self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
             self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
         self.model = build_model(config, self.tokenizer.vocab_size).to(context.device)
-        if hasattr(self.model, "activation_checkpointing"):
-            self.model.activation_checkpointing = config.train.activation_checkpointing
         if context.enabled:  # per-rank noise: initial candidates, Langevin, step sizes, replay
             torch.manual_seed(config.train.seed + context.rank)
         self.objective = Objective(self.model, config.think, self.tokenizer.pad_id)
+        self.objective.activation_checkpointing = config.train.activation_checkpointing
         self.wrapped = wrap_objective(self.objective, context, config.train.parallel)
         self.optimizer = build_optimizer(self.model, config.train, config.think)
         self.scheduler = build_scheduler(self.optimizer, config.train)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
@@ -89,9 +88,6 @@ class EnergyTransformer(nn.Module):
                 block.modulation[1].reset_parameters()
         self.offset = 2 if args.variant == "time_embed" else 1
         self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
-        # Recompute each prediction-stream block in backward instead of storing its activations
-        # (non-reentrant torch.utils.checkpoint, which supports double backward); a training knob.
-        self.activation_checkpointing = False
 
     @property
     def context_depends_on_landscape(self) -> bool:
@@ -166,14 +162,8 @@ class EnergyTransformer(nn.Module):
         head_dim = self.args.dim // self.args.heads
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
-            if recompute:
-                z = checkpoint(
-                    block.prediction, z, rope, cache.condition, (k, v), mask, use_reentrant=False
-                )
-            else:
-                z = block.prediction(z, rope, cache.condition, (k, v), mask)
+            z = block.prediction(z, rope, cache.condition, (k, v), mask)
         z = self.norm(z)
         if self.final_modulation is not None:
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
