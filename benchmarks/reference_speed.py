@@ -37,7 +37,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper, interleaved_times
+from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper, interleaved_times, run_in_child
 from ebt.config import Config, finalize
 
 ENV_VAR = "EBT_REFERENCE_DIR"
@@ -320,13 +319,7 @@ def _peak_child(name: str, path: str, queue: Any) -> None:
 
 def peak_memory_mb(name: str, path: str) -> float:
     """Peak RSS of a fresh spawned child that builds entry `name` and takes two steps."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_child, args=(name, path, queue))
-    child.start()
-    peak = queue.get()
-    child.join()
-    return peak
+    return run_in_child(_peak_child, name, path)
 
 
 def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:

@@ -104,13 +104,18 @@ def peak_memory_mb(config: Config, vocab_size: int, device: torch.device) -> flo
         for _ in range(2):
             stepper.step()
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return run_in_child(_cpu_peak_rss_child, config, vocab_size)
+
+
+def run_in_child(target: Any, *args: Any) -> Any:
+    """target(*args, queue) in a fresh spawned process; returns what it puts on the queue."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_cpu_peak_rss_child, args=(config, vocab_size, queue))
+    child = context.Process(target=target, args=(*args, queue))
     child.start()
-    peak = queue.get()
+    value = queue.get()
     child.join()
-    return peak
+    return value
 
 
 def bench_train(
