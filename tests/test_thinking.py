@@ -77,7 +77,7 @@ class LinearEnergy:
     def encode_context(self, tokens: torch.Tensor, landscape: int = 0) -> SimpleNamespace:
         return SimpleNamespace(landscape=landscape)
 
-    def energies(self, cache, probabilities: torch.Tensor, rows=None) -> torch.Tensor:
+    def energies(self, cache, probabilities: torch.Tensor, rows=None, landscape=None):
         return (probabilities * self.weight).sum(-1)
 
 
@@ -335,9 +335,9 @@ def _poison_step(monkeypatch: pytest.MonkeyPatch, model: EnergyTransformer, bad:
     """Make the model's energies NaN on its `bad`-th call (0-based)."""
     real, calls = model.energies, []
 
-    def energies(cache, probabilities, rows=None):
+    def energies(cache, probabilities, rows=None, landscape=None):
         calls.append(None)
-        result = real(cache, probabilities, rows)
+        result = real(cache, probabilities, rows, landscape)
         return result * math.nan if len(calls) == bad + 1 else result
 
     monkeypatch.setattr(model, "energies", energies)

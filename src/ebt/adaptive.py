@@ -52,10 +52,11 @@ def _think_row(model, caches, state, schedule, options, tolerance, grad_toleranc
         if not len(active):
             break
         cache = caches[landscape if model.context_depends_on_landscape else 0]
-        cache = dataclasses.replace(cache, landscape=landscape)
         current = state[:, active].detach().requires_grad_()  # (1, R, V)
         with torch.enable_grad():
-            new, energies = take_step(model, cache, current, options, False, active)
+            new, energies = take_step(
+                model, cache, current, options, False, active, landscape=landscape
+            )
         energies = energies[0]  # (R,)
         evaluations[active] += 1
         stalled = (previous[active] - energies).abs() < tolerance

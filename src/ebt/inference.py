@@ -31,8 +31,7 @@ class Verdict:
 @torch.no_grad()
 def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: int):
     cache = model.encode_context(tokens, landscape if model.context_depends_on_landscape else 0)
-    cache.landscape = landscape
-    return model.energies(cache, states.softmax(-1), rows)  # (B, N * S)
+    return model.energies(cache, states.softmax(-1), rows, landscape)  # (B, N * S)
 
 
 def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, samples: int) -> Verdict:

@@ -11,7 +11,6 @@ once per landscape and reused by every step on that landscape.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,7 +24,7 @@ class EnergyModel(Protocol):
 
     def encode_context(self, tokens: torch.Tensor, landscape: int = 0): ...
 
-    def energies(self, cache, probabilities: torch.Tensor, rows=None) -> torch.Tensor: ...
+    def energies(self, cache, probabilities: torch.Tensor, rows=None, landscape=None): ...
 
 
 class ThinkingError(FloatingPointError):
@@ -111,15 +110,18 @@ def take_step(
     keep_graph: bool,
     rows: torch.Tensor | None = None,
     where: tuple[int, int] = (0, 0),
+    landscape: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step from raw state (B, R, V): returns (new raw state, energies (B, R)).
 
     `where` = (step index, landscape) names the step in the error raised on a NaN/Inf gradient.
+    `landscape` conditions the candidates (default: the cache's own landscape); a cache whose
+    context does not depend on the landscape serves every landscape this way.
     """
     if float(options.langevin_std) > 0:
         state = state + torch.randn_like(state.detach()) * options.langevin_std
     probabilities = state.softmax(dim=-1)  # (B, R, V)
-    energies = model.energies(cache, probabilities, rows)  # (B, R)
+    energies = model.energies(cache, probabilities, rows, landscape)  # (B, R)
     (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
     _check_finite(gradient, *where)
     if options.grad_clamp:
@@ -131,16 +133,9 @@ def take_step(
     return new_state, energies.detach()
 
 
-def recomputed_step(
-    model: EnergyModel,
-    cache,
-    state: torch.Tensor,
-    options: StepOptions,
-    keep_graph: bool,
-    rows: torch.Tensor | None = None,
-    where: tuple[int, int] = (0, 0),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """take_step under non-reentrant activation checkpointing (exact under double backward).
+def recomputed_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """take_step (same arguments) under non-reentrant activation checkpointing (exact under
+    double backward).
 
     The whole step is the unit: the prediction-stream forward *and* the graph of its candidate
     gradient are dropped after the step and recomputed (same RNG draws) in the final backward.
@@ -148,10 +143,7 @@ def recomputed_step(
     keeps the recomputed activations alive until the final backward anyway.
     """
 
-    def step(current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return take_step(model, cache, current, options, keep_graph, rows, where)
-
-    return checkpoint(step, state, use_reentrant=False)
+    return checkpoint(take_step, *args, use_reentrant=False, **kwargs)
 
 
 def think(
@@ -181,14 +173,13 @@ def think(
                 cache = caches[landscape if model.context_depends_on_landscape else 0]
             elif stale:
                 cache = _encode(model, tokens, landscape, options.create_graph)
-            elif cache.landscape != landscape:  # same keys/values, new step conditioning
-                cache = dataclasses.replace(cache, landscape=landscape)
             if options.detach or not options.create_graph or not state.requires_grad:
                 state = state.detach().requires_grad_()
             keep_graph = options.create_graph and (not options.truncate or index == last)
             where = (index, landscape)
             step = recomputed_step if options.recompute and keep_graph else take_step
-            state, energies = step(model, cache, state, options, keep_graph, rows, where)
+            args = (model, cache, state, options, keep_graph, rows, where, landscape)
+            state, energies = step(*args)
             if not options.create_graph:
                 state = state.detach()
             trajectory.states.append(state)

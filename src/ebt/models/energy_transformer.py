@@ -150,15 +150,19 @@ class EnergyTransformer(nn.Module):
         cache: ContextCache,
         probabilities: torch.Tensor,
         rows: torch.Tensor | None = None,
+        landscape: int | None = None,
     ) -> torch.Tensor:
         """Energy (B, R) of candidate distributions (B, R, V) against a context cache.
 
         rows[r] is the index of the context token whose successor candidate r predicts
-        (default: 0..R-1, one candidate per context position).
+        (default: 0..R-1, one candidate per context position). landscape conditions the
+        candidates (pred_step); default the cache's. For time_embed / adaln the context itself
+        depends on the landscape, so the cache must have been encoded on it.
         """
         if rows is None:
             rows = torch.arange(probabilities.shape[1], device=probabilities.device)
-        z = self.embed_candidates(probabilities, cache.landscape)  # (B, R, D)
+        landscape = cache.landscape if landscape is None else landscape
+        z = self.embed_candidates(probabilities, landscape)  # (B, R, D)
         head_dim = self.args.dim // self.args.heads
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
