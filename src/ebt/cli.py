@@ -129,10 +129,7 @@ def _add_run_parser(
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_and_eval(sub: Any) -> None:
     train = sub.add_parser("train", help="train (or resume) a run")
     train.add_argument("config", help="TOML config file, e.g. configs/text/tiny.toml")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -144,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, default=0, help="batches (0: train.eval_batches)")
     evaluate.add_argument("--json", action="store_true")
 
+
+def _add_inference(sub: Any) -> None:
     generate = _add_run_parser(sub, "generate", cmd_generate, "generate text from a prompt")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=200)
@@ -170,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     think.add_argument("--json", action="store_true")
 
+
+def _add_tools(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmark training steps or generation")
     bench.add_argument("what", choices=["train", "generate"])
     bench.add_argument("config")
@@ -189,8 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--max-documents", type=int, default=0)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
+
+def build_parser() -> argparse.ArgumentParser:
     from ebt.interop.commands import add_interop_commands
 
+    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_and_eval(sub)
+    _add_inference(sub)
+    _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
     return parser
 
