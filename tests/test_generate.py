@@ -8,6 +8,7 @@ import torch
 from ebt.config import load_config
 from ebt.generate import Sampling, generate_ids, sample
 from ebt.models import build_model
+from ebt.nn.kv_cache import KeyValueBuffer
 
 CASES = [("ebt", v) for v in ("time_embed", "adaln", "default", "pred_step")]
 CASES.append(("transformer_pp", "time_embed"))
@@ -59,3 +60,48 @@ def test_sampling_greedy_top_k_top_p():
     assert picks <= {1, 3}
     nucleus = {sample(logits, Sampling(temperature=1.0, top_p=0.5), generator) for _ in range(50)}
     assert nucleus <= {1, 3}
+
+
+def test_key_value_buffer_grows_in_place_and_keeps_old_views():
+    """Appends write after the filled positions (growing past capacity); earlier views stay."""
+    keys, values = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    buffer = KeyValueBuffer(keys, values, capacity=4)
+    old_keys, _ = buffer.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    new = torch.randn(1, 2, 5, 4)
+    all_keys, all_values = buffer.append(new, new + 1)  # beyond the capacity: grows
+    assert all_keys.shape == (1, 2, 9, 4) and buffer.length == 9
+    torch.testing.assert_close(all_keys[:, :, :4], old_keys, rtol=0, atol=0)
+    torch.testing.assert_close(all_keys[:, :, :3], keys, rtol=0, atol=0)
+    torch.testing.assert_close(all_values[:, :, 4:], new + 1, rtol=0, atol=0)
+
+
+def test_extending_an_older_cache_forks_instead_of_overwriting():
+    """Two continuations of one prefix each equal encoding their own full sequence."""
+    model = _model("ebt", "time_embed").double()
+    tokens = torch.randint(1, 20, (1, 9))
+    prefix = model.encode_context(tokens[:, :5], 1, capacity=16)
+    first = model.extend_context(prefix, tokens[:, 5:7])
+    second = model.extend_context(prefix, tokens[:, 7:9])  # a fork of the older view
+    for cache, tail in ((first, tokens[:, 5:7]), (second, tokens[:, 7:9])):
+        full = model.encode_context(torch.cat((tokens[:, :5], tail), dim=1), 1)
+        for ours, reference in zip(cache.keys, full.keys, strict=True):
+            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["time_embed", "adaln"])
+def test_stacked_landscape_cache_equals_one_cache_per_landscape(variant):
+    """One pass over a landscape-per-row stack (how generation extends every landscape at
+    once) equals encoding each landscape on its own, keys, values and energies."""
+    model = _model("ebt", variant).double()
+    tokens, tail = torch.randint(1, 20, (1, 7)), torch.randint(1, 20, (1, 3))
+    stacked = model.encode_context(tokens.expand(2, -1), torch.tensor([0, 1]), capacity=8)
+    stacked = model.extend_context(stacked, tail.expand(2, -1))
+    probabilities = torch.randn(1, 10, 20, dtype=torch.float64).softmax(-1)
+    for landscape in (0, 1):
+        ours = stacked.select(slice(landscape, landscape + 1), landscape)
+        alone = model.encode_context(torch.cat((tokens, tail), dim=1), landscape)
+        for mine, reference in zip(ours.keys + ours.values, alone.keys + alone.values, strict=True):
+            torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            model.energies(ours, probabilities), model.energies(alone, probabilities)
+        )

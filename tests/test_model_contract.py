@@ -289,6 +289,38 @@ def test_rows_subset_equals_columns_of_full_computation(variant, rows):
     assert relative_error(subset, full[:, index]) < LOOSE  # float32 internals: shapes round
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows", [None, [4, 0, 2]])
+def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(variant, rows):
+    """Inference's autograd-free (energies, dE/dp) equals autograd through the naive
+    concatenated model, in float64, for all rows or a subset, on a landscape of its own."""
+    model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    with torch.no_grad():  # a non-trivial adaLN modulation (its default init is near identity)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    index = torch.arange(SEQ) if rows is None else torch.tensor(rows)
+    cache = model.encode_context(tokens, 1)
+    energies, gradient = model.energies_and_gradient(cache, probabilities[:, index], index, 1)
+    expected_probabilities = probabilities.clone().requires_grad_()
+    expected = naive_energies(model, tokens, expected_probabilities, 1)  # (B, S)
+    (expected_gradient,) = torch.autograd.grad(expected.sum(), expected_probabilities)
+    assert not energies.requires_grad and not gradient.requires_grad
+    assert relative_error(energies, expected[:, index]) < TIGHT
+    assert relative_error(gradient, expected_gradient[:, index]) < TIGHT_GRAD
+
+
+def test_first_order_gradient_falls_back_to_autograd_in_bf16():
+    """bf16 has no hand-written path: the result is autograd's, bit for bit."""
+    model = make_model("time_embed").to(torch.bfloat16)
+    tokens, probabilities = make_tokens(), make_distributions().to(torch.bfloat16)
+    cache = model.encode_context(tokens, 0)
+    _, gradient = model.energies_and_gradient(cache, probabilities)
+    probabilities.requires_grad_()
+    (expected,) = torch.autograd.grad(model.energies(cache, probabilities).sum(), probabilities)
+    assert gradient.dtype == torch.bfloat16
+    assert torch.equal(gradient, expected)
+
+
 # --- finite differences through one thinking step ---------------------------------------------
 
 PROBED = {  # one scalar entry of each kind of parameter the second-order terms flow through

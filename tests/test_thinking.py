@@ -332,15 +332,26 @@ def test_objective_applies_the_configured_clamps(monkeypatch):
 
 
 def _poison_step(monkeypatch: pytest.MonkeyPatch, model: EnergyTransformer, bad: int) -> None:
-    """Make the model's energies NaN on its `bad`-th call (0-based)."""
-    real, calls = model.energies, []
+    """Make the model's energies (and, at inference, its hand-written first-order gradient)
+    NaN on the `bad`-th energy evaluation (0-based)."""
+    calls = []
 
-    def energies(cache, probabilities, rows=None, landscape=None):
-        calls.append(None)
-        result = real(cache, probabilities, rows, landscape)
-        return result * math.nan if len(calls) == bad + 1 else result
+    def poisoned(real):
+        def evaluate(cache, probabilities, rows=None, landscape=None):
+            calls.append(None)
+            result = real(cache, probabilities, rows, landscape)
+            if len(calls) != bad + 1:
+                return result
+            return (
+                tuple(r * math.nan for r in result)
+                if isinstance(result, tuple)
+                else result * math.nan
+            )
 
-    monkeypatch.setattr(model, "energies", energies)
+        return evaluate
+
+    for name in ("energies", "energies_and_gradient"):
+        monkeypatch.setattr(model, name, poisoned(getattr(model, name)))
 
 
 def test_nan_gradient_raises_thinking_error_naming_the_step(monkeypatch):

@@ -9,7 +9,6 @@ state it had reached. `max_steps` per landscape is the budget.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +31,13 @@ def _caches(model: EnergyTransformer, tokens: torch.Tensor, schedule: list[int])
         return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
 
 
-def _slice(cache, index: int):
-    keys = [k[index : index + 1] for k in cache.keys]
-    values = [v[index : index + 1] for v in cache.values]
-    condition = None if cache.condition is None else cache.condition[index : index + 1]
-    return dataclasses.replace(cache, keys=keys, values=values, condition=condition)
-
-
 def _think_row(model, caches, state, schedule, options, tolerance, grad_tolerance):
     """One sequence: state (1, S, V); returns (state, last energies (S,), steps (S,),
     energy evaluations (S,))."""
     length = state.shape[1]
     active = torch.arange(length, device=state.device)  # positions still thinking
-    previous = torch.full((length,), float("inf"), device=state.device)
-    last_energy = torch.zeros(length, device=state.device)
+    previous = torch.full((length,), float("inf"), dtype=state.dtype, device=state.device)
+    last_energy = torch.zeros(length, dtype=state.dtype, device=state.device)
     steps = torch.zeros(length, dtype=torch.long, device=state.device)
     evaluations = torch.zeros(length, device=state.device)
     for landscape in schedule:
@@ -88,11 +80,12 @@ def adaptive_think(
     caches = _caches(model, tokens, schedule)
     noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
     options = StepOptions(step_size=model.resolve_step_size(None), langevin_std=noise)
-    energies = torch.zeros(batch, length, device=tokens.device)
+    energies = torch.zeros(batch, length, dtype=state.dtype, device=tokens.device)
     steps = torch.zeros(batch, length, dtype=torch.long, device=tokens.device)
     evaluations = torch.zeros(batch, length, device=tokens.device)
     for row in range(batch):
-        row_caches = {landscape: _slice(c, row) for landscape, c in caches.items()}
+        rows = slice(row, row + 1)
+        row_caches = {landscape: c.select(rows, c.landscape) for landscape, c in caches.items()}
         result = _think_row(
             model, row_caches, state[row : row + 1], schedule, options, tolerance, grad_tolerance
         )

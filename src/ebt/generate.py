@@ -57,16 +57,30 @@ class Decoder:
 
     @torch.no_grad()
     def _advance(self, new: list[int], device: torch.device) -> torch.Tensor | None:
-        """Bring the cache up to date with self.ids; returns Transformer++ logits if computed."""
+        """Bring the cache up to date with self.ids; returns Transformer++ logits if computed.
+
+        The EBT's landscapes share one stacked cache (one batch row per landscape), so a new
+        token extends all of them in one context pass.
+        """
         tokens = torch.tensor([new], device=device)  # (1, T)
         if isinstance(self.model, TransformerPP):
-            logits, self.state = self.model.forward_cached(tokens, self.state)
+            capacity = self.window
+            logits, self.state = self.model.forward_cached(tokens, self.state, capacity)
             return logits[:, -1]
+        landscapes = self._landscapes()
+        stacked = tokens.expand(len(landscapes), -1)  # (L, T)
         if self.state is None:
-            self.state = {lv: self.model.encode_context(tokens, lv) for lv in self._landscapes()}
+            capacity = self.window + self.model.offset
+            labels = torch.tensor(landscapes, device=device)  # (L,)
+            self.state = self.model.encode_context(stacked, labels, capacity)
         else:
-            self.state = {lv: self.model.extend_context(c, tokens) for lv, c in self.state.items()}
+            self.state = self.model.extend_context(self.state, stacked)
         return None
+
+    def _caches(self) -> dict:
+        """The stacked cache's rows, one cache per landscape."""
+        landscapes = self._landscapes()
+        return {lv: self.state.select(slice(i, i + 1), lv) for i, lv in enumerate(landscapes)}
 
     def _refresh(self, device: torch.device) -> torch.Tensor | None:
         if self.cached_length + 1 > self.window or self.state is None:  # (re)build the window
@@ -86,7 +100,7 @@ class Decoder:
             return logits
         row = torch.tensor([self.cached_length - 1], device=device)
         init = torch.randn(1, 1, self.model.vocab_size, device=device)
-        trajectory = self.model.think(None, init, steps=steps, rows=row, caches=self.state)
+        trajectory = self.model.think(None, init, steps=steps, rows=row, caches=self._caches())
         return trajectory.states[-1][:, -1]
 
     def _recompute(self, device: torch.device, steps: int | None) -> torch.Tensor:

@@ -121,8 +121,12 @@ def take_step(
     if float(options.langevin_std) > 0:
         state = state + torch.randn_like(state.detach()) * options.langevin_std
     probabilities = state.softmax(dim=-1)  # (B, R, V)
-    energies = model.energies(cache, probabilities, rows, landscape)  # (B, R)
-    (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
+    first_order = getattr(model, "energies_and_gradient", None)
+    if keep_graph or first_order is None:
+        energies = model.energies(cache, probabilities, rows, landscape)  # (B, R)
+        (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
+    else:  # the same values; the model may compute them without recording a graph
+        energies, gradient = first_order(cache, probabilities, rows, landscape)
     _check_finite(gradient, *where)
     if options.grad_clamp:
         limit = options.grad_clamp / model.step_size

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ebt.models import candidate_gradient
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
+from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
 from ebt.thinking import StepOptions, Trajectory, step_schedule
 from ebt.thinking import think as run_thinking
@@ -29,12 +31,28 @@ from ebt.thinking import think as run_thinking
 
 @dataclass
 class ContextCache:
-    """Per-layer context keys/values (B, H, Tc, hd) for one landscape, plus its condition."""
+    """Per-layer context keys/values (B, H, Tc, hd) for one landscape, plus its condition.
+
+    buffers (generation only): the in-place storage the keys/values view, which extend_context
+    appends to. A stacked cache (see encode_context) holds several landscapes' rows; `select`
+    views one of them.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     landscape: int
     condition: torch.Tensor | None  # (B, D) for adaln, else None
+    buffers: list[KeyValueBuffer] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: slice, landscape: int) -> ContextCache:
+        """The batch rows `rows` of a stacked cache, as a cache of `landscape`."""
+        condition = None if self.condition is None else self.condition[rows]
+        keys = [k[rows] for k in self.keys]
+        return ContextCache(keys, [v[rows] for v in self.values], landscape, condition)
 
 
 @dataclass
@@ -100,11 +118,20 @@ class EnergyTransformer(nn.Module):
     def _rope(self, positions: torch.Tensor) -> Rope:
         return self.rope(positions, self.token_embedding.weight.dtype)  # (T, hd/2) complex
 
-    def _condition(self, landscape: int, batch: int) -> torch.Tensor:
+    def _condition(self, landscape: int | torch.Tensor, batch: int) -> torch.Tensor:
+        if isinstance(landscape, torch.Tensor):  # one landscape per row (B,)
+            return self.step_embedding(landscape)  # (B, D)
         return self.step_embedding.weight[landscape].unsqueeze(0).expand(batch, -1)  # (B, D)
 
-    def encode_context(self, tokens: torch.Tensor, landscape: int = 0) -> ContextCache:
-        """Run the context stream over tokens (B, S); returns per-layer keys/values."""
+    def encode_context(
+        self, tokens: torch.Tensor, landscape: int | torch.Tensor = 0, capacity: int = 0
+    ) -> ContextCache:
+        """Run the context stream over tokens (B, S); returns per-layer keys/values.
+
+        landscape: one for all rows, or a (B,) tensor with one per row (a stacked cache that
+        encodes several landscapes in one pass; split it with ContextCache.select). capacity > 0
+        keeps the keys/values in KeyValueBuffers of that many positions for extend_context.
+        """
         x = self.token_embedding(tokens)  # (B, S, D)
         batch = tokens.shape[0]
         condition = self._condition(landscape, batch) if self.variant == "adaln" else None
@@ -117,26 +144,36 @@ class EnergyTransformer(nn.Module):
             x, k, v = block.context(x, rope, condition, keys_only=index == len(self.blocks) - 1)
             keys.append(k)
             values.append(v)
-        return ContextCache(keys, values, landscape, condition)
+        label = landscape if isinstance(landscape, int) else -1
+        cache = ContextCache(keys, values, label, condition)
+        if capacity:
+            cache.buffers = [
+                KeyValueBuffer(k, v, capacity) for k, v in zip(keys, values, strict=True)
+            ]
+        return cache
 
+    @torch.no_grad()
     def extend_context(self, cache: ContextCache, tokens: torch.Tensor) -> ContextCache:
-        """Append tokens (B, T) to a context cache: the KV cache of generation.
+        """Append tokens (B, T) to a context cache: the KV cache of generation (no gradients).
 
         Equals encode_context on the concatenated tokens (up to float rounding) and costs a
-        context pass over the new tokens only.
+        context pass over the new tokens only. The keys/values are written in place into the
+        cache's buffers (made on first use; copied if `cache` is not their newest view).
         """
         x = self.token_embedding(tokens)  # (B, T, D)
-        start = cache.keys[0].shape[2]
+        start = cache.length
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         rope = self._rope(positions).unsqueeze(1)  # (T, 1, hd/2)
+        buffers = cache.buffers
+        if buffers is None or buffers[0].length != start:  # none yet, or a fork of an old view
+            buffers = [KeyValueBuffer(k, v) for k, v in zip(cache.keys, cache.values, strict=True)]
         keys, values = [], []
-        for index, block in enumerate(self.blocks):
-            past = (cache.keys[index], cache.values[index])
+        for index, (block, buffer) in enumerate(zip(self.blocks, buffers, strict=True)):
             last = index == len(self.blocks) - 1
-            x, k, v = block.context(x, rope, cache.condition, keys_only=last, past=past)
+            x, k, v = block.context(x, rope, cache.condition, keys_only=last, past=buffer)
             keys.append(k)
             values.append(v)
-        return ContextCache(keys, values, cache.landscape, cache.condition)
+        return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
 
     def embed_candidates(self, probabilities: torch.Tensor, landscape: int) -> torch.Tensor:
         """Candidate distributions (B, R, V) -> prediction-stream inputs (B, R, D)."""
@@ -173,6 +210,31 @@ class EnergyTransformer(nn.Module):
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
             z = modulate(z, shift, scale)
         return self.energy_head(z).squeeze(-1)  # (B, R)
+
+    def energies_and_gradient(
+        self,
+        cache: ContextCache,
+        probabilities: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        landscape: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energies (B, R), dE/dp (B, R, V)) to first order, detached; arguments as energies().
+
+        Hand-written without autograd (see candidate_gradient) for float32/float64 outside
+        autocast with ordinary parameters; otherwise (bf16, sharded FSDP parameters) autograd.
+        """
+        probabilities = probabilities.detach()
+        autocast = torch.is_autocast_enabled(probabilities.device.type)
+        plain = type(self.energy_head.weight) is nn.Parameter  # not an FSDP-sharded DTensor
+        if plain and not autocast and probabilities.dtype in (torch.float32, torch.float64):
+            return candidate_gradient.energies_and_gradient(
+                self, cache, probabilities, rows, landscape
+            )
+        with torch.enable_grad():
+            probabilities.requires_grad_()
+            energies = self.energies(cache, probabilities, rows, landscape)  # (B, R)
+            (gradient,) = torch.autograd.grad(energies.sum(), probabilities)
+        return energies.detach(), gradient
 
     def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
         """None: the trained alpha; 0 < a < 1: a times the trained alpha; a >= 1: a itself."""

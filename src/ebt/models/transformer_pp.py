@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ebt.nn.block import Block
+from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier
 
 
@@ -48,16 +49,18 @@ class TransformerPP(nn.Module):
         return self.forward_cached(tokens)[0]
 
     def forward_cached(
-        self, tokens: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits (B, T, V) for tokens (B, T) that follow `past` (per-layer keys/values, the
-        generation KV cache), and the extended cache."""
+        self, tokens: torch.Tensor, past: list[KeyValueBuffer] | None = None, capacity: int = 0
+    ) -> tuple[torch.Tensor, list[KeyValueBuffer]]:
+        """Logits (B, T, V) for tokens (B, T) that follow `past` (per-layer key/value buffers, the
+        generation KV cache, appended to in place), and the cache. Without past, a new cache
+        with room for `capacity` positions (none when capacity is 0)."""
         x = self.token_embedding(tokens)  # (B, T, D)
-        start = past[0][0].shape[2] if past else 0
+        start = past[0].length if past else 0
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         rope = self.rope(positions, x.dtype).unsqueeze(1)  # (T, 1, hd/2): broadcast over heads
         cache = []
         for index, block in enumerate(self.blocks):
             x, k, v = block.context(x, rope, None, past=past[index] if past else None)
-            cache.append((k, v))
+            if past or capacity:
+                cache.append(past[index] if past else KeyValueBuffer(k, v, capacity))
         return self.output(self.norm(x)), cache  # (B, T, V)

@@ -44,6 +44,37 @@ def prediction_mask(
     return mask.masked_fill(~allowed, float("-inf"))
 
 
+def prediction_weights(
+    rotated_queries: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    context_keys: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Attention weights (B, H, R, Tc + 1) of each candidate row over its allowed context keys
+    and its own key (last column); softmax in float32 at least, as the paper's code does.
+
+    rotated_queries: RoPE'd queries already multiplied by 1/sqrt(hd) (the scale is folded into
+    the rotation table, saving a pass over the scores); queries, keys: the same rows without
+    RoPE or scale, (B, H, R, hd); context_keys: RoPE'd (B, H, Tc, hd); mask: (R, Tc) additive.
+    """
+    scale = queries.shape[-1] ** -0.5
+    context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
+    self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
+    scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
+    return at_least_float32(scores).softmax(dim=-1).type_as(queries)
+
+
+def split_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context weights (B, H, R, Tc), self weight (B, H, R, 1)).
+
+    split (whose backward is one cat) rather than two slices (whose backwards each fill a zero
+    tensor of the full score size): the double backward runs through this every step.
+    """
+    context_weights, self_weight = weights.split((weights.shape[-1] - 1, 1), dim=-1)
+    return context_weights, self_weight
+
+
 def prediction_attention(
     rotated_queries: torch.Tensor,
     queries: torch.Tensor,
@@ -54,18 +85,10 @@ def prediction_attention(
 ) -> torch.Tensor:
     """Each candidate row attends to its allowed context keys and to its own key only.
 
-    rotated_queries: RoPE'd queries already multiplied by 1/sqrt(hd) (the scale is folded into
-    the rotation table, saving a pass over the scores); queries, keys, values: the same rows
-    without RoPE or scale, (B, H, R, hd); context: RoPE'd keys and values (B, H, Tc, hd);
-    mask: (R, Tc) additive. Softmax in float32, as the paper's code does.
+    Arguments as in prediction_weights; values (B, H, R, hd); context: RoPE'd keys and values
+    (B, H, Tc, hd). Returns (B, H, R, hd).
     """
     context_keys, context_values = context
-    scale = queries.shape[-1] ** -0.5
-    context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
-    self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
-    scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
-    weights = at_least_float32(scores).softmax(dim=-1).type_as(queries)
-    # split (whose backward is one cat) rather than two slices (whose backwards each fill a
-    # zero tensor of the full score size): the double backward runs through this every step.
-    context_weights, self_weight = weights.split((weights.shape[-1] - 1, 1), dim=-1)
+    weights = prediction_weights(rotated_queries, queries, keys, context_keys, mask)
+    context_weights, self_weight = split_weights(weights)
     return context_weights @ context_values + self_weight * values  # (B, H, R, hd)

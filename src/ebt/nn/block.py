@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ebt.nn.attention import causal_attention, prediction_attention
+from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, SwiGLU, apply_rope, modulate
 
 Rope = torch.Tensor  # complex rotations (T, hd/2)
@@ -71,20 +72,23 @@ class Block(nn.Module):
         rope: Rope,
         condition: torch.Tensor | None,
         keys_only: bool = False,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | KeyValueBuffer | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Causal self-attention over real tokens x (B, T, D); returns (out, keys, values).
 
         With keys_only the block stops after computing its keys/values (the energy head never
         reads the context stream's last output, so the last block needs nothing more). With
-        past (keys, values (B, H, P, hd) of earlier tokens), x holds the next T tokens, which
-        attend to the past and causally to each other; the returned keys/values cover P + T.
+        past (keys, values (B, H, P, hd) of earlier tokens, or a KeyValueBuffer holding them, which
+        is then appended to in place), x holds the next T tokens, which attend to the past and
+        causally to each other; the returned keys/values cover P + T.
         """
         mod = self._modulation(condition)
         normed = self._attention_input(x, mod)
         k, v = self.attention.project(normed, "kv")  # (B, T, H, hd) each
         k, v = apply_rope(k, rope).transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if past is not None:
+        if isinstance(past, KeyValueBuffer):
+            k, v = past.append(k, v)  # (B, H, P + T, hd) each
+        elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         if keys_only:
             return None, k, v

@@ -1,0 +1,183 @@
+"""Energies and their gradient with respect to the candidates, without autograd (inference).
+
+Thinking at inference needs dE/dp to first order only. Recording the prediction stream for
+autograd costs about three times the kernels the arithmetic needs (views, transposes, saved
+tensors, engine bookkeeping), and with one position optimised per generated token those small
+kernels, not the matmuls, are the time. Here the forward and its vector-Jacobian product are
+written out by hand: the same arithmetic as autograd's, in fewer kernels. Training steps that
+keep second-order terms always use autograd; tests check this path against it in float64 for
+every variant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ebt.nn.attention import prediction_mask, prediction_weights, split_weights
+from ebt.nn.block import Block
+from ebt.nn.layers import apply_rope
+
+if TYPE_CHECKING:
+    from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+
+Saved = tuple[torch.Tensor, ...]
+
+# Row tensors are (N, D) with N = B * R (batch rows times candidates): 2-D matmuls dispatch to
+# one kernel each, where a 3-D nn.Linear call goes through several.
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return torch.mm(x, layer.weight.t())  # (N, out)
+
+
+def _linear_backward(grad: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return torch.mm(grad, layer.weight)  # (N, in)
+
+
+def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]:
+    """RMSNorm of rows x (N, D); saves (normalised x, 1/rms (N, 1))."""
+    inverse = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(norm.eps))  # (N, 1)
+    normalised = x * inverse  # (N, D)
+    return normalised * norm.weight, (normalised, inverse)
+
+
+def _rms_backward(grad: torch.Tensor, norm: nn.Module, saved: Saved) -> torch.Tensor:
+    normalised, inverse = saved
+    grad = grad * norm.weight  # (N, D)
+    return inverse * (grad - normalised * (grad * normalised).mean(-1, keepdim=True))
+
+
+def _modulated(x: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
+    return x if mod is None else torch.addcmul(mod[index], x, 1 + mod[index + 1])
+
+
+def _unmodulated(grad: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
+    return grad if mod is None else grad * (1 + mod[index + 1])
+
+
+def _gated(x: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
+    return x if mod is None else mod[index] * x
+
+
+def _heads(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return x.view(shape).transpose(1, 2)  # (N, D) -> (B, H, R, hd)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(0, 1).flatten(1)  # (B, H, R, hd) -> (N, D)
+
+
+def _attention_forward(block: Block, x, rope, context, mask, shape) -> tuple[torch.Tensor, Saved]:
+    """Prediction attention of candidate rows x (N, D) as Block.prediction computes it;
+    shape = (B, R, H, hd)."""
+    attention = block.attention
+    q, k, v = (_linear(x, getattr(attention, f"w{name}")) for name in "qkv")  # (N, D) each
+    rotated = apply_rope(q.view(shape), rope).transpose(1, 2)  # (B, H, R, hd), scaled
+    heads = (_heads(q, shape), _heads(k, shape), _heads(v, shape))  # (B, H, R, hd) each
+    weights = prediction_weights(rotated, heads[0], heads[1], context[0], mask)  # (B,H,R,Tc+1)
+    context_weights, self_weight = split_weights(weights)
+    attended = torch.addcmul(context_weights @ context[1], self_weight, heads[2])  # (B,H,R,hd)
+    return _linear(_rows(attended), attention.wo), (*heads, weights)
+
+
+def _attention_backward(block: Block, grad, saved: Saved, rope, context, shape) -> torch.Tensor:
+    """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
+    attention = block.attention
+    q, k, v, weights = saved  # (B, H, R, hd) x 3, (B, H, R, Tc + 1)
+    scale = q.shape[-1] ** -0.5
+    grad = _heads(_linear_backward(grad, attention.wo), shape)  # (B, H, R, hd)
+    context_weights, self_weight = split_weights(weights)
+    grad_weights = torch.cat(
+        (grad @ context[1].transpose(-1, -2), (grad * v).sum(-1, keepdim=True)), dim=-1
+    )  # (B, H, R, Tc + 1)
+    grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True))
+    grad_context_scores, grad_self = split_weights(grad_scores)
+    grad_rotated = (grad_context_scores @ context[0]).transpose(1, 2)  # (B, R, H, hd)
+    grad_self = grad_self * scale  # (B, H, R, 1)
+    grad_q = torch.addcmul(apply_rope(grad_rotated, rope.conj()).transpose(1, 2), grad_self, k)
+    total = _linear_backward(_rows(grad_q), attention.wq)  # (N, D)
+    total = total + _linear_backward(_rows(grad_self * q), attention.wk)
+    return total + _linear_backward(_rows(self_weight * grad), attention.wv)
+
+
+def _feed_forward(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, Saved]:
+    ffn = block.feed_forward
+    gate, up = _linear(x, ffn.w1), _linear(x, ffn.w3)  # (N, F) each
+    sigmoid = torch.sigmoid(gate)
+    silu = gate * sigmoid
+    return _linear(silu * up, ffn.w2), (gate, up, sigmoid, silu)
+
+
+def _feed_forward_backward(block: Block, grad: torch.Tensor, saved: Saved) -> torch.Tensor:
+    ffn = block.feed_forward
+    gate, up, sigmoid, silu = saved
+    grad = _linear_backward(grad, ffn.w2)  # (N, F)
+    grad_gate = grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+    return _linear_backward(grad_gate, ffn.w1) + _linear_backward(grad * silu, ffn.w3)  # (N, D)
+
+
+def _block_forward(block, z, rope, mod, context, mask, shape) -> tuple[torch.Tensor, Saved]:
+    """Block.prediction on candidate rows z (N, D), keeping what the backward needs."""
+    normed, attention_norm = _rms_forward(z, block.attention_norm)
+    attention_input = _modulated(normed, mod, 0)
+    attended, attention = _attention_forward(block, attention_input, rope, context, mask, shape)
+    h = z + _gated(attended, mod, 2)  # (N, D)
+    normed, ffn_norm = _rms_forward(h, block.ffn_norm)
+    out, ffn = _feed_forward(block, _modulated(normed, mod, 3))
+    return h + _gated(out, mod, 5), (attention_norm, attention, ffn_norm, ffn)
+
+
+def _block_backward(block, grad, saved, rope, mod, context, shape) -> torch.Tensor:
+    attention_norm, attention, ffn_norm, ffn = saved
+    inner = _feed_forward_backward(block, _gated(grad, mod, 5), ffn)
+    grad = grad + _rms_backward(_unmodulated(inner, mod, 3), block.ffn_norm, ffn_norm)
+    inner = _attention_backward(block, _gated(grad, mod, 2), attention, rope, context, shape)
+    return grad + _rms_backward(_unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
+
+
+def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) -> tuple | None:
+    """A block's six adaLN vectors, repeated for each of a batch row's candidates: 6 x (N, D)."""
+    if block.modulation is None:
+        return None
+    return block.modulation(condition).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
+
+
+@torch.no_grad()
+def energies_and_gradient(
+    model: EnergyTransformer,
+    cache: ContextCache,
+    probabilities: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    landscape: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(energies (B, R), dE/dp (B, R, V)) of candidates p (B, R, V); arguments as energies()."""
+    if rows is None:
+        rows = torch.arange(probabilities.shape[1], device=probabilities.device)
+    landscape = cache.landscape if landscape is None else landscape
+    batch, count, _ = probabilities.shape
+    shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
+    z = model.embed_candidates(probabilities, landscape).flatten(0, 1)  # (N, D)
+    rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
+    mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
+    layers = list(zip(model.blocks, cache.keys, cache.values, strict=True))
+    mods = [_row_modulation(block, cache.condition, count) for block in model.blocks]
+    saved = []
+    for (block, *context), mod in zip(layers, mods, strict=True):
+        z, kept = _block_forward(block, z, rope, mod, context, mask, shape)
+        saved.append(kept)
+    z, final_norm = _rms_forward(z, model.norm)
+    grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
+    if model.final_modulation is not None:
+        shift, scale = model.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
+        shift, scale = shift.repeat_interleave(count, 0), scale.repeat_interleave(count, 0)
+        z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
+        grad = grad * (1 + scale)
+    energies = _linear(z, model.energy_head).view(batch, count)  # (B, R)
+    grad = _rms_backward(grad, model.norm, final_norm)
+    for (block, *context), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
+        grad = _block_backward(block, grad, kept, rope, mod, context, shape)
+    gradient = _linear_backward(grad, model.candidate_projection)  # (N, V)
+    return energies, gradient.view(batch, count, -1)  # (B, R, V)
