@@ -51,6 +51,19 @@ def test_extend_context_equals_encoding_the_whole_prefix():
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["time_embed", "adaln", "pred_step"])
+def test_one_token_extensions_equal_encoding_the_whole_prefix(variant):
+    """Generation's one-token path (hand-written, in place) equals encoding the prefix."""
+    model = _model("ebt", variant).double()
+    tokens = torch.randint(1, 20, (2, 9))
+    cache = model.encode_context(tokens[:, :3], 1, capacity=6)  # grows past its capacity
+    for position in range(3, 9):
+        cache = model.extend_context(cache, tokens[:, position : position + 1])
+    full = model.encode_context(tokens, 1)
+    for ours, reference in zip(cache.keys + cache.values, full.keys + full.values, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_sampling_greedy_top_k_top_p():
     """Temperature 0 is argmax; top-k / top-p never pick outside the allowed set."""
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])

@@ -18,7 +18,7 @@ from torch import nn
 
 from ebt.nn.attention import prediction_mask, prediction_weights, split_weights
 from ebt.nn.block import Block
-from ebt.nn.layers import apply_rope
+from ebt.nn.layers import apply_rope, at_least_float32
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -136,6 +136,40 @@ def _block_backward(block, grad, saved, rope, mod, context, shape) -> torch.Tens
     grad = grad + _rms_backward(_unmodulated(inner, mod, 3), block.ffn_norm, ffn_norm)
     inner = _attention_backward(block, _gated(grad, mod, 2), attention, rope, context, shape)
     return grad + _rms_backward(_unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
+
+
+def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | None:
+    """Block.context for one new token per row x (B, D), appending its keys/values to the
+    layer's buffer; ropes = (plain, scaled by 1/sqrt(hd)) rotations (1, 1, hd/2)."""
+    attention = block.attention
+    normed, _ = _rms_forward(x, block.attention_norm)
+    attention_input = _modulated(normed, mod, 0)
+    k = apply_rope(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B,1,H,hd)
+    v = _linear(attention_input, attention.wv).view(shape)  # (B, 1, H, hd)
+    keys, values = buffer.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H, P + 1, hd)
+    if last:  # the energy head never reads the context stream's last output
+        return None
+    q = apply_rope(_linear(attention_input, attention.wq).view(shape), ropes[1])
+    scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1)
+    weights = at_least_float32(scores).softmax(-1).type_as(scores)
+    h = x + _gated(_linear(_rows(weights @ values), attention.wo), mod, 2)  # (B, D)
+    normed, _ = _rms_forward(h, block.ffn_norm)
+    out, _ = _feed_forward(block, _modulated(normed, mod, 3))
+    return h + _gated(out, mod, 5)
+
+
+@torch.no_grad()
+def extend_context_by_one(model: EnergyTransformer, cache: ContextCache, tokens: torch.Tensor):
+    """Append one token per row (B, 1) to the cache's buffers in place (see extend_context)."""
+    batch = tokens.shape[0]
+    shape = (batch, 1, model.args.heads, model.args.dim // model.args.heads)
+    rope = model._rope(torch.tensor([cache.length], device=tokens.device)).unsqueeze(1)
+    ropes = (rope, rope * shape[-1] ** -0.5)  # (1, 1, hd/2) each
+    x = model.token_embedding(tokens[:, 0])  # (B, D)
+    last = len(model.blocks) - 1
+    for index, (block, buffer) in enumerate(zip(model.blocks, cache.buffers, strict=True)):
+        mod = _row_modulation(block, cache.condition, 1)
+        x = _context_block(block, x, ropes, mod, buffer, shape, index == last)
 
 
 def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) -> tuple | None:

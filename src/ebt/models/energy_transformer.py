@@ -160,13 +160,20 @@ class EnergyTransformer(nn.Module):
         context pass over the new tokens only. The keys/values are written in place into the
         cache's buffers (made on first use; copied if `cache` is not their newest view).
         """
-        x = self.token_embedding(tokens)  # (B, T, D)
         start = cache.length
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        rope = self._rope(positions).unsqueeze(1)  # (T, 1, hd/2)
         buffers = cache.buffers
         if buffers is None or buffers[0].length != start:  # none yet, or a fork of an old view
             buffers = [KeyValueBuffer(k, v) for k, v in zip(cache.keys, cache.values, strict=True)]
+        if tokens.shape[1] == 1 and self.hand_written_path(self.token_embedding.weight):
+            extended = ContextCache(cache.keys, cache.values, cache.landscape, cache.condition)
+            extended.buffers = buffers
+            candidate_gradient.extend_context_by_one(self, extended, tokens)
+            views = [buffer.views() for buffer in buffers]
+            keys, values = [k for k, _ in views], [v for _, v in views]
+            return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
+        x = self.token_embedding(tokens)  # (B, T, D)
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        rope = self._rope(positions).unsqueeze(1)  # (T, 1, hd/2)
         keys, values = [], []
         for index, (block, buffer) in enumerate(zip(self.blocks, buffers, strict=True)):
             last = index == len(self.blocks) - 1
@@ -211,6 +218,13 @@ class EnergyTransformer(nn.Module):
             z = modulate(z, shift, scale)
         return self.energy_head(z).squeeze(-1)  # (B, R)
 
+    def hand_written_path(self, example: torch.Tensor) -> bool:
+        """Whether inference may use the hand-written passes (candidate_gradient): float32 or
+        float64 outside autocast, with ordinary (not FSDP-sharded DTensor) parameters."""
+        autocast = torch.is_autocast_enabled(example.device.type)
+        plain = type(self.energy_head.weight) is nn.Parameter
+        return plain and not autocast and example.dtype in (torch.float32, torch.float64)
+
     def energies_and_gradient(
         self,
         cache: ContextCache,
@@ -224,9 +238,7 @@ class EnergyTransformer(nn.Module):
         autocast with ordinary parameters; otherwise (bf16, sharded FSDP parameters) autograd.
         """
         probabilities = probabilities.detach()
-        autocast = torch.is_autocast_enabled(probabilities.device.type)
-        plain = type(self.energy_head.weight) is nn.Parameter  # not an FSDP-sharded DTensor
-        if plain and not autocast and probabilities.dtype in (torch.float32, torch.float64):
+        if self.hand_written_path(probabilities):
             return candidate_gradient.energies_and_gradient(
                 self, cache, probabilities, rows, landscape
             )

@@ -31,7 +31,11 @@ class KeyValueBuffer:
         self.keys[:, :, self.length : end] = keys
         self.values[:, :, self.length : end] = values
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.views()
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, length, hd) of the filled positions."""
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def _grow(self, capacity: int) -> None:
         grown = KeyValueBuffer(
