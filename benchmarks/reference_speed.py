@@ -50,6 +50,7 @@ from torch import nn
 
 from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper, interleaved_times, run_in_child
 from ebt.config import Config, finalize
+from ebt.runtime import keep_freed_memory
 
 ENV_VAR = "EBT_REFERENCE_DIR"
 VOCAB, DIM, LAYERS, HEADS, CONTEXT, BATCH, SEED = 257, 256, 4, 4, 128, 8, 33
@@ -309,6 +310,7 @@ def time_interleaved(path: str, repeats: int, warmup: int) -> dict[str, list[flo
 
 
 def _peak_child(name: str, path: str, queue: Any) -> None:
+    keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
     _reset_peak_rss()
     import_reference(path)  # every child holds the same imported modules
     stepper = (BUILDERS | MEMORY_ONLY)[name](path)
@@ -356,6 +358,7 @@ def main() -> None:
     path = reference_dir()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the `ebt` CLI's allocator setting, applied to both codes alike
     times = time_interleaved(path, args.repeats, args.warmup)
     setting = {"dim": DIM, "layers": LAYERS, "heads": HEADS, "context": CONTEXT}
     setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": "float32", "device": "cpu"}

@@ -28,6 +28,7 @@ from ebt.generate import generate_ids
 from ebt.models import build_model
 from ebt.objective import Objective, backward
 from ebt.optim import build_optimizer
+from ebt.runtime import keep_freed_memory
 
 
 class _Stepper:
@@ -89,6 +90,7 @@ def _peak_rss_mb() -> float:
 
 
 def _cpu_peak_rss_child(config: Config, vocab_size: int, queue: Any) -> None:
+    keep_freed_memory()  # as the parent process (the CLI) runs
     _reset_peak_rss()
     stepper = _Stepper(config, vocab_size, torch.device("cpu"))
     for _ in range(2):

@@ -10,6 +10,7 @@ from typing import Any
 
 from ebt.config import ConfigError, load_config
 from ebt.data.corpus import DataError
+from ebt.runtime import keep_freed_memory
 from ebt.thinking import ThinkingError
 
 
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.handler(args)
     except (ConfigError, DataError, FileNotFoundError, ThinkingError) as error:
