@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ebt.objective as objective_module
-from ebt.config import Config, ThinkConfig, finalize
+from ebt.config import Config, ThinkConfig, finalize, load_config
 from ebt.models import EnergyTransformer, build_model
 from ebt.objective import Objective, training_step_size
 from ebt.replay import ReplayBuffer
@@ -491,3 +491,51 @@ def test_think_rows_optimises_only_those_positions(variant):
     assert partial.energies[-1].shape == (BATCH, 2)
     assert _close(partial.states[-1], full.states[-1][:, rows])
     assert _close(partial.energies[-1], full.energies[-1][:, rows])
+
+
+# --- landscape-wise backward ---------------------------------------------------------------
+
+LANDSCAPEWISE_RECIPES = {
+    "system1": [],
+    "random steps, noise, per-token alpha": [
+        "think.random_steps=2",
+        "think.langevin_noise=0.1",
+        "think.step_size_random_scale=2",
+    ],
+    "system2 (not detached: one backward)": ["think.detach=false", "think.truncate=true"],
+}
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln", "default"])
+@pytest.mark.parametrize("recipe", list(LANDSCAPEWISE_RECIPES))
+def test_landscapewise_backward_equals_one_backward(variant, recipe):
+    """forward_backward (a backward per landscape, shared context and alpha cut into leaves)
+    gives the gradients of backward(forward(batch).loss * scale), in float64."""
+    overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
+    overrides += ["data.seq_len=8", "think.landscapes=3", "think.steps=2", "think.step_size=20"]
+    config = finalize(load_config(None, overrides + LANDSCAPEWISE_RECIPES[recipe]))
+    torch.manual_seed(0)
+    model = build_model(config, 11)
+    objective = Objective(model, config.think).train()
+    batch = torch.randint(1, 11, (3, 9))
+    torch.manual_seed(1)
+    objective_module.backward(objective(batch).loss * 0.5, model)
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    output = objective.forward_backward(batch, scale=0.5)
+    assert objective.landscapewise() == config.think.detach
+    assert not output.loss.requires_grad
+    actual = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert actual.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(actual[name], gradient, rtol=1e-12, atol=1e-12, msg=name)

@@ -142,13 +142,13 @@ def test_trainer_replays_min_of_fraction_and_buffer(
         f"think.replay_buffer_size={size}",
     )
     trainer = Trainer(config, setup("cpu"))
-    seen, objective = [], trainer.wrapped
+    seen, forward_backward = [], trainer.objective.forward_backward
 
-    def recording(batch, replay_states):
+    def recording(batch, replay_states, scale):
         seen.append(batch.shape[0])
-        return objective(batch, replay_states)
+        return forward_backward(batch, replay_states, scale)
 
-    trainer.wrapped = recording
+    trainer.objective.forward_backward = recording
     for _ in range(3):
         trainer.train_step()
     assert seen == batches

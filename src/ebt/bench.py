@@ -26,7 +26,7 @@ from ebt.data import load_tokenizer
 from ebt.distributed import pick_device
 from ebt.generate import generate_ids
 from ebt.models import build_model
-from ebt.objective import Objective, backward
+from ebt.objective import Objective
 from ebt.optim import build_optimizer
 from ebt.runtime import keep_freed_memory
 
@@ -51,7 +51,7 @@ class _Stepper:
         """Seconds for forward + backward + optimizer step."""
         self._sync()
         start = time.perf_counter()
-        backward(self.objective(self.batch).loss, self.objective.model)
+        self.objective.forward_backward(self.batch)  # as training does (train.py)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync()

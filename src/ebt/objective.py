@@ -7,6 +7,7 @@ synchronises the parameter gradients of the full second-order objective.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ebt.config import ThinkConfig
-from ebt.models import EnergyTransformer, TransformerPP
+from ebt.models import ContextCache, EnergyTransformer, TransformerPP
 from ebt.nn.layers import at_least_float32
 from ebt.thinking import StepOptions, step_schedule, think
 
@@ -108,9 +109,8 @@ class Objective(nn.Module):
             return ObjectiveOutput(loss, {"loss": loss.detach(), "final_step_loss": loss.detach()})
         return self._ebt(inputs, targets, replay_states)
 
-    def _ebt(
-        self, inputs: torch.Tensor, targets: torch.Tensor, replay_states: torch.Tensor | None
-    ) -> ObjectiveOutput:
+    def _setup(self, inputs: torch.Tensor, replay_states: torch.Tensor | None):
+        """(initial state (B, S, V), step schedule, step options) of one batch."""
         model, think_config, training = self.model, self.think_config, self.training
         batch, length = inputs.shape
         init = initial_state(think_config, (batch, length, model.vocab_size), inputs.device)
@@ -127,7 +127,13 @@ class Objective(nn.Module):
         )
         recompute = self.activation_checkpointing
         options = step_options(model, think_config, step_size, training, recompute)
-        trajectory = think(model, inputs, init, schedule, options)
+        return init, schedule, options
+
+    def _ebt(
+        self, inputs: torch.Tensor, targets: torch.Tensor, replay_states: torch.Tensor | None
+    ) -> ObjectiveOutput:
+        init, schedule, options = self._setup(inputs, replay_states)
+        trajectory = think(self.model, inputs, init, schedule, options)
         return self._ebt_loss(trajectory, targets)
 
     def _ebt_loss(self, trajectory, targets: torch.Tensor) -> ObjectiveOutput:
@@ -138,8 +144,11 @@ class Objective(nn.Module):
             with torch.set_grad_enabled(keep):
                 losses.append(cross_entropy(state, targets, self.pad_id))
         loss = losses[-1] if truncate else torch.stack(losses).mean()
+        return self._output(loss, losses, trajectory.energies, trajectory.states[-1])
+
+    def _output(self, loss, losses: list, energies: list, final: torch.Tensor) -> ObjectiveOutput:
         per_step = torch.stack([item.detach() for item in losses])
-        energy_per_step = torch.stack([energy.mean() for energy in trajectory.energies])
+        energy_per_step = torch.stack([energy.mean() for energy in energies])
         metrics = {
             "loss": loss.detach(),
             "initial_loss": per_step[0],
@@ -149,4 +158,94 @@ class Objective(nn.Module):
             "energy_gap": energy_per_step[0] - energy_per_step[-1],
             "step_size": self.model.step_size.detach().clone(),
         }
-        return ObjectiveOutput(loss, metrics, trajectory.states[-1].detach())
+        return ObjectiveOutput(loss, metrics, final.detach())
+
+    def landscapewise(self) -> bool:
+        """Whether forward_backward can free each landscape's graph before the next one."""
+        think_config = self.think_config
+        return (
+            self.training
+            and isinstance(self.model, EnergyTransformer)
+            and think_config.detach
+            and not think_config.truncate
+            and think_config.landscapes > 1
+        )
+
+    def forward_backward(
+        self, batch: torch.Tensor, replay_states: torch.Tensor | None = None, scale: float = 1.0
+    ) -> ObjectiveOutput:
+        """forward(batch), then backward of loss * scale into the parameters; returns the
+        output with its loss detached.
+
+        When landscapewise(): with detached steps a landscape depends on the earlier ones only
+        through a detached state, so its part of the loss is back-propagated as soon as its
+        steps are done, freeing its second-order graph before the next landscape builds one
+        (peak activation memory of one landscape, not all). A context shared by every landscape
+        (pred_step, default) is cut into leaf keys/values; what the landscapes send it is
+        back-propagated through the context stream once, at the end. The gradients equal those of
+        the one-backward path up to summation order. Single process only: DDP and FSDP need one
+        backward per forward.
+        """
+        if not self.landscapewise():
+            output = self(batch, replay_states)
+            backward(output.loss * scale, self.model)
+            return dataclasses.replace(output, loss=output.loss.detach())
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        init, schedule, options = self._setup(inputs, replay_states)
+        options, cuts = _cut_options(options)
+        shared = None
+        if not self.model.context_depends_on_landscape:
+            shared, leaf_cache = self._leaf_context(inputs)
+            cuts += list(zip(shared, leaf_cache.keys + leaf_cache.values, strict=True))
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        leaves = [leaf for _, leaf in cuts]
+        state, losses, energies = init, [], []
+        for landscape, count in _runs(schedule):
+            caches = None if shared is None else {0: leaf_cache}
+            trajectory = think(
+                self.model, inputs, state, [landscape] * count, options, None, caches
+            )
+            part = [cross_entropy(s, targets, self.pad_id) for s in trajectory.states]
+            weight = scale / len(schedule)
+            torch.autograd.backward(torch.stack(part).sum() * weight, inputs=parameters + leaves)
+            losses += part
+            energies += trajectory.energies
+            state = trajectory.states[-1].detach()
+        reached = [(tensor, leaf.grad) for tensor, leaf in cuts if leaf.grad is not None]
+        if reached:  # through the shared context stream and alpha's clamp, once
+            tensors, grads = zip(*reached, strict=True)
+            torch.autograd.backward(list(tensors), list(grads), inputs=parameters)
+        loss = torch.stack([item.detach() for item in losses]).mean()
+        return self._output(loss, losses, energies, state)
+
+    def _leaf_context(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], ContextCache]:
+        """(the context's keys + values with their graph, a cache of the same tensors as leaves
+        that collect the landscapes' gradients)."""
+        cache = self.model.encode_context(inputs, 0)
+        keys = [k.detach().requires_grad_() for k in cache.keys]
+        values = [v.detach().requires_grad_() for v in cache.values]
+        leaves = ContextCache(keys, values, cache.landscape, cache.condition)
+        return cache.keys + cache.values, leaves
+
+
+def _cut_options(options: StepOptions) -> tuple[StepOptions, list[tuple[torch.Tensor, ...]]]:
+    """The step size / noise level as leaves (they are computed once, from parameters, and
+    read by every landscape), and the (original, leaf) pairs."""
+    cuts, replaced = [], {}
+    for name in ("step_size", "langevin_std"):
+        value = getattr(options, name)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            replaced[name] = value.detach().requires_grad_()
+            cuts.append((value, replaced[name]))
+    return dataclasses.replace(options, **replaced), cuts
+
+
+def _runs(schedule: list[int]) -> list[tuple[int, int]]:
+    """[(landscape, consecutive steps on it), ...] of a step schedule."""
+    runs: list[tuple[int, int]] = []
+    for landscape in schedule:
+        if runs and runs[-1][0] == landscape:
+            runs[-1] = (landscape, runs[-1][1] + 1)
+        else:
+            runs.append((landscape, 1))
+    return runs

@@ -136,10 +136,14 @@ class Trainer:
         batch, replay_states = fresh, None
         if self.replay is not None:
             batch, replay_states = self.replay.extend_batch(fresh)
-        with no_sync(self.wrapped, sync):  # DDP: all-reduce on the last micro-step only
+        if not self.context.enabled:  # one landscape's graph at a time (objective.py)
             with self._autocast():
-                output = self.wrapped(batch, replay_states)
-            backward(output.loss * scale, self.model)
+                output = self.objective.forward_backward(batch, replay_states, scale)
+        else:
+            with no_sync(self.wrapped, sync):  # DDP: all-reduce on the last micro-step only
+                with self._autocast():
+                    output = self.wrapped(batch, replay_states)
+                backward(output.loss * scale, self.model)
         if self.replay is not None:
             self.replay.update(fresh, output.final_state[: fresh.shape[0]])
         return output.metrics
