@@ -309,6 +309,17 @@ def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(va
     assert relative_error(gradient, expected_gradient[:, index]) < TIGHT_GRAD
 
 
+def test_casting_the_model_to_bf16_keeps_the_rope_rotations_complex():
+    """model.to(torch.bfloat16) must not cast the RoPE tables to real: energies stay close."""
+    model, tokens, probabilities = make_model("time_embed"), make_tokens(), make_distributions()
+    model.float()
+    expected = model.energies(model.encode_context(tokens, 0), probabilities.float())
+    model.to(torch.bfloat16)
+    cache = model.encode_context(tokens, 0)
+    energies = model.energies(cache, probabilities.to(torch.bfloat16))
+    assert relative_error(energies.double(), expected.double()) < 0.05
+
+
 def test_first_order_gradient_falls_back_to_autograd_in_bf16():
     """bf16 has no hand-written path: the result is autograd's, bit for bit."""
     model = make_model("time_embed").to(torch.bfloat16)

@@ -77,15 +77,22 @@ def init_linear_xavier(module: nn.Module) -> None:
 
 
 class RopeTables(nn.Module):
-    """Rotation tables as non-persistent buffers: complex64 (float32 compute, as the paper) and
-    complex128 (float64 compute, for exact reference checks); `.to()` moves both."""
+    """Rotation tables, built on first use per device: complex64 (float32 compute, as the paper)
+    and complex128 (float64 compute, for exact reference checks).
+
+    Not buffers: `model.to(torch.bfloat16)` casts complex buffers to real (dropping the
+    imaginary part), and these tables must stay complex whatever the parameters' dtype.
+    """
 
     def __init__(self, head_dim: int, length: int, theta: float) -> None:
         super().__init__()
-        self.register_buffer("table32", rope_table(head_dim, length, theta), persistent=False)
-        double = rope_table(head_dim, length, theta, torch.float64)
-        self.register_buffer("table64", double, persistent=False)
+        self.head_dim, self.length, self.theta = head_dim, length, theta
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        table = self.table64 if dtype == torch.float64 else self.table32
-        return table[positions]  # (T, hd/2)
+        precision = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (positions.device, precision)
+        if key not in self._tables:
+            table = rope_table(self.head_dim, self.length, self.theta, precision)
+            self._tables[key] = table.to(positions.device)  # (length, hd/2)
+        return self._tables[key][positions]  # (T, hd/2)
