@@ -158,7 +158,7 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
     return h + _gated(out, mod, 5)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extend_context_by_one(model: EnergyTransformer, cache: ContextCache, tokens: torch.Tensor):
     """Append one token per row (B, 1) to the cache's buffers in place (see extend_context)."""
     batch = tokens.shape[0]
@@ -179,7 +179,7 @@ def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) 
     return block.modulation(condition).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def energies_and_gradient(
     model: EnergyTransformer,
     cache: ContextCache,

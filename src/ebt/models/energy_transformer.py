@@ -239,9 +239,10 @@ class EnergyTransformer(nn.Module):
         """
         probabilities = probabilities.detach()
         if self.hand_written_path(probabilities):
-            return candidate_gradient.energies_and_gradient(
+            energies, gradient = candidate_gradient.energies_and_gradient(
                 self, cache, probabilities, rows, landscape
-            )
+            )  # inference tensors: clone for use where autograd records (a learnable alpha)
+            return energies.clone(), gradient.clone()
         with torch.enable_grad():
             probabilities.requires_grad_()
             energies = self.energies(cache, probabilities, rows, landscape)  # (B, R)
