@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ebt.nn.attention import prediction_mask, prediction_weights, split_weights
+from ebt.nn.attention import prediction_mask, split_weights
 from ebt.nn.block import Block
-from ebt.nn.layers import apply_rope, at_least_float32
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -62,45 +61,57 @@ def _gated(x: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
     return x if mod is None else mod[index] * x
 
 
-def _heads(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return x.view(shape).transpose(1, 2)  # (N, D) -> (B, H, R, hd)
+def _batched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, R, H, hd) -> (B * H, R, hd) for batched matmuls (a view when R == 1)."""
+    batch, rows, heads, _ = shape
+    return x.transpose(1, 2).reshape(batch * heads, rows, -1)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).flatten(0, 1).flatten(1)  # (B, H, R, hd) -> (N, D)
+def _unbatched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B * H, R, hd) -> (B, R, H, hd)."""
+    batch, rows, heads, _ = shape
+    return x.view(batch, heads, rows, -1).transpose(1, 2)
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """apply_rope for float32/float64 x (B, R, H, hd) without dtype round trips."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
+    return torch.view_as_real(pairs * rope).flatten(-2)  # (B, R, H, hd)
 
 
 def _attention_forward(block: Block, x, rope, context, mask, shape) -> tuple[torch.Tensor, Saved]:
-    """Prediction attention of candidate rows x (N, D) as Block.prediction computes it;
-    shape = (B, R, H, hd)."""
+    """Prediction attention of candidate rows x (N, D), as Block.prediction and
+    prediction_weights compute it; shape = (B, R, H, hd), context (B*H, Tc, hd) each."""
     attention = block.attention
-    q, k, v = (_linear(x, getattr(attention, f"w{name}")) for name in "qkv")  # (N, D) each
-    rotated = apply_rope(q.view(shape), rope).transpose(1, 2)  # (B, H, R, hd), scaled
-    heads = (_heads(q, shape), _heads(k, shape), _heads(v, shape))  # (B, H, R, hd) each
-    weights = prediction_weights(rotated, heads[0], heads[1], context[0], mask)  # (B,H,R,Tc+1)
+    q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
+    rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
+    scores = torch.baddbmm(mask, rotated, context[0].transpose(1, 2))  # (B*H, R, Tc)
+    self_score = _batched((q * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
+    weights = torch.cat((scores, self_score), dim=-1).softmax(-1)  # (B*H, R, Tc + 1)
     context_weights, self_weight = split_weights(weights)
-    attended = torch.addcmul(context_weights @ context[1], self_weight, heads[2])  # (B,H,R,hd)
-    return _linear(_rows(attended), attention.wo), (*heads, weights)
+    attended = torch.baddbmm(self_weight * _batched(v, shape), context_weights, context[1])
+    out = _linear(_unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
+    return out, (q, k, v, weights)
 
 
 def _attention_backward(block: Block, grad, saved: Saved, rope, context, shape) -> torch.Tensor:
     """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
     attention = block.attention
-    q, k, v, weights = saved  # (B, H, R, hd) x 3, (B, H, R, Tc + 1)
-    scale = q.shape[-1] ** -0.5
-    grad = _heads(_linear_backward(grad, attention.wo), shape)  # (B, H, R, hd)
+    q, k, v, weights = saved  # (B, R, H, hd) x 3, (B*H, R, Tc + 1)
+    grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
     context_weights, self_weight = split_weights(weights)
-    grad_weights = torch.cat(
-        (grad @ context[1].transpose(-1, -2), (grad * v).sum(-1, keepdim=True)), dim=-1
-    )  # (B, H, R, Tc + 1)
+    grad_self_weight = (grad * _batched(v, shape)).sum(-1, keepdim=True)  # (B*H, R, 1)
+    grad_weights = torch.cat((torch.bmm(grad, context[1].transpose(1, 2)), grad_self_weight), -1)
     grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdim=True))
     grad_context_scores, grad_self = split_weights(grad_scores)
-    grad_rotated = (grad_context_scores @ context[0]).transpose(1, 2)  # (B, R, H, hd)
-    grad_self = grad_self * scale  # (B, H, R, 1)
-    grad_q = torch.addcmul(apply_rope(grad_rotated, rope.conj()).transpose(1, 2), grad_self, k)
-    total = _linear_backward(_rows(grad_q), attention.wq)  # (N, D)
-    total = total + _linear_backward(_rows(grad_self * q), attention.wk)
-    return total + _linear_backward(_rows(self_weight * grad), attention.wv)
+    grad_rotated = _unbatched(torch.bmm(grad_context_scores, context[0]), shape)  # (B,R,H,hd)
+    grad_self = _unbatched(grad_self, shape) * shape[-1] ** -0.5  # (B, R, H, 1)
+    grad_q = torch.addcmul(_rotate(grad_rotated, rope.conj()), grad_self, k)  # (B, R, H, hd)
+    grad_v = _unbatched(self_weight * grad, shape)  # (B, R, H, hd)
+    rows = (-1, q.shape[2] * q.shape[3])
+    total = torch.mm(grad_q.reshape(rows), attention.wq.weight)  # (N, D)
+    total = torch.addmm(total, (grad_self * q).reshape(rows), attention.wk.weight)
+    return torch.addmm(total, grad_v.reshape(rows), attention.wv.weight)
 
 
 def _feed_forward(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, Saved]:
@@ -116,7 +127,7 @@ def _feed_forward_backward(block: Block, grad: torch.Tensor, saved: Saved) -> to
     gate, up, sigmoid, silu = saved
     grad = _linear_backward(grad, ffn.w2)  # (N, F)
     grad_gate = grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
-    return _linear_backward(grad_gate, ffn.w1) + _linear_backward(grad * silu, ffn.w3)  # (N, D)
+    return torch.addmm(_linear_backward(grad_gate, ffn.w1), grad * silu, ffn.w3.weight)
 
 
 def _block_forward(block, z, rope, mod, context, mask, shape) -> tuple[torch.Tensor, Saved]:
@@ -144,15 +155,16 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
     attention = block.attention
     normed, _ = _rms_forward(x, block.attention_norm)
     attention_input = _modulated(normed, mod, 0)
-    k = apply_rope(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B,1,H,hd)
+    k = _rotate(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
     v = _linear(attention_input, attention.wv).view(shape)  # (B, 1, H, hd)
     keys, values = buffer.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H, P + 1, hd)
     if last:  # the energy head never reads the context stream's last output
         return None
-    q = apply_rope(_linear(attention_input, attention.wq).view(shape), ropes[1])
+    q = _rotate(_linear(attention_input, attention.wq).view(shape), ropes[1])
     scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1)
-    weights = at_least_float32(scores).softmax(-1).type_as(scores)
-    h = x + _gated(_linear(_rows(weights @ values), attention.wo), mod, 2)  # (B, D)
+    weights = scores.softmax(-1)  # float32 / float64 only on this path
+    attended = (weights @ values).transpose(1, 2).reshape(x.shape)  # (B, D)
+    h = x + _gated(_linear(attended, attention.wo), mod, 2)  # (B, D)
     normed, _ = _rms_forward(h, block.ffn_norm)
     out, _ = _feed_forward(block, _modulated(normed, mod, 3))
     return h + _gated(out, mod, 5)
@@ -196,7 +208,9 @@ def energies_and_gradient(
     z = model.embed_candidates(probabilities, landscape).flatten(0, 1)  # (N, D)
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
-    layers = list(zip(model.blocks, cache.keys, cache.values, strict=True))
+    keys = [k.flatten(0, 1) for k in cache.keys]  # (B*H, Tc, hd) each
+    values = [v.flatten(0, 1) for v in cache.values]
+    layers = list(zip(model.blocks, keys, values, strict=True))
     mods = [_row_modulation(block, cache.condition, count) for block in model.blocks]
     saved = []
     for (block, *context), mod in zip(layers, mods, strict=True):
