@@ -124,6 +124,8 @@ def bench_train(
     config: Config, vs_baseline: bool = False, repeats: int = 10, warmup: int = 2
 ) -> dict[str, Any]:
     """Median ms per training step (and the baseline's, interleaved) plus peak memory."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
     device = pick_device(config.train.device)
     vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
     configs = {"": config} | ({"baseline_": baseline_config(config)} if vs_baseline else {})
@@ -157,6 +159,8 @@ def _token_times(model: torch.nn.Module, prompt: list[int], count: int, window: 
 def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> dict[str, Any]:
     """Median ms per generated token near the configured context length: cached generation
     against the recompute-everything path (the paper's generator), alternating runs."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
     device = pick_device(config.train.device)
     vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
     torch.manual_seed(config.train.seed)
