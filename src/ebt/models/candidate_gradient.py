@@ -4,9 +4,10 @@ Thinking at inference needs dE/dp to first order only. Recording the prediction 
 autograd costs about three times the kernels the arithmetic needs (views, transposes, saved
 tensors, engine bookkeeping), and with one position optimised per generated token those small
 kernels, not the matmuls, are the time. Here the forward and its vector-Jacobian product are
-written out by hand: the same arithmetic as autograd's, in fewer kernels. Training steps that
-keep second-order terms always use autograd; tests check this path against it in float64 for
-every variant.
+written out by hand: the same arithmetic as autograd's, in fewer kernels, under inference_mode.
+`extend_context_by_one` is generation's one-token context pass in the same style. Training steps
+that keep second-order terms always use autograd; tests check this path against autograd of the
+naive float64 model for every variant.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ebt.nn.attention import prediction_mask, split_weights
 from ebt.nn.block import Block
+from ebt.nn.kv_cache import KeyValueBuffer
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -171,16 +173,21 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
 
 
 @torch.inference_mode()
-def extend_context_by_one(model: EnergyTransformer, cache: ContextCache, tokens: torch.Tensor):
-    """Append one token per row (B, 1) to the cache's buffers in place (see extend_context)."""
+def extend_context_by_one(
+    model: EnergyTransformer,
+    buffers: list[KeyValueBuffer],
+    condition: torch.Tensor | None,
+    tokens: torch.Tensor,
+) -> None:
+    """Append one token per row (B, 1) to a context cache's per-layer buffers, in place."""
     batch = tokens.shape[0]
     shape = (batch, 1, model.args.heads, model.args.dim // model.args.heads)
-    rope = model._rope(torch.tensor([cache.length], device=tokens.device)).unsqueeze(1)
+    rope = model._rope(torch.tensor([buffers[0].length], device=tokens.device)).unsqueeze(1)
     ropes = (rope, rope * shape[-1] ** -0.5)  # (1, 1, hd/2) each
     x = model.token_embedding(tokens[:, 0])  # (B, D)
     last = len(model.blocks) - 1
-    for index, (block, buffer) in enumerate(zip(model.blocks, cache.buffers, strict=True)):
-        mod = _row_modulation(block, cache.condition, 1)
+    for index, (block, buffer) in enumerate(zip(model.blocks, buffers, strict=True)):
+        mod = _row_modulation(block, condition, 1)
         x = _context_block(block, x, ropes, mod, buffer, shape, index == last)
 
 

@@ -165,9 +165,7 @@ class EnergyTransformer(nn.Module):
         if buffers is None or buffers[0].length != start:  # none yet, or a fork of an old view
             buffers = [KeyValueBuffer(k, v) for k, v in zip(cache.keys, cache.values, strict=True)]
         if tokens.shape[1] == 1 and self.hand_written_path(self.token_embedding.weight):
-            extended = ContextCache(cache.keys, cache.values, cache.landscape, cache.condition)
-            extended.buffers = buffers
-            candidate_gradient.extend_context_by_one(self, extended, tokens)
+            candidate_gradient.extend_context_by_one(self, buffers, cache.condition, tokens)
             views = [buffer.views() for buffer in buffers]
             keys, values = [k for k, _ in views], [v for _, v in views]
             return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
