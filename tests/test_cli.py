@@ -260,3 +260,24 @@ def test_think_prints_curves_and_writes_a_plot(run_dir, tmp_path, capsys):
     ]
     assert "energy_auroc_wrong" in result["uncertainty"]
     assert plot.stat().st_size > 1000
+
+
+def test_think_and_generate_take_the_inference_thinking_options(run_dir, capsys):
+    """--step-size, --langevin-noise 0 and --accept-lower-energies reach the thinking, are
+    reported, and accepting costs one extra energy evaluation per step."""
+    args = ["think", str(run_dir), "--steps", "2", "--samples", "1", "--batches", "1", "--json"]
+    assert main(args) == 0
+    plain = json_output(capsys)["curves"][0]["forward_passes_per_token"]
+    knobs = ["--step-size", "0.5", "--langevin-noise", "0", "--accept-lower-energies"]
+    assert main(args + knobs) == 0
+    result = json_output(capsys)
+    assert result["options"] == {
+        "step_size": 0.5,
+        "langevin_noise": 0.0,
+        "accept_lower_energies": True,
+    }
+    assert result["curves"][0]["forward_passes_per_token"] == 2 * plain
+    prompt = ["generate", str(run_dir), "--prompt", "the", "--max-new-tokens", "3"]
+    assert main(prompt + knobs) == 0
+    assert capsys.readouterr().out.startswith("the")
+    assert main(args + ["--accept-lower-energies", "--halt-tolerance", "0.1"]) == 2

@@ -539,3 +539,25 @@ def test_landscapewise_backward_equals_one_backward(variant, recipe):
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# --- accept only lower energies ------------------------------------------------------------
+
+
+def test_accept_lower_energies_keeps_a_step_only_where_it_lowers_the_energy():
+    """Per position: the proposed state where its energy is below the start's, else the start's
+    probabilities (the paper's rule). Per-token step sizes of both signs (descent and ascent)
+    make both cases occur."""
+    model = tiny_model()
+    cache = model.encode_context(tokens(), 0)
+    start = noise()
+    signs = torch.randint(0, 2, (BATCH, LENGTH, 1)) * 2.0 - 1.0  # (B, S, 1)
+    plain = StepOptions(step_size=50.0 * signs)
+    guarded = StepOptions(step_size=50.0 * signs, accept_lower_energies=True)
+    proposed, start_energies = take_step(model, cache, start.clone().requires_grad_(), plain, False)
+    kept, _ = take_step(model, cache, start.clone().requires_grad_(), guarded, False)
+    with torch.no_grad():
+        lower = model.energies(cache, proposed.softmax(-1)) < start_energies  # (B, S)
+    assert lower.any() and (~lower).any()
+    torch.testing.assert_close(kept[lower], proposed[lower], rtol=0, atol=0)
+    torch.testing.assert_close(kept[~lower], start.softmax(-1)[~lower], rtol=0, atol=0)

@@ -71,6 +71,7 @@ def adaptive_think(
     grad_tolerance: float = 0.0,
     init: torch.Tensor | None = None,
     langevin_noise: float | None = 0.0,
+    step_size: float | None = None,
 ) -> AdaptiveResult:
     """Think at most `max_steps` per landscape, each token stopping on its own."""
     batch, length = tokens.shape
@@ -79,7 +80,7 @@ def adaptive_think(
     schedule = step_schedule(model.args.landscapes, max_steps)
     caches = _caches(model, tokens, schedule)
     noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
-    options = StepOptions(step_size=model.resolve_step_size(None), langevin_std=noise)
+    options = StepOptions(step_size=model.resolve_step_size(step_size), langevin_std=noise)
     energies = torch.zeros(batch, length, dtype=state.dtype, device=tokens.device)
     steps = torch.zeros(batch, length, dtype=torch.long, device=tokens.device)
     evaluations = torch.zeros(batch, length, device=tokens.device)

@@ -11,7 +11,7 @@ from typing import Any
 from ebt.config import ConfigError, load_config
 from ebt.data.corpus import DataError
 from ebt.runtime import keep_freed_memory
-from ebt.thinking import ThinkingError
+from ebt.thinking import InferenceOptions, ThinkingError
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.generate import Sampling, generate
 
     run = load_run(args.run, args.overrides)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps, _thinking(args))
     pieces = generate(run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop)
     sys.stdout.write(args.prompt)
     for piece in pieces:
@@ -67,6 +67,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _thinking(args: argparse.Namespace) -> InferenceOptions:
+    return InferenceOptions(args.step_size, args.langevin_noise, args.accept_lower_energies)
+
+
+def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="EBT step size: 0 < a < 1 scales the trained alpha, a >= 1 replaces it",
+    )
+    parser.add_argument(
+        "--langevin-noise",
+        type=float,
+        default=None,
+        help="Langevin noise sigma at inference (default: the trained one; 0: none)",
+    )
+    parser.add_argument(
+        "--accept-lower-energies",
+        action="store_true",
+        help="keep a thinking step only where it lowers the energy (one extra forward)",
+    )
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,8 +110,17 @@ def cmd_think(args: argparse.Namespace) -> int:
     dataset = build_token_dataset(data, run.tokenizer, split, source=source)
     batches = iter_eval_batches(dataset, run.config.train.batch_size, args.batches)
     steps, samples = _int_list(args.steps), _int_list(args.samples)
+    if args.halt_tolerance is not None and args.accept_lower_energies:
+        raise ConfigError("--halt-tolerance does not combine with --accept-lower-energies")
     result = thinking_curves(
-        run.model, batches, steps, samples, run.tokenizer.pad_id, args.seed, args.halt_tolerance
+        run.model,
+        batches,
+        steps,
+        samples,
+        run.tokenizer.pad_id,
+        args.seed,
+        args.halt_tolerance,
+        _thinking(args),
     )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
@@ -153,6 +186,7 @@ def _add_inference(sub: Any) -> None:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
+    _add_thinking_options(generate)
 
     think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
     think.add_argument("--steps", default="1,2,4,8", help="steps per landscape, comma-separated")
@@ -168,6 +202,7 @@ def _add_inference(sub: Any) -> None:
         default=None,
         help="also run adaptive thinking: a token stops when its energy moves less than this",
     )
+    _add_thinking_options(think)
     think.add_argument("--json", action="store_true")
 
 

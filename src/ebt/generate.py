@@ -11,11 +11,12 @@ Beyond the context window the cache is rebuilt from the last half window (a slid
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ebt.models import TransformerPP
+from ebt.thinking import InferenceOptions
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     steps: int | None = None  # EBT thinking steps per landscape (None: the trained recipe's)
+    thinking: InferenceOptions = field(default_factory=InferenceOptions)  # EBT step size, noise
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -90,20 +92,23 @@ class Decoder:
         self.cached_length += 1
         return self._advance(self.ids[-1:], device)
 
-    def next_logits(self, steps: int | None) -> torch.Tensor:
+    def next_logits(self, sampling: Sampling) -> torch.Tensor:
         """Logits (1, V) for the token after self.ids."""
         device = next(self.model.parameters()).device
         if not self.cached:
-            return self._recompute(device, steps)
+            return self._recompute(device, sampling)
         logits = self._refresh(device)
         if logits is not None:
             return logits
         row = torch.tensor([self.cached_length - 1], device=device)
         init = torch.randn(1, 1, self.model.vocab_size, device=device)
-        trajectory = self.model.think(None, init, steps=steps, rows=row, caches=self._caches())
+        arguments = sampling.thinking.think_arguments()
+        trajectory = self.model.think(
+            None, init, steps=sampling.steps, rows=row, caches=self._caches(), **arguments
+        )
         return trajectory.states[-1][:, -1]
 
-    def _recompute(self, device: torch.device, steps: int | None) -> torch.Tensor:
+    def _recompute(self, device: torch.device, sampling: Sampling) -> torch.Tensor:
         tokens = torch.tensor([self.ids[-self.window :]], device=device)  # (1, T)
         if isinstance(self.model, TransformerPP):
             with torch.no_grad():
@@ -113,7 +118,8 @@ class Decoder:
         last = torch.randn(1, 1, self.model.vocab_size, device=device)
         rest = torch.zeros(1, tokens.shape[1] - 1, self.model.vocab_size, device=device)
         init = torch.cat((rest, last), dim=1)  # (1, T, V)
-        return self.model.think(tokens, init, steps=steps).states[-1][:, -1]
+        arguments = sampling.thinking.think_arguments()
+        return self.model.think(tokens, init, steps=sampling.steps, **arguments).states[-1][:, -1]
 
 
 def generate_ids(
@@ -132,7 +138,7 @@ def generate_ids(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     for _ in range(max_new_tokens):
-        token = sample(decoder.next_logits(sampling.steps).cpu(), sampling, generator)
+        token = sample(decoder.next_logits(sampling).cpu(), sampling, generator)
         decoder.ids.append(token)
         yield token
 

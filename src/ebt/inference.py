@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ebt.adaptive import adaptive_think
 from ebt.models import EnergyTransformer, TransformerPP
+from ebt.thinking import InferenceOptions
 
 
 @dataclass
@@ -34,12 +35,20 @@ def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: i
     return model.energies(cache, states.softmax(-1), rows, landscape)  # (B, N * S)
 
 
-def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, samples: int) -> Verdict:
+def best_of_n(
+    model: EnergyTransformer,
+    tokens: torch.Tensor,
+    steps: int,
+    samples: int,
+    options: InferenceOptions | None = None,
+) -> Verdict:
     """Think `steps` per landscape from `samples` random starts; keep the lowest-energy one."""
+    options = options or InferenceOptions()
     batch, length = tokens.shape
     rows = torch.arange(length, device=tokens.device).repeat(samples)  # (N * S,)
     init = torch.randn(batch, samples * length, model.vocab_size, device=tokens.device)
-    trajectory = model.think(tokens, init, steps=steps, rows=rows)
+    arguments = options.think_arguments()
+    trajectory = model.think(tokens, init, steps=steps, rows=rows, **arguments)
     final = trajectory.states[-1]  # (B, N * S, V)
     energies = _final_energies(model, tokens, final, rows, trajectory.landscapes[-1])
     energies = energies.view(batch, samples, length)  # (B, N, S)
@@ -50,7 +59,8 @@ def best_of_n(model: EnergyTransformer, tokens: torch.Tensor, steps: int, sample
     # Energy evaluations per token: every thinking step of every sample, plus the final-energy
     # evaluation that verification needs to choose among samples (with one sample that
     # evaluation only reports the energy, so it is not counted as compute spent on the answer).
-    passes = len(trajectory.states) * samples + (samples if samples > 1 else 0)
+    thinking = len(trajectory.states) * options.evaluations_per_step * samples
+    passes = thinking + (samples if samples > 1 else 0)
     return Verdict(chosen.squeeze(1), energies.min(dim=1).values, float(passes))
 
 
@@ -60,17 +70,28 @@ def predict(
     steps: int,
     samples: int,
     tolerance: float | None = None,
+    options: InferenceOptions | None = None,
 ) -> Verdict:
     """Next-token logits for every position; Transformer++ ignores steps and samples.
 
     With a tolerance, each token halts on its own (adaptive compute, one sample)."""
+    options = options or InferenceOptions()
     if isinstance(model, TransformerPP):
         with torch.no_grad():
             return Verdict(model(tokens), None, 1.0)
     if tolerance is not None:
-        result = adaptive_think(model, tokens, steps, tolerance, langevin_noise=None)
+        if options.accept_lower_energies:
+            raise ValueError("adaptive halting does not combine with accept_lower_energies")
+        result = adaptive_think(
+            model,
+            tokens,
+            steps,
+            tolerance,
+            step_size=options.step_size,
+            langevin_noise=options.langevin_noise,
+        )
         return Verdict(result.logits, result.energies, result.forward_passes_per_token)
-    return best_of_n(model, tokens, steps, samples)
+    return best_of_n(model, tokens, steps, samples, options)
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -112,6 +133,7 @@ def thinking_curves(
     pad_id: int = 0,
     seed: int = 0,
     tolerance: float | None = None,
+    options: InferenceOptions | None = None,
 ) -> dict[str, Any]:
     """Loss / perplexity for every (steps, samples) pair, plus per-token energy and loss of the
     last pair (for energy-vs-loss plots and uncertainty metrics). With a tolerance, also an
@@ -121,24 +143,24 @@ def thinking_curves(
     for steps in steps_list:
         for samples in samples_list:
             torch.manual_seed(seed)
-            point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id)
+            point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id, options)
             curves.append(point)
     if tolerance is not None and not isinstance(model, TransformerPP):
         for steps in steps_list:
             torch.manual_seed(seed)
-            point, _ = _evaluate_point(model, batches, steps, 1, pad_id, tolerance)
+            point, _ = _evaluate_point(model, batches, steps, 1, pad_id, options, tolerance)
             curves.append(point | {"adaptive": True, "tolerance": tolerance})
-    result: dict[str, Any] = {"curves": curves}
+    result: dict[str, Any] = {"curves": curves, "options": vars(options or InferenceOptions())}
     if last_tokens.get("energy") is not None:
         result["uncertainty"] = uncertainty(**last_tokens)
         result["tokens"] = last_tokens
     return result
 
 
-def _evaluate_point(model, batches, steps: int, samples: int, pad_id: int, tolerance=None):
+def _evaluate_point(model, batches, steps, samples, pad_id, options=None, tolerance=None):
     losses, energies, wrong, passes = [], [], [], 0.0
     for batch in batches:
-        verdict = predict(model, batch[:, :-1], steps, samples, tolerance)
+        verdict = predict(model, batch[:, :-1], steps, samples, tolerance, options)
         losses.append(_token_losses(verdict.logits, batch[:, 1:], pad_id).flatten())
         wrong.append((verdict.logits.argmax(-1) != batch[:, 1:]).flatten())
         if verdict.energies is not None:

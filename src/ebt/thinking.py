@@ -43,6 +43,33 @@ class StepOptions:
     grad_clamp: float = 0.0  # clamp dE/dp to +-grad_clamp / alpha (0 = off)
     absolute_clamp: float = 0.0  # clamp the new state to +-absolute_clamp (0 = off)
     recompute: bool = False  # activation checkpointing of every step that keeps its graph
+    accept_lower_energies: bool = False  # inference: keep a step only where it lowers the energy
+
+
+@dataclass
+class InferenceOptions:
+    """How a trained model thinks at inference, beyond the number of steps.
+
+    step_size: None the trained alpha; 0 < a < 1 that fraction of it; a >= 1 the absolute alpha.
+    langevin_noise: None the trained sigma; 0 none (also for a System-2 checkpoint).
+    accept_lower_energies: keep each step only where it lowers the energy (one extra forward).
+    """
+
+    step_size: float | None = None
+    langevin_noise: float | None = None
+    accept_lower_energies: bool = False
+
+    def think_arguments(self) -> dict:
+        """Keyword arguments for EnergyTransformer.think."""
+        return {
+            "step_size": self.step_size,
+            "langevin_noise": self.langevin_noise,
+            "accept_lower_energies": self.accept_lower_energies,
+        }
+
+    @property
+    def evaluations_per_step(self) -> int:
+        return 2 if self.accept_lower_energies else 1
 
 
 @dataclass
@@ -134,7 +161,19 @@ def take_step(
     new_state = probabilities - options.step_size * gradient  # (B, R, V)
     if options.absolute_clamp:
         new_state = new_state.clamp(-options.absolute_clamp, options.absolute_clamp)
+    if options.accept_lower_energies and not keep_graph:
+        new_state = _accept_lower(model, cache, probabilities, energies, new_state, rows, landscape)
     return new_state, energies.detach()
+
+
+@torch.no_grad()
+def _accept_lower(model, cache, probabilities, energies, proposed, rows, landscape):
+    """The paper's accept-lower-energies rule: per position keep the proposed state where its
+    energy (one extra forward) is below the energy of the state the step started from, else
+    fall back to that state's probabilities (a step of size 0 under the update y' = p - a g)."""
+    proposed_energies = model.energies(cache, proposed.softmax(dim=-1), rows, landscape)  # (B, R)
+    lower = (proposed_energies < energies).unsqueeze(-1)  # (B, R, 1)
+    return torch.where(lower, proposed, probabilities.detach())
 
 
 def recomputed_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

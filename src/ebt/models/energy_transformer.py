@@ -262,13 +262,16 @@ class EnergyTransformer(nn.Module):
         steps: int | None = None,
         step_size: float | None = None,
         langevin_noise: float | None = None,
+        accept_lower_energies: bool = False,
         rows: torch.Tensor | None = None,
         caches: dict[int, ContextCache] | None = None,
     ) -> Trajectory:
         """Optimise next-token candidates for every position of tokens (B, S) at inference.
 
         init: starting logits (B, S, V), default N(0, 1). steps: steps per landscape (default:
-        the trained recipe's). langevin_noise: default the trained sigma; 0 turns it off.
+        the trained recipe's). step_size: None the trained alpha, 0 < a < 1 that fraction of
+        it, a >= 1 the absolute alpha. langevin_noise: default the trained sigma; 0 turns it off.
+        accept_lower_energies: keep each step only where it lowers the energy (costs a forward).
         Returns a Trajectory: states[k] raw logits after step k, energies[k] (B, S) the energy of
         the state step k starts from. rows: optimise only the candidates for these positions
         (e.g. the last one when generating); init is then (B, len(rows), V). caches: context
@@ -279,5 +282,9 @@ class EnergyTransformer(nn.Module):
             init = torch.randn(tokens.shape[0], count, self.vocab_size, device=tokens.device)
         schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
         noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
-        options = StepOptions(step_size=self.resolve_step_size(step_size), langevin_std=noise)
+        options = StepOptions(
+            step_size=self.resolve_step_size(step_size),
+            langevin_std=noise,
+            accept_lower_energies=accept_lower_energies,
+        )
         return run_thinking(self, tokens, init, schedule, options, rows, caches)
