@@ -8,6 +8,7 @@ synchronises the parameter gradients of the full second-order objective.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -186,28 +187,32 @@ class Objective(nn.Module):
         the one-backward path up to summation order. Single process only: DDP and FSDP need one
         backward per forward.
         """
-        if not self.landscapewise():
-            output = self(batch, replay_states)
-            backward(output.loss * scale, self.model)
-            return dataclasses.replace(output, loss=output.loss.detach())
+        if self.landscapewise():
+            return self._backward_by_landscape(batch, replay_states, scale)
+        output = self(batch, replay_states)
+        backward(output.loss * scale, self.model)
+        return dataclasses.replace(output, loss=output.loss.detach())
+
+    def _backward_by_landscape(
+        self, batch: torch.Tensor, replay_states: torch.Tensor | None, scale: float
+    ) -> ObjectiveOutput:
         inputs, targets = batch[:, :-1], batch[:, 1:]
         init, schedule, options = self._setup(inputs, replay_states)
         options, cuts = _cut_options(options)
-        shared = None
+        caches = None
         if not self.model.context_depends_on_landscape:
-            shared, leaf_cache = self._leaf_context(inputs)
-            cuts += list(zip(shared, leaf_cache.keys + leaf_cache.values, strict=True))
+            context, leaf_cache = self._leaf_context(inputs)
+            cuts += list(zip(context, leaf_cache.keys + leaf_cache.values, strict=True))
+            caches = {0: leaf_cache}
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         leaves = [leaf for _, leaf in cuts]
         state, losses, energies = init, [], []
-        for landscape, count in _runs(schedule):
-            caches = None if shared is None else {0: leaf_cache}
-            trajectory = think(
-                self.model, inputs, state, [landscape] * count, options, None, caches
-            )
+        for landscape, run in itertools.groupby(schedule):
+            steps = [landscape] * len(list(run))
+            trajectory = think(self.model, inputs, state, steps, options, None, caches)
             part = [cross_entropy(s, targets, self.pad_id) for s in trajectory.states]
-            weight = scale / len(schedule)
-            torch.autograd.backward(torch.stack(part).sum() * weight, inputs=parameters + leaves)
+            weighted = torch.stack(part).sum() * (scale / len(schedule))
+            torch.autograd.backward(weighted, inputs=parameters + leaves)  # frees this landscape
             losses += part
             energies += trajectory.energies
             state = trajectory.states[-1].detach()
@@ -238,14 +243,3 @@ def _cut_options(options: StepOptions) -> tuple[StepOptions, list[tuple[torch.Te
             replaced[name] = value.detach().requires_grad_()
             cuts.append((value, replaced[name]))
     return dataclasses.replace(options, **replaced), cuts
-
-
-def _runs(schedule: list[int]) -> list[tuple[int, int]]:
-    """[(landscape, consecutive steps on it), ...] of a step schedule."""
-    runs: list[tuple[int, int]] = []
-    for landscape in schedule:
-        if runs and runs[-1][0] == landscape:
-            runs[-1] = (landscape, runs[-1][1] + 1)
-        else:
-            runs.append((landscape, 1))
-    return runs
