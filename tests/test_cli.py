@@ -150,8 +150,12 @@ def test_bench_train_vs_baseline(workspace, capsys, monkeypatch):
         "baseline_ms_per_step",
         "baseline_peak_mem_mb",
         "ratio_vs_baseline",
+        "ratio_vs_baseline_paired",
     ):
         assert result[key] > 0, key
+    assert result["ratio_vs_baseline_paired"] == pytest.approx(
+        result["ms_per_step"] / result["baseline_ms_per_step"]
+    )  # one round: the two ratios agree
 
 
 def test_tokenizer_train_then_train_with_it(workspace, capsys):
