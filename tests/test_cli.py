@@ -285,3 +285,27 @@ def test_think_and_generate_take_the_inference_thinking_options(run_dir, capsys)
     assert main(prompt + knobs) == 0
     assert capsys.readouterr().out.startswith("the")
     assert main(args + ["--accept-lower-energies", "--halt-tolerance", "0.1"]) == 2
+
+
+def test_generate_json_and_think_tokens_expose_per_token_uncertainty(run_dir, tmp_path, capsys):
+    """`generate --json`: text and, per token, id / text / energy; `think --tokens FILE`: one
+    JSON line per token with loss, wrong, energy and (adaptive) steps taken."""
+    args = ["generate", str(run_dir), "--prompt", "the", "--max-new-tokens", "4", "--json"]
+    assert main(args) == 0
+    result = json_output(capsys)
+    assert len(result["tokens"]) == 4
+    assert all(isinstance(token["energy"], float) for token in result["tokens"])
+    assert "".join(token["text"] for token in result["tokens"]) == result["text"]
+    records = tmp_path / "tokens.jsonl"
+    think = ["think", str(run_dir), "--steps", "2", "--samples", "1", "--batches", "1"]
+    assert main(think + ["--halt-tolerance", "0.5", "--tokens", str(records), "--json"]) == 0
+    assert "steps_auroc_wrong" in json_output(capsys)["uncertainty"]
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert lines and set(lines[0]) == {
+        "loss",
+        "wrong",
+        "energy",
+        "adaptive_energy",
+        "adaptive_steps",
+    }
+    assert all(1 <= line["adaptive_steps"] <= 4 for line in lines)  # 2 landscapes x 2 steps

@@ -80,6 +80,17 @@ def test_auroc():
     assert auroc(scores, torch.tensor([False, False, False, True])) == pytest.approx(1.0)
 
 
+def test_rank_auroc_equals_the_pairwise_definition_with_ties():
+    """P(positive > negative) + P(tie) / 2, counted over all pairs."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (500,), generator=generator).double()  # many ties
+    positives = torch.rand(500, generator=generator) < 0.3
+    positive, negative = scores[positives], scores[~positives]
+    greater = (positive[:, None] > negative[None, :]).double().mean()
+    ties = (positive[:, None] == negative[None, :]).double().mean()
+    assert auroc(scores, positives) == pytest.approx(float(greater + ties / 2), abs=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln"])
 def test_halting_with_zero_tolerance_equals_fixed_steps(variant):
     """Tolerance 0 never halts: the adaptive (gathered) path equals plain thinking."""

@@ -60,7 +60,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run, args.overrides)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps, _thinking(args))
-    pieces = generate(run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop)
+    records: list[dict[str, Any]] = []
+    pieces = generate(
+        run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop, records
+    )
+    if args.json:
+        text = "".join(pieces)
+        for record in records:
+            record["text"] = run.tokenizer.decode([record["id"]])
+        _print_json({"prompt": args.prompt, "text": text, "tokens": records})
+        return 0
     sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
@@ -91,6 +100,24 @@ def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep a thinking step only where it lowers the energy (one extra forward)",
     )
+
+
+def _write_token_records(path: str, result: dict[str, Any]) -> None:
+    """One JSON line per (non-pad) token of the last curve point: loss, top-1 wrong, final
+    energy, and with adaptive halting that point's steps taken and energy."""
+    import torch
+
+    columns = {
+        name: values for name, values in result.get("tokens", {}).items() if values is not None
+    }
+    for name, values in result.get("adaptive_tokens", {}).items():
+        if name in ("steps", "energy") and values is not None:
+            columns[f"adaptive_{name}"] = values
+    keep = ~torch.isnan(columns["loss"])
+    rows = {name: values[keep].tolist() for name, values in columns.items()}
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(int(keep.sum())):
+            handle.write(json.dumps({name: rows[name][index] for name in rows}) + "\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -124,7 +151,10 @@ def cmd_think(args: argparse.Namespace) -> int:
     )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
+    if args.tokens:
+        _write_token_records(args.tokens, result)
     result.pop("tokens", None)
+    result.pop("adaptive_tokens", None)
     result |= {"split": source or split, "checkpoint": str(run.checkpoint)}
     _print_json(result) if args.json else print(json.dumps(result, indent=2))
     return 0
@@ -187,6 +217,12 @@ def _add_inference(sub: Any) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
     _add_thinking_options(generate)
+    generate.add_argument(
+        "--json",
+        action="store_true",
+        help="print the text and, per token, its id and energy (EBT: the energy of the state "
+        "the last thinking step started from) as one JSON object",
+    )
 
     think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
     think.add_argument("--steps", default="1,2,4,8", help="steps per landscape, comma-separated")
@@ -203,6 +239,7 @@ def _add_inference(sub: Any) -> None:
         help="also run adaptive thinking: a token stops when its energy moves less than this",
     )
     _add_thinking_options(think)
+    think.add_argument("--tokens", default="", help="write per-token records to this JSONL file")
     think.add_argument("--json", action="store_true")
 
 

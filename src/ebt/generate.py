@@ -50,8 +50,9 @@ class Decoder:
     def __init__(self, model: torch.nn.Module, window: int, cached: bool = True) -> None:
         self.model, self.window, self.cached = model, window, cached
         self.ids: list[int] = []
-        self.state = None  # EBT: {landscape: ContextCache}; Transformer++: per-layer (k, v)
+        self.state = None  # EBT: stacked ContextCache; Transformer++: per-layer KeyValueBuffers
         self.cached_length = 0
+        self.energy: float | None = None  # EBT: energy of the last step's starting state
 
     def _landscapes(self) -> list[int]:
         model = self.model
@@ -106,6 +107,7 @@ class Decoder:
         trajectory = self.model.think(
             None, init, steps=sampling.steps, rows=row, caches=self._caches(), **arguments
         )
+        self.energy = float(trajectory.energies[-1][0, -1])
         return trajectory.states[-1][:, -1]
 
     def _recompute(self, device: torch.device, sampling: Sampling) -> torch.Tensor:
@@ -119,7 +121,9 @@ class Decoder:
         rest = torch.zeros(1, tokens.shape[1] - 1, self.model.vocab_size, device=device)
         init = torch.cat((rest, last), dim=1)  # (1, T, V)
         arguments = sampling.thinking.think_arguments()
-        return self.model.think(tokens, init, steps=sampling.steps, **arguments).states[-1][:, -1]
+        trajectory = self.model.think(tokens, init, steps=sampling.steps, **arguments)
+        self.energy = float(trajectory.energies[-1][0, -1])
+        return trajectory.states[-1][:, -1]
 
 
 def generate_ids(
@@ -130,8 +134,10 @@ def generate_ids(
     sampling: Sampling | None = None,
     seed: int = 0,
     cached: bool = True,
+    records: list[dict] | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one by one."""
+    """Yield new token ids one by one; `records` (if given) receives {"id", "energy"} per
+    token (EBT: the energy of the state the last thinking step started from; else None)."""
     sampling = sampling or Sampling()
     decoder = Decoder(model, window, cached)
     decoder.ids = list(prompt_ids)
@@ -140,6 +146,8 @@ def generate_ids(
     for _ in range(max_new_tokens):
         token = sample(decoder.next_logits(sampling).cpu(), sampling, generator)
         decoder.ids.append(token)
+        if records is not None:
+            records.append({"id": token, "energy": decoder.energy})
         yield token
 
 
@@ -150,13 +158,16 @@ def generate(
     sampling: Sampling | None = None,
     seed: int = 0,
     stop: list[str] | None = None,
+    records: list[dict] | None = None,
 ) -> Iterator[str]:
-    """Yield text pieces of a loaded run's continuation of `prompt`, stopping at a stop string."""
+    """Yield text pieces of a loaded run's continuation of `prompt`, stopping at a stop string;
+    `records` as in generate_ids."""
     tokenizer = run.tokenizer
     ids = tokenizer.encode(prompt) or [tokenizer.pad_id]
     new: list[int] = []
     shown = ""
-    stream = generate_ids(run.model, ids, max_new_tokens, run.config.data.seq_len, sampling, seed)
+    window = run.config.data.seq_len
+    stream = generate_ids(run.model, ids, max_new_tokens, window, sampling, seed, True, records)
     for token in stream:
         new.append(token)
         text = tokenizer.decode(new)

@@ -27,6 +27,7 @@ class Verdict:
     logits: torch.Tensor
     energies: torch.Tensor | None
     forward_passes_per_token: float
+    steps: torch.Tensor | None = None  # (B, S) steps each token took (adaptive halting)
 
 
 @torch.no_grad()
@@ -90,7 +91,8 @@ def predict(
             step_size=options.step_size,
             langevin_noise=options.langevin_noise,
         )
-        return Verdict(result.logits, result.energies, result.forward_passes_per_token)
+        passes = result.forward_passes_per_token
+        return Verdict(result.logits, result.energies, passes, result.steps)
     return best_of_n(model, tokens, steps, samples, options)
 
 
@@ -100,22 +102,23 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> t
 
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
-    """Area under the ROC curve of `scores` for `positives` (ties count half)."""
-    positive, negative = scores[positives], scores[~positives]
-    if not len(positive) or not len(negative):
+    """Area under the ROC curve of `scores` for `positives` (ties count half), from ranks:
+    (sum of the positives' mid-ranks - P(P+1)/2) / (P N), in O(n log n)."""
+    count, positive = len(scores), int(positives.sum())
+    negative = count - positive
+    if not positive or not negative:
         return float("nan")
-    greater = (positive[:, None] > negative[None, :]).float().mean()
-    ties = (positive[:, None] == negative[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of each distinct value's last copy
+    mid_ranks = (ends - (counts - 1) / 2)[inverse]  # (n,) tied scores share their mean rank
+    rank_sum = float(mid_ranks[positives].sum())
+    return (rank_sum - positive * (positive + 1) / 2) / (positive * negative)
 
 
 def uncertainty(energy: torch.Tensor, loss: torch.Tensor, wrong: torch.Tensor) -> dict:
     """How well the final energy flags mistakes: AUROC for "top-1 wrong", correlation with loss."""
     keep = ~torch.isnan(loss)
     energy, loss, wrong = energy[keep].double(), loss[keep].double(), wrong[keep]
-    if len(energy) > 20000:  # the pairwise AUROC is quadratic; a fixed subsample suffices
-        pick = torch.randperm(len(energy), generator=torch.Generator().manual_seed(0))[:20000]
-        energy, loss, wrong = energy[pick], loss[pick], wrong[pick]
     correlation = torch.corrcoef(torch.stack((energy, loss)))[0, 1]
     return {
         "energy_auroc_wrong": auroc(energy, wrong),
@@ -145,26 +148,37 @@ def thinking_curves(
             torch.manual_seed(seed)
             point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id, options)
             curves.append(point)
+    adaptive_tokens = {}
     if tolerance is not None and not isinstance(model, TransformerPP):
         for steps in steps_list:
             torch.manual_seed(seed)
-            point, _ = _evaluate_point(model, batches, steps, 1, pad_id, options, tolerance)
+            point, adaptive_tokens = _evaluate_point(
+                model, batches, steps, 1, pad_id, options, tolerance
+            )
             curves.append(point | {"adaptive": True, "tolerance": tolerance})
     result: dict[str, Any] = {"curves": curves, "options": vars(options or InferenceOptions())}
     if last_tokens.get("energy") is not None:
-        result["uncertainty"] = uncertainty(**last_tokens)
+        measures = {key: last_tokens[key] for key in ("energy", "loss", "wrong")}
+        result["uncertainty"] = uncertainty(**measures)
         result["tokens"] = last_tokens
+    if adaptive_tokens:  # do the tokens that think longer err more often?
+        keep = ~torch.isnan(adaptive_tokens["loss"])
+        steps, wrong = adaptive_tokens["steps"][keep], adaptive_tokens["wrong"][keep]
+        result["uncertainty"]["steps_auroc_wrong"] = auroc(steps.double(), wrong)
+        result["adaptive_tokens"] = adaptive_tokens
     return result
 
 
 def _evaluate_point(model, batches, steps, samples, pad_id, options=None, tolerance=None):
-    losses, energies, wrong, passes = [], [], [], 0.0
+    losses, energies, wrong, taken, passes = [], [], [], [], 0.0
     for batch in batches:
         verdict = predict(model, batch[:, :-1], steps, samples, tolerance, options)
         losses.append(_token_losses(verdict.logits, batch[:, 1:], pad_id).flatten())
         wrong.append((verdict.logits.argmax(-1) != batch[:, 1:]).flatten())
         if verdict.energies is not None:
             energies.append(verdict.energies.flatten())
+        if verdict.steps is not None:
+            taken.append(verdict.steps.flatten())
         passes = verdict.forward_passes_per_token
     token_losses = torch.cat(losses)
     mean = float(token_losses.nanmean())
@@ -179,5 +193,6 @@ def _evaluate_point(model, batches, steps, samples, pad_id, options=None, tolera
         "loss": token_losses,
         "wrong": torch.cat(wrong),
         "energy": torch.cat(energies) if energies else None,
+        "steps": torch.cat(taken) if taken else None,
     }
     return point, tokens
