@@ -58,6 +58,8 @@ def test_transformer_pp_curves_are_flat():
     result = thinking_curves(_model("transformer_pp"), batches, [1, 4], [1, 2])
     losses = {round(point["loss"], 6) for point in result["curves"]}
     assert len(losses) == 1 and "uncertainty" not in result
+    tokens = result["tokens"]  # per-token loss and mistakes still there (for --tokens)
+    assert tokens["energy"] is None and len(tokens["loss"]) == len(tokens["wrong"]) == 20
 
 
 def test_ebt_curves_report_compute_and_uncertainty():

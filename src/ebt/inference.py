@@ -157,10 +157,10 @@ def thinking_curves(
             )
             curves.append(point | {"adaptive": True, "tolerance": tolerance})
     result: dict[str, Any] = {"curves": curves, "options": vars(options or InferenceOptions())}
+    result["tokens"] = last_tokens
     if last_tokens.get("energy") is not None:
         measures = {key: last_tokens[key] for key in ("energy", "loss", "wrong")}
         result["uncertainty"] = uncertainty(**measures)
-        result["tokens"] = last_tokens
     if adaptive_tokens:  # do the tokens that think longer err more often?
         keep = ~torch.isnan(adaptive_tokens["loss"])
         steps, wrong = adaptive_tokens["steps"][keep], adaptive_tokens["wrong"][keep]
