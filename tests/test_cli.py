@@ -309,3 +309,14 @@ def test_generate_json_and_think_tokens_expose_per_token_uncertainty(run_dir, tm
         "adaptive_steps",
     }
     assert all(1 <= line["adaptive_steps"] <= 4 for line in lines)  # 2 landscapes x 2 steps
+
+
+def test_bench_generate_reports_cached_and_recompute_times(workspace, capsys):
+    """`ebt bench generate ... --json`: both paths timed token by token, and their speedups."""
+    overrides = tiny_overrides(workspace / "bench", workspace / "corpus.txt")
+    args = ["bench", "generate", str(TINY), *overrides, "--new-tokens", "3", "--repeats", "1"]
+    assert main(args + ["--json"]) == 0
+    result = json_output(capsys)
+    for key in ("ms_per_token", "naive_ms_per_token", "speedup", "speedup_paired"):
+        assert result[key] > 0, key
+    assert result["context_length"] == 16 and result["new_tokens"] == 3
