@@ -295,6 +295,8 @@ def test_generate_json_and_think_tokens_expose_per_token_uncertainty(run_dir, tm
     result = json_output(capsys)
     assert len(result["tokens"]) == 4
     assert all(isinstance(token["energy"], float) for token in result["tokens"])
+    assert main(args + ["--steps", "2", "--halt-tolerance", "1e9"]) == 0  # halts after 1 step
+    assert [token["steps"] for token in json_output(capsys)["tokens"]] == [1] * 4
     assert "".join(token["text"] for token in result["tokens"]) == result["text"]
     records = tmp_path / "tokens.jsonl"
     think = ["think", str(run_dir), "--steps", "2", "--samples", "1", "--batches", "1"]

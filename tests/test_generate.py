@@ -9,6 +9,7 @@ from ebt.config import load_config
 from ebt.generate import Sampling, generate_ids, sample
 from ebt.models import build_model
 from ebt.nn.kv_cache import KeyValueBuffer
+from ebt.thinking import InferenceOptions
 
 CASES = [("ebt", v) for v in ("time_embed", "adaln", "default", "pred_step")]
 CASES.append(("transformer_pp", "time_embed"))
@@ -118,3 +119,19 @@ def test_stacked_landscape_cache_equals_one_cache_per_landscape(variant):
         torch.testing.assert_close(
             model.energies(ours, probabilities), model.energies(alone, probabilities)
         )
+
+
+def test_generation_with_halting_tolerance_zero_equals_fixed_steps():
+    """Adaptive halting in generation: tolerance 0 never halts (same tokens, every step taken);
+    a large tolerance stops tokens early."""
+    model, prompt = _model("ebt", "time_embed"), [3, 4, 5, 6]
+    thinking = InferenceOptions(langevin_noise=0.0)
+    fixed, halted, loose = [], [], []
+    plain = Sampling(steps=3, thinking=thinking)
+    tokens = list(generate_ids(model, prompt, 6, 16, plain, records=fixed))
+    zero = Sampling(steps=3, thinking=thinking, halt_tolerance=0.0)
+    assert list(generate_ids(model, prompt, 6, 16, zero, records=halted)) == tokens
+    assert [r["steps"] for r in halted] == [r["steps"] for r in fixed] == [6] * 6
+    large = Sampling(steps=3, thinking=thinking, halt_tolerance=1e9)
+    list(generate_ids(model, prompt, 6, 16, large, records=loose))
+    assert all(r["steps"] < 6 for r in loose)

@@ -31,10 +31,11 @@ def _caches(model: EnergyTransformer, tokens: torch.Tensor, schedule: list[int])
         return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
 
 
-def _think_row(model, caches, state, schedule, options, tolerance, grad_tolerance):
-    """One sequence: state (1, S, V); returns (state, last energies (S,), steps (S,),
-    energy evaluations (S,))."""
+def _think_row(model, caches, state, schedule, options, tolerance, grad_tolerance, rows=None):
+    """One sequence: state (1, S, V) of candidates for context rows `rows` (default 0..S-1);
+    returns (state, last energies (S,), steps (S,), energy evaluations (S,))."""
     length = state.shape[1]
+    rows = torch.arange(length, device=state.device) if rows is None else rows  # (S,)
     active = torch.arange(length, device=state.device)  # positions still thinking
     previous = torch.full((length,), float("inf"), dtype=state.dtype, device=state.device)
     last_energy = torch.zeros(length, dtype=state.dtype, device=state.device)
@@ -47,7 +48,7 @@ def _think_row(model, caches, state, schedule, options, tolerance, grad_toleranc
         current = state[:, active].detach().requires_grad_()  # (1, R, V)
         with torch.enable_grad():
             new, energies = take_step(
-                model, cache, current, options, False, active, landscape=landscape
+                model, cache, current, options, False, rows[active], landscape=landscape
             )
         energies = energies[0]  # (R,)
         evaluations[active] += 1
@@ -79,8 +80,7 @@ def adaptive_think(
     state = init.clone() if init is not None else torch.randn(shape, device=tokens.device)
     schedule = step_schedule(model.args.landscapes, max_steps)
     caches = _caches(model, tokens, schedule)
-    noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
-    options = StepOptions(step_size=model.resolve_step_size(step_size), langevin_std=noise)
+    options = _options(model, step_size, langevin_noise)
     energies = torch.zeros(batch, length, dtype=state.dtype, device=tokens.device)
     steps = torch.zeros(batch, length, dtype=torch.long, device=tokens.device)
     evaluations = torch.zeros(batch, length, device=tokens.device)
@@ -92,3 +92,29 @@ def adaptive_think(
         )
         state[row : row + 1], energies[row], steps[row], evaluations[row] = result
     return AdaptiveResult(state, energies, steps, float(evaluations.mean()))
+
+
+def _options(model: EnergyTransformer, step_size, langevin_noise) -> StepOptions:
+    noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
+    return StepOptions(step_size=model.resolve_step_size(step_size), langevin_std=noise)
+
+
+@torch.no_grad()
+def think_until_converged(
+    model: EnergyTransformer,
+    caches: dict,
+    init: torch.Tensor,
+    rows: torch.Tensor,
+    max_steps: int,
+    tolerance: float,
+    step_size: float | None = None,
+    langevin_noise: float | None = None,
+) -> AdaptiveResult:
+    """Adaptive halting for candidates init (1, R, V) of context rows `rows` (R,) against
+    prebuilt context caches by landscape (generation: the newest position of a KV cache)."""
+    schedule = step_schedule(model.args.landscapes, max_steps)
+    options = _options(model, step_size, langevin_noise)
+    state, energies, steps, evaluations = _think_row(
+        model, caches, init.clone(), schedule, options, tolerance, 0.0, rows
+    )
+    return AdaptiveResult(state, energies[None], steps[None], float(evaluations.mean()))

@@ -59,7 +59,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.generate import Sampling, generate
 
     run = load_run(args.run, args.overrides)
+    if args.halt_tolerance is not None and args.accept_lower_energies:
+        raise ConfigError("--halt-tolerance does not combine with --accept-lower-energies")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps, _thinking(args))
+    sampling.halt_tolerance = args.halt_tolerance
     records: list[dict[str, Any]] = []
     pieces = generate(
         run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop, records
@@ -218,10 +221,16 @@ def _add_inference(sub: Any) -> None:
     generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
     _add_thinking_options(generate)
     generate.add_argument(
+        "--halt-tolerance",
+        type=float,
+        default=None,
+        help="EBT: a token stops thinking when its energy moves less than this (steps: budget)",
+    )
+    generate.add_argument(
         "--json",
         action="store_true",
-        help="print the text and, per token, its id and energy (EBT: the energy of the state "
-        "the last thinking step started from) as one JSON object",
+        help="print the text and, per token, its id, energy (EBT: of the state the last "
+        "thinking step started from) and thinking steps taken, as one JSON object",
     )
 
     think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ebt.adaptive import think_until_converged
 from ebt.models import TransformerPP
 from ebt.thinking import InferenceOptions
 
@@ -26,6 +27,7 @@ class Sampling:
     top_p: float = 1.0
     steps: int | None = None  # EBT thinking steps per landscape (None: the trained recipe's)
     thinking: InferenceOptions = field(default_factory=InferenceOptions)  # EBT step size, noise
+    halt_tolerance: float | None = None  # EBT: stop a token's thinking when |dE| < this
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -53,6 +55,7 @@ class Decoder:
         self.state = None  # EBT: stacked ContextCache; Transformer++: per-layer KeyValueBuffers
         self.cached_length = 0
         self.energy: float | None = None  # EBT: energy of the last step's starting state
+        self.steps: int | None = None  # EBT: thinking steps the last token took
 
     def _landscapes(self) -> list[int]:
         model = self.model
@@ -103,12 +106,34 @@ class Decoder:
             return logits
         row = torch.tensor([self.cached_length - 1], device=device)
         init = torch.randn(1, 1, self.model.vocab_size, device=device)
+        if sampling.halt_tolerance is not None:
+            return self._think_adaptively(sampling, init, row)
         arguments = sampling.thinking.think_arguments()
         trajectory = self.model.think(
             None, init, steps=sampling.steps, rows=row, caches=self._caches(), **arguments
         )
         self.energy = float(trajectory.energies[-1][0, -1])
+        self.steps = len(trajectory.states)
         return trajectory.states[-1][:, -1]
+
+    def _think_adaptively(self, sampling: Sampling, init: torch.Tensor, row: torch.Tensor):
+        """The newest position thinks until its energy stops moving (adaptive halting)."""
+        if sampling.thinking.accept_lower_energies:
+            raise ValueError("adaptive halting does not combine with accept_lower_energies")
+        steps = sampling.steps or self.model.args.inference_steps
+        options = sampling.thinking
+        result = think_until_converged(
+            self.model,
+            self._caches(),
+            init,
+            row,
+            steps,
+            sampling.halt_tolerance,
+            options.step_size,
+            options.langevin_noise,
+        )
+        self.energy, self.steps = float(result.energies[0, -1]), int(result.steps[0, -1])
+        return result.logits[:, -1]
 
     def _recompute(self, device: torch.device, sampling: Sampling) -> torch.Tensor:
         tokens = torch.tensor([self.ids[-self.window :]], device=device)  # (1, T)
@@ -123,6 +148,7 @@ class Decoder:
         arguments = sampling.thinking.think_arguments()
         trajectory = self.model.think(tokens, init, steps=sampling.steps, **arguments)
         self.energy = float(trajectory.energies[-1][0, -1])
+        self.steps = len(trajectory.states)
         return trajectory.states[-1][:, -1]
 
 
@@ -136,8 +162,9 @@ def generate_ids(
     cached: bool = True,
     records: list[dict] | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one by one; `records` (if given) receives {"id", "energy"} per
-    token (EBT: the energy of the state the last thinking step started from; else None)."""
+    """Yield new token ids one by one; `records` (if given) receives {"id", "energy", "steps"}
+    per token (EBT: the energy of the state the last thinking step started from and the steps
+    taken; else None)."""
     sampling = sampling or Sampling()
     decoder = Decoder(model, window, cached)
     decoder.ids = list(prompt_ids)
@@ -147,7 +174,7 @@ def generate_ids(
         token = sample(decoder.next_logits(sampling).cpu(), sampling, generator)
         decoder.ids.append(token)
         if records is not None:
-            records.append({"id": token, "energy": decoder.energy})
+            records.append({"id": token, "energy": decoder.energy, "steps": decoder.steps})
         yield token
 
 
