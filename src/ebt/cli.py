@@ -58,11 +58,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.generate import Sampling, generate
 
+    thinking = _thinking(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
-    if args.halt_tolerance is not None and args.accept_lower_energies:
-        raise ConfigError("--halt-tolerance does not combine with --accept-lower-energies")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.steps, _thinking(args))
-    sampling.halt_tolerance = args.halt_tolerance
+    sampling = Sampling(
+        args.temperature, args.top_k, args.top_p, args.steps, thinking, args.halt_tolerance
+    )
     records: list[dict[str, Any]] = []
     pieces = generate(
         run, args.prompt, args.max_new_tokens, sampling, args.seed, args.stop, records
@@ -82,7 +82,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _thinking(args: argparse.Namespace) -> InferenceOptions:
-    return InferenceOptions(args.step_size, args.langevin_noise, args.accept_lower_energies)
+    """The inference thinking options of `think` / `generate`, checked against --halt-tolerance."""
+    options = InferenceOptions(args.step_size, args.langevin_noise, args.accept_lower_energies)
+    try:
+        options.check_halting(args.halt_tolerance)
+    except ValueError:
+        raise ConfigError(
+            "--halt-tolerance does not combine with --accept-lower-energies"
+        ) from None
+    return options
 
 
 def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +141,7 @@ def cmd_think(args: argparse.Namespace) -> int:
     from ebt.inference import thinking_curves
     from ebt.plots import plot_thinking
 
+    options = _thinking(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
     data = run.config.data
     source = args.data or (data.ood_source if args.split == "ood" else None)
@@ -140,8 +149,6 @@ def cmd_think(args: argparse.Namespace) -> int:
     dataset = build_token_dataset(data, run.tokenizer, split, source=source)
     batches = iter_eval_batches(dataset, run.config.train.batch_size, args.batches)
     steps, samples = _int_list(args.steps), _int_list(args.samples)
-    if args.halt_tolerance is not None and args.accept_lower_energies:
-        raise ConfigError("--halt-tolerance does not combine with --accept-lower-energies")
     result = thinking_curves(
         run.model,
         batches,
@@ -150,7 +157,7 @@ def cmd_think(args: argparse.Namespace) -> int:
         run.tokenizer.pad_id,
         args.seed,
         args.halt_tolerance,
-        _thinking(args),
+        options,
     )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")

@@ -118,8 +118,7 @@ class Decoder:
 
     def _think_adaptively(self, sampling: Sampling, init: torch.Tensor, row: torch.Tensor):
         """The newest position thinks until its energy stops moving (adaptive halting)."""
-        if sampling.thinking.accept_lower_energies:
-            raise ValueError("adaptive halting does not combine with accept_lower_energies")
+        sampling.thinking.check_halting(sampling.halt_tolerance)
         steps = sampling.steps or self.model.args.inference_steps
         options = sampling.thinking
         result = think_until_converged(

@@ -81,8 +81,7 @@ def predict(
         with torch.no_grad():
             return Verdict(model(tokens), None, 1.0)
     if tolerance is not None:
-        if options.accept_lower_energies:
-            raise ValueError("adaptive halting does not combine with accept_lower_energies")
+        options.check_halting(tolerance)
         result = adaptive_think(
             model,
             tokens,

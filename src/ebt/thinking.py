@@ -67,6 +67,11 @@ class InferenceOptions:
             "accept_lower_energies": self.accept_lower_energies,
         }
 
+    def check_halting(self, tolerance: float | None) -> None:
+        """Adaptive halting (a tolerance) and accept-lower-energies do not combine."""
+        if tolerance is not None and self.accept_lower_energies:
+            raise ValueError("adaptive halting does not combine with accept_lower_energies")
+
     @property
     def evaluations_per_step(self) -> int:
         return 2 if self.accept_lower_energies else 1

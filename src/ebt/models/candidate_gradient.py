@@ -83,7 +83,7 @@ def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 def _attention_forward(block: Block, x, rope, context, mask, shape) -> tuple[torch.Tensor, Saved]:
     """Prediction attention of candidate rows x (N, D), as Block.prediction and
-    prediction_weights compute it; shape = (B, R, H, hd), context (B*H, Tc, hd) each."""
+    prediction_attention compute it; shape = (B, R, H, hd), context (B*H, Tc, hd) each."""
     attention = block.attention
     q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
     rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)

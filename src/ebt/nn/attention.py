@@ -44,27 +44,6 @@ def prediction_mask(
     return mask.masked_fill(~allowed, float("-inf"))
 
 
-def prediction_weights(
-    rotated_queries: torch.Tensor,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    context_keys: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Attention weights (B, H, R, Tc + 1) of each candidate row over its allowed context keys
-    and its own key (last column); softmax in float32 at least, as the paper's code does.
-
-    rotated_queries: RoPE'd queries already multiplied by 1/sqrt(hd) (the scale is folded into
-    the rotation table, saving a pass over the scores); queries, keys: the same rows without
-    RoPE or scale, (B, H, R, hd); context_keys: RoPE'd (B, H, Tc, hd); mask: (R, Tc) additive.
-    """
-    scale = queries.shape[-1] ** -0.5
-    context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
-    self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
-    scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
-    return at_least_float32(scores).softmax(dim=-1).type_as(queries)
-
-
 def split_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(context weights (B, H, R, Tc), self weight (B, H, R, 1)).
 
@@ -85,10 +64,17 @@ def prediction_attention(
 ) -> torch.Tensor:
     """Each candidate row attends to its allowed context keys and to its own key only.
 
-    Arguments as in prediction_weights; values (B, H, R, hd); context: RoPE'd keys and values
-    (B, H, Tc, hd). Returns (B, H, R, hd).
+    rotated_queries: RoPE'd queries already multiplied by 1/sqrt(hd) (the scale is folded into
+    the rotation table, saving a pass over the scores); queries, keys, values: the same rows
+    without RoPE or scale, (B, H, R, hd); context: RoPE'd keys and values (B, H, Tc, hd);
+    mask: (R, Tc) additive. Softmax in float32 at least, as the paper's code does.
+    Returns (B, H, R, hd).
     """
     context_keys, context_values = context
-    weights = prediction_weights(rotated_queries, queries, keys, context_keys, mask)
+    scale = queries.shape[-1] ** -0.5
+    context_scores = rotated_queries @ context_keys.transpose(-1, -2) + mask  # (B, H, R, Tc)
+    self_score = (queries * keys).sum(-1, keepdim=True) * scale  # (B, H, R, 1)
+    scores = torch.cat((context_scores, self_score), dim=-1)  # (B, H, R, Tc + 1)
+    weights = at_least_float32(scores).softmax(dim=-1).type_as(queries)
     context_weights, self_weight = split_weights(weights)
     return context_weights @ context_values + self_weight * values  # (B, H, R, hd)
