@@ -129,8 +129,10 @@ def test_landscapes_condition_only_the_conditioned_variants():
 # --- second-order training gradients ----------------------------------------------------------
 
 
-def our_step_loss(model, tokens, targets, init, landscape=0) -> torch.Tensor:
-    """Cross-entropy of y' after one thinking step with second-order terms (our path)."""
+def our_step_loss(model, tokens, targets, init, landscape=0, path="hand_written") -> torch.Tensor:
+    """Cross-entropy of y' after one thinking step with second-order terms (our path): the
+    written-out candidate gradient differentiated by autograd, or autograd's double backward."""
+    model.hand_written_gradients = path == "hand_written"
     cache = model.encode_context(tokens, landscape)
     options = StepOptions(step_size=model.step_size, create_graph=True)
     state, _ = take_step(model, cache, init.clone().requires_grad_(), options, keep_graph=True)
@@ -150,22 +152,27 @@ def step_problem(variant: str):
     return model, sequence[:, :-1], sequence[:, 1:], init
 
 
+PATHS = ("hand_written", "autograd")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_step_loss_and_second_order_gradients_match_naive(variant):
+def test_step_loss_and_second_order_gradients_match_naive(variant, path):
     """take_step with create_graph: loss and every parameter gradient equal the naive path."""
     model, tokens, targets, init = step_problem(variant)
-    ours = our_step_loss(model, tokens, targets, init, landscape=1)
+    ours = our_step_loss(model, tokens, targets, init, landscape=1, path=path)
     theirs = naive_step_loss(model, tokens, targets, init, landscape=1)
     assert relative_error(ours, theirs) < LOOSE
     error, name = worst_gradient_error(gradients(ours, model), gradients(theirs, model))
     assert error < LOOSE_GRAD, name
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_second_order_gradients_match_naive_to_float64_precision(variant):
+def test_second_order_gradients_match_naive_to_float64_precision(variant, path):
     """In float64 the second-order parameter gradients should agree to ~1e-8 relative."""
     model, tokens, targets, init = step_problem(variant)
-    ours = gradients(our_step_loss(model, tokens, targets, init), model)
+    ours = gradients(our_step_loss(model, tokens, targets, init, path=path), model)
     theirs = gradients(naive_step_loss(model, tokens, targets, init), model)
     error, name = worst_gradient_error(ours, theirs)
     assert error < TIGHT_GRAD, name

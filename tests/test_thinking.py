@@ -337,9 +337,9 @@ def _poison_step(monkeypatch: pytest.MonkeyPatch, model: EnergyTransformer, bad:
     calls = []
 
     def poisoned(real):
-        def evaluate(cache, probabilities, rows=None, landscape=None):
+        def evaluate(cache, probabilities, rows=None, landscape=None, *extra):
             calls.append(None)
-            result = real(cache, probabilities, rows, landscape)
+            result = real(cache, probabilities, rows, landscape, *extra)
             if len(calls) != bad + 1:
                 return result
             return (
@@ -540,6 +540,45 @@ def test_landscapewise_backward_equals_one_backward(variant, recipe):
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, rtol=1e-12, atol=1e-12, msg=name)
 
+
+
+WRITTEN_OUT_RECIPES = LANDSCAPEWISE_RECIPES | {
+    "system2 (not detached, every step second order, clamps)": [
+        "think.detach=false",
+        "think.grad_clamp=0.5",
+        "think.absolute_clamp=3",
+        "think.langevin_noise=0.1",
+    ],
+}
+
+
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln", "default"])
+@pytest.mark.parametrize("recipe", list(WRITTEN_OUT_RECIPES))
+def test_written_out_candidate_gradient_trains_like_double_backward(variant, recipe):
+    """Training with the hand-written dE/dp (a first-order graph autograd differentiates once)
+    gives autograd's double-backward loss and parameter gradients, in float64, for every
+    thinking knob (chains of steps without detach included)."""
+    overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
+    overrides += ["data.seq_len=8", "think.landscapes=2", "think.steps=2", "think.step_size=20"]
+    config = finalize(load_config(None, overrides + WRITTEN_OUT_RECIPES[recipe]))
+    torch.manual_seed(0)
+    model = build_model(config, 11)
+    objective = Objective(model, config.think).train()
+    batch = torch.randint(1, 11, (3, 9))
+    results = {}
+    for hand_written in (False, True):
+        model.hand_written_gradients = hand_written
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = objective.forward_backward(batch).loss
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[hand_written] = loss, grads
+    (expected_loss, expected), (loss, actual) = results[False], results[True]
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    assert actual.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(actual[name], gradient, rtol=1e-10, atol=1e-12, msg=name)
 
 # --- accept only lower energies ------------------------------------------------------------
 

@@ -26,6 +26,8 @@ class EnergyModel(Protocol):
 
     def energies(self, cache, probabilities: torch.Tensor, rows=None, landscape=None): ...
 
+    # optional: energies_and_gradient(cache, probabilities, rows, landscape, create_graph)
+
 
 class ThinkingError(FloatingPointError):
     """A thinking step produced a NaN or Inf gradient."""
@@ -153,12 +155,12 @@ def take_step(
     if float(options.langevin_std) > 0:
         state = state + torch.randn_like(state.detach()) * options.langevin_std
     probabilities = state.softmax(dim=-1)  # (B, R, V)
-    first_order = getattr(model, "energies_and_gradient", None)
-    if keep_graph or first_order is None:
+    with_gradient = getattr(model, "energies_and_gradient", None)
+    if with_gradient is None:
         energies = model.energies(cache, probabilities, rows, landscape)  # (B, R)
         (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
-    else:  # the same values; the model may compute them without recording a graph
-        energies, gradient = first_order(cache, probabilities, rows, landscape)
+    else:  # the same values; the model may write the gradient out instead of asking autograd
+        energies, gradient = with_gradient(cache, probabilities, rows, landscape, keep_graph)
     _check_finite(gradient, *where)
     if options.grad_clamp:
         limit = options.grad_clamp / model.step_size

@@ -1,13 +1,18 @@
-"""Energies and their gradient with respect to the candidates, without autograd (inference).
+"""Energies and their gradient with respect to the candidates, written out by hand.
 
-Thinking at inference needs dE/dp to first order only. Recording the prediction stream for
-autograd costs about three times the kernels the arithmetic needs (views, transposes, saved
-tensors, engine bookkeeping), and with one position optimised per generated token those small
-kernels, not the matmuls, are the time. Here the forward and its vector-Jacobian product are
-written out by hand: the same arithmetic as autograd's, in fewer kernels, under inference_mode.
-`extend_context_by_one` is generation's one-token context pass in the same style. Training steps
-that keep second-order terms always use autograd; tests check this path against autograd of the
-naive float64 model for every variant.
+Recording the prediction stream for autograd and asking autograd for dE/dp costs about three
+times the kernels the arithmetic needs (views, transposes, saved tensors, engine bookkeeping).
+Here the forward and its vector-Jacobian product are written out: the same arithmetic as
+autograd's, on 2-D row tensors, in fewer kernels.
+
+The same code serves both uses of the candidate gradient:
+- inference (first order): run under inference_mode, nothing is recorded;
+- training (second order): run with grad enabled, autograd records these ops like any others
+  and the final backward differentiates the written-out gradient. The training graph is then
+  first-order (no `create_graph` double backward), with fewer and fused elementwise kernels.
+
+`extend_context_by_one` is generation's one-token context pass in the same style. Tests check
+both uses against autograd of the naive float64 model for every variant.
 """
 
 from __future__ import annotations
@@ -198,7 +203,6 @@ def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) 
     return block.modulation(condition).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
 
 
-@torch.inference_mode()
 def energies_and_gradient(
     model: EnergyTransformer,
     cache: ContextCache,
@@ -206,7 +210,10 @@ def energies_and_gradient(
     rows: torch.Tensor | None = None,
     landscape: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(energies (B, R), dE/dp (B, R, V)) of candidates p (B, R, V); arguments as energies()."""
+    """(energies (B, R), dE/dp (B, R, V)) of candidates p (B, R, V); arguments as energies().
+
+    Differentiable (to any order autograd supports) when run with grad enabled.
+    """
     if rows is None:
         rows = torch.arange(probabilities.shape[1], device=probabilities.device)
     landscape = cache.landscape if landscape is None else landscape

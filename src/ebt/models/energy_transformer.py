@@ -96,6 +96,7 @@ class EnergyTransformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.energy_head = nn.Linear(args.dim, 1, bias=False)
         init_linear_xavier(self)
+        self.hand_written_gradients = True  # see hand_written_path
         self.step_embedding = None
         if args.variant != "default":
             self.step_embedding = nn.Embedding(args.landscapes, args.dim)
@@ -217,11 +218,13 @@ class EnergyTransformer(nn.Module):
         return self.energy_head(z).squeeze(-1)  # (B, R)
 
     def hand_written_path(self, example: torch.Tensor) -> bool:
-        """Whether inference may use the hand-written passes (candidate_gradient): float32 or
-        float64 outside autocast, with ordinary (not FSDP-sharded DTensor) parameters."""
+        """Whether the hand-written passes (candidate_gradient) apply: float32 or float64
+        outside autocast, with ordinary (not FSDP-sharded DTensor) parameters, and not turned
+        off (`hand_written_gradients = False` forces autograd everywhere, for comparison)."""
         autocast = torch.is_autocast_enabled(example.device.type)
         plain = type(self.energy_head.weight) is nn.Parameter
-        return plain and not autocast and example.dtype in (torch.float32, torch.float64)
+        floating = example.dtype in (torch.float32, torch.float64)
+        return self.hand_written_gradients and plain and not autocast and floating
 
     def energies_and_gradient(
         self,
@@ -229,23 +232,35 @@ class EnergyTransformer(nn.Module):
         probabilities: torch.Tensor,
         rows: torch.Tensor | None = None,
         landscape: int | None = None,
+        create_graph: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energies (B, R), dE/dp (B, R, V)) to first order, detached; arguments as energies().
+        """(energies (B, R), dE/dp (B, R, V)); arguments as energies().
 
-        Hand-written without autograd (see candidate_gradient) for float32/float64 outside
-        autocast with ordinary parameters; otherwise (bf16, sharded FSDP parameters) autograd.
+        create_graph=False: first order, detached (inference). create_graph=True: both carry
+        their graph, so a loss on a step taken with dE/dp back-propagates the second-order
+        terms into the parameters (training).
+
+        Hand-written (see candidate_gradient) where hand_written_path() allows; otherwise
+        (bf16 autocast, sharded FSDP parameters) autograd, with create_graph for training.
         """
-        probabilities = probabilities.detach()
         if self.hand_written_path(probabilities):
-            energies, gradient = candidate_gradient.energies_and_gradient(
-                self, cache, probabilities, rows, landscape
-            )  # inference tensors: clone for use where autograd records (a learnable alpha)
+            if create_graph:  # autograd records the written-out gradient
+                return candidate_gradient.energies_and_gradient(
+                    self, cache, probabilities, rows, landscape
+                )
+            with torch.inference_mode():
+                energies, gradient = candidate_gradient.energies_and_gradient(
+                    self, cache, probabilities.detach(), rows, landscape
+                )  # inference tensors: clone for use where autograd records (a learnable alpha)
             return energies.clone(), gradient.clone()
         with torch.enable_grad():
-            probabilities.requires_grad_()
+            if not create_graph:
+                probabilities = probabilities.detach().requires_grad_()
             energies = self.energies(cache, probabilities, rows, landscape)  # (B, R)
-            (gradient,) = torch.autograd.grad(energies.sum(), probabilities)
-        return energies.detach(), gradient
+            (gradient,) = torch.autograd.grad(
+                energies.sum(), probabilities, create_graph=create_graph
+            )
+        return (energies if create_graph else energies.detach()), gradient
 
     def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
         """None: the trained alpha; 0 < a < 1: a times the trained alpha; a >= 1: a itself."""
