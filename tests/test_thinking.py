@@ -541,7 +541,6 @@ def test_landscapewise_backward_equals_one_backward(variant, recipe):
         torch.testing.assert_close(actual[name], gradient, rtol=1e-12, atol=1e-12, msg=name)
 
 
-
 WRITTEN_OUT_RECIPES = LANDSCAPEWISE_RECIPES | {
     "system2 (not detached, every step second order, clamps)": [
         "think.detach=false",
@@ -579,6 +578,7 @@ def test_written_out_candidate_gradient_trains_like_double_backward(variant, rec
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, rtol=1e-10, atol=1e-12, msg=name)
+
 
 # --- accept only lower energies ------------------------------------------------------------
 
