@@ -25,7 +25,7 @@ from ebt.config import Config
 from ebt.data import load_tokenizer
 from ebt.distributed import pick_device
 from ebt.generate import generate_ids
-from ebt.models import build_model
+from ebt.models import build_model, compile_for_training
 from ebt.objective import Objective
 from ebt.optim import build_optimizer
 from ebt.runtime import keep_freed_memory
@@ -37,6 +37,8 @@ class _Stepper:
     def __init__(self, config: Config, vocab_size: int, device: torch.device) -> None:
         torch.manual_seed(config.train.seed)
         model = build_model(config, vocab_size).to(device)
+        if config.train.compile:  # both models alike; compilation falls in the warm-up steps
+            compile_for_training(model, device)
         self.objective = Objective(model, config.think).train()
         self.optimizer = build_optimizer(model, config.train, config.think)
         shape = (config.train.batch_size, config.data.seq_len + 1)

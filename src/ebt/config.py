@@ -120,6 +120,7 @@ class TrainConfig:
     wandb_project: str = "ebt"
     parallel: str = "ddp"  # ddp | fsdp (FSDP2; used only under torchrun)
     activation_checkpointing: bool = False  # recompute each second-order thinking step
+    compile: bool = False  # torch.compile the training passes (needs a C++ compiler on CPU)
 
 
 @dataclass

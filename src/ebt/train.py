@@ -43,7 +43,7 @@ from ebt.distributed import (
     wrap_objective,
 )
 from ebt.evaluate import evaluate
-from ebt.models import build_model
+from ebt.models import build_model, compile_for_training
 from ebt.objective import Objective, backward
 from ebt.optim import build_optimizer, build_scheduler, lr_report
 from ebt.replay import ReplayBuffer
@@ -64,6 +64,10 @@ class Trainer:
             self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
             self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
         self.model = build_model(config, self.tokenizer.vocab_size).to(context.device)
+        if config.train.compile:
+            if context.enabled and config.train.parallel == "fsdp":
+                raise ValueError("train.compile does not support train.parallel=fsdp; use ddp")
+            compile_for_training(self.model, context.device)
         if context.enabled:  # per-rank noise: initial candidates, Langevin, step sizes, replay
             torch.manual_seed(config.train.seed + context.rank)
         self.objective = Objective(self.model, config.think, self.tokenizer.pad_id)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
+
+import torch
 from torch import nn
 
 from ebt.config import Config
 from ebt.models.energy_transformer import ContextCache, EnergyTransformer, EnergyTransformerArgs
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
 
-__all__ = ["ContextCache", "EnergyTransformer", "TransformerPP", "build_model"]
+__all__ = [
+    "ContextCache",
+    "EnergyTransformer",
+    "TransformerPP",
+    "build_model",
+    "compile_for_training",
+]
 
 
 def build_model(config: Config, vocab_size: int) -> nn.Module:
@@ -45,3 +55,17 @@ def build_model(config: Config, vocab_size: int) -> nn.Module:
         inference_steps=(think.random_steps_min or 1) if think.random_steps else think.steps,
     )
     return EnergyTransformer(args)
+
+
+def compile_for_training(model: nn.Module, device: torch.device) -> None:
+    """train.compile: torch.compile the passes of a training step (see the models'
+    compile_training_passes). Compilation happens on the first step (about a minute on CPU)."""
+    compilers = ("c++", "g++", "clang++")
+    if device.type == "cpu" and not any(shutil.which(name) for name in compilers):
+        raise ValueError(
+            "train.compile=true needs a C++ compiler on CPU (torch.compile's inductor writes "
+            "C++ kernels): install g++ or clang++, or set train.compile=false"
+        )
+    # RoPE multiplies complex numbers; inductor leaves those few ops to eager kernels
+    warnings.filterwarnings("ignore", message="Torchinductor does not support code generation")
+    model.compile_training_passes()

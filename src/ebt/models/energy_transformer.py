@@ -15,6 +15,7 @@ Variants (how the landscape / step id conditions the energy):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ class EnergyTransformer(nn.Module):
         self.energy_head = nn.Linear(args.dim, 1, bias=False)
         init_linear_xavier(self)
         self.hand_written_gradients = True  # see hand_written_path
+        self.compiled_passes: dict[str, Callable] = {}  # see compile_training_passes
         self.step_embedding = None
         if args.variant != "default":
             self.step_embedding = nn.Embedding(args.landscapes, args.dim)
@@ -140,11 +142,7 @@ class EnergyTransformer(nn.Module):
             step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
             x = torch.cat((step_token, x), dim=1)  # (B, S + 1, D)
         rope = self._rope(torch.arange(x.shape[1], device=x.device)).unsqueeze(1)  # (T, 1, hd/2)
-        keys, values = [], []
-        for index, block in enumerate(self.blocks):
-            x, k, v = block.context(x, rope, condition, keys_only=index == len(self.blocks) - 1)
-            keys.append(k)
-            values.append(v)
+        keys, values = self._training_pass("context", self._context_layers)(x, rope, condition)
         label = landscape if isinstance(landscape, int) else -1
         cache = ContextCache(keys, values, label, condition)
         if capacity:
@@ -152,6 +150,36 @@ class EnergyTransformer(nn.Module):
                 KeyValueBuffer(k, v, capacity) for k, v in zip(keys, values, strict=True)
             ]
         return cache
+
+    def _context_layers(
+        self, x: torch.Tensor, rope: Rope, condition: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer keys and values (B, H, T, hd) of the context stream over inputs x (B, T, D)."""
+        keys, values = [], []
+        for index, block in enumerate(self.blocks):
+            x, k, v = block.context(x, rope, condition, keys_only=index == len(self.blocks) - 1)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def compile_training_passes(self) -> None:
+        """torch.compile the two passes a training step runs (train.compile): the context stream
+        and the written-out energies + dE/dp, whose graph autograd differentiates once (so the
+        compiled region has an ordinary first-order backward; a `create_graph` double backward
+        cannot be compiled). Fused elementwise kernels; the same arithmetic.
+
+        Used only while grad is enabled (training steps): evaluation, thinking at inference and
+        generation, whose shapes change token by token, stay eager. Shapes are static: one
+        compilation per landscape and batch shape.
+        """
+        self.compiled_passes = {
+            "context": torch.compile(self._context_layers, dynamic=False),
+            "gradient": torch.compile(candidate_gradient.energies_and_gradient, dynamic=False),
+        }
+
+    def _training_pass(self, name: str, eager: Callable) -> Callable:
+        """The compiled version of a pass while training, if compile_training_passes ran."""
+        return self.compiled_passes.get(name, eager) if torch.is_grad_enabled() else eager
 
     @torch.no_grad()
     def extend_context(self, cache: ContextCache, tokens: torch.Tensor) -> ContextCache:
@@ -245,9 +273,9 @@ class EnergyTransformer(nn.Module):
         """
         if self.hand_written_path(probabilities):
             if create_graph:  # autograd records the written-out gradient
-                return candidate_gradient.energies_and_gradient(
-                    self, cache, probabilities, rows, landscape
-                )
+                passes = candidate_gradient.energies_and_gradient
+                written_out = self._training_pass("gradient", passes)
+                return written_out(self, cache, probabilities, rows, landscape)
             with torch.inference_mode():
                 energies, gradient = candidate_gradient.energies_and_gradient(
                     self, cache, probabilities.detach(), rows, landscape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class TransformerPP(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         init_linear_xavier(self)
         self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
+        self.compiled_forward: Callable | None = None  # see compile_training_passes
 
     @property
     def vocab_size(self) -> int:
@@ -46,7 +48,17 @@ class TransformerPP(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, S, V) for tokens (B, S)."""
+        if self.compiled_forward is not None and torch.is_grad_enabled():
+            return self.compiled_forward(tokens)
         return self.forward_cached(tokens)[0]
+
+    def compile_training_passes(self) -> None:
+        """torch.compile the forward of training steps (train.compile); as the EBT's, only
+        while grad is enabled: evaluation and generation stay eager."""
+        self.compiled_forward = torch.compile(self._logits, dynamic=False)
+
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_cached(tokens)[0]  # (B, S, V)
 
     def forward_cached(
         self, tokens: torch.Tensor, past: list[KeyValueBuffer] | None = None, capacity: int = 0
