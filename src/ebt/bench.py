@@ -138,6 +138,7 @@ def bench_train(
         "device": str(device),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "compile": config.train.compile,  # both models alike
     }
     for prefix, cfg in configs.items():
         result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])

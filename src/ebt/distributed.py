@@ -1,8 +1,9 @@
 """torchrun integration: process group setup, rank helpers and reductions, DDP / FSDP2 wrapping.
 
-Second-order gradients and data parallelism. The candidate gradient dE/dp is taken with
-`autograd.grad(create_graph=True)` inside `Objective.forward`, so a wrapper sees one forward
-and one ordinary backward of the full second-order loss:
+Second-order gradients and data parallelism. The candidate gradient dE/dp is taken inside
+`Objective.forward` (written out by hand with ordinary parameters, with
+`autograd.grad(create_graph=True)` under FSDP2), so a wrapper sees one forward and one ordinary
+backward of the full second-order loss:
 
 - DDP (`train.parallel=ddp`): its gradient hooks fire on the parameters' final accumulation,
   which includes the grad-of-grad terms; tests compare it with one process on the same batch.
