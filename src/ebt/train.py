@@ -228,6 +228,9 @@ class Trainer:
         show = train.progress and self.context.is_main
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not show, desc="train")
         started, last_eval = time.perf_counter(), {}
+        if train.compile and show and self.step < train.max_steps:
+            bar.write("train.compile: the first step compiles the training passes (about a minute")
+            bar.write("on CPU the first time; inductor caches the kernels on disk for later runs)")
         while self.step < train.max_steps:
             row = self.train_step()
             bar.update(1)
