@@ -55,6 +55,20 @@ def test_compiled_training_step_equals_eager(kind):
     assert passes  # the compiled path really ran: see the next test for the eager fallback
 
 
+def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights(monkeypatch):
+    """The compiled passes take the model as an argument: a copy with other weights gives other
+    energies, not the original's."""
+    monkeypatch.setattr(torch, "compile", lambda function, **_: function)  # the wiring only
+    model = build_model(tiny_config("ebt"), VOCAB)
+    compile_for_training(model, torch.device("cpu"))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.blocks[0].attention.wk.weight.mul_(2)
+    tokens = torch.randint(1, VOCAB, (2, 8))
+    keys = [model.encode_context(tokens).keys[0], twin.encode_context(tokens).keys[0]]
+    torch.testing.assert_close(keys[1], 2 * keys[0])
+
+
 def test_compiled_passes_are_used_only_while_grad_is_enabled(monkeypatch):
     """Evaluation, inference thinking and generation (no grad) never call the compiled passes."""
     config = tiny_config("ebt")

@@ -142,7 +142,8 @@ class EnergyTransformer(nn.Module):
             step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
             x = torch.cat((step_token, x), dim=1)  # (B, S + 1, D)
         rope = self._rope(torch.arange(x.shape[1], device=x.device)).unsqueeze(1)  # (T, 1, hd/2)
-        keys, values = self._training_pass("context", self._context_layers)(x, rope, condition)
+        context_layers = self._training_pass("context", EnergyTransformer._context_layers)
+        keys, values = context_layers(self, x, rope, condition)
         label = landscape if isinstance(landscape, int) else -1
         cache = ContextCache(keys, values, label, condition)
         if capacity:
@@ -170,10 +171,11 @@ class EnergyTransformer(nn.Module):
 
         Used only while grad is enabled (training steps): evaluation, thinking at inference and
         generation, whose shapes change token by token, stay eager. Shapes are static: one
-        compilation per landscape and batch shape.
+        compilation per landscape and batch shape. The compiled functions take the model as an
+        argument (not bound methods), so a deep copy of the model runs its own weights.
         """
         self.compiled_passes = {
-            "context": torch.compile(self._context_layers, dynamic=False),
+            "context": torch.compile(EnergyTransformer._context_layers, dynamic=False),
             "gradient": torch.compile(candidate_gradient.energies_and_gradient, dynamic=False),
         }
 

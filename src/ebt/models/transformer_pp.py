@@ -49,13 +49,13 @@ class TransformerPP(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, S, V) for tokens (B, S)."""
         if self.compiled_forward is not None and torch.is_grad_enabled():
-            return self.compiled_forward(tokens)
+            return self.compiled_forward(self, tokens)
         return self.forward_cached(tokens)[0]
 
     def compile_training_passes(self) -> None:
         """torch.compile the forward of training steps (train.compile); as the EBT's, only
         while grad is enabled: evaluation and generation stay eager."""
-        self.compiled_forward = torch.compile(self._logits, dynamic=False)
+        self.compiled_forward = torch.compile(TransformerPP._logits, dynamic=False)  # (model, ids)
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(tokens)[0]  # (B, S, V)
