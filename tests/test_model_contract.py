@@ -14,6 +14,7 @@ import torch
 from naive_reference import cross_entropy, naive_energies, naive_step, naive_transformer_pp_logits
 from torch.nn import functional as F
 
+import ebt.models.candidate_gradient as candidate_gradient
 from ebt.config import ThinkConfig, config_from_dict
 from ebt.models import EnergyTransformer, TransformerPP, build_model
 from ebt.objective import Objective
@@ -126,6 +127,15 @@ def test_landscapes_condition_only_the_conditioned_variants():
         assert torch.equal(first, second) == (variant == "default"), variant
 
 
+@pytest.fixture(params=["one chunk", "rows split"])
+def row_split(request, monkeypatch):
+    """Run the hand-written passes with the candidate rows in one chunk, or split in two (as for
+    long sequences; here from 2 rows on, so the tests' short sequences are split too)."""
+    split = request.param == "rows split"
+    monkeypatch.setattr(candidate_gradient, "SPLIT_MIN_ROWS", 2 if split else 10**9)
+    return split
+
+
 # --- second-order training gradients ----------------------------------------------------------
 
 
@@ -167,6 +177,7 @@ def test_step_loss_and_second_order_gradients_match_naive(variant, path):
     assert error < LOOSE_GRAD, name
 
 
+@pytest.mark.usefixtures("row_split")
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_second_order_gradients_match_naive_to_float64_precision(variant, path):
@@ -296,6 +307,7 @@ def test_rows_subset_equals_columns_of_full_computation(variant, rows):
     assert relative_error(subset, full[:, index]) < LOOSE  # float32 internals: shapes round
 
 
+@pytest.mark.usefixtures("row_split")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows", [None, [4, 0, 2]])
 def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(variant, rows):
@@ -437,3 +449,10 @@ def test_transformer_pp_matches_naive_to_float64_precision():
     """In float64 the baseline should agree with the naive decoder to ~1e-15."""
     model, tokens = make_model(kind="transformer_pp"), make_tokens()
     assert relative_error(model(tokens), naive_transformer_pp_logits(model, tokens)) < TIGHT
+
+
+def test_row_chunks_read_every_key_their_rows_may_read_and_no_more():
+    """The first half of the rows reads exactly the keys its last row may read."""
+    assert candidate_gradient.row_chunks(128, 128, 1) == [(64, 64), (64, 128)]
+    assert candidate_gradient.row_chunks(128, 129, 2) == [(64, 65), (64, 129)]
+    assert candidate_gradient.row_chunks(8, 8, 1) == [(8, 8)]  # short: one chunk

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import ebt.models.candidate_gradient as candidate_gradient
 import ebt.objective as objective_module
 from ebt.config import Config, ThinkConfig, finalize, load_config
 from ebt.models import EnergyTransformer, build_model
@@ -554,10 +555,12 @@ WRITTEN_OUT_RECIPES = LANDSCAPEWISE_RECIPES | {
 @pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln", "default"])
 @pytest.mark.parametrize("recipe", list(WRITTEN_OUT_RECIPES))
-def test_written_out_candidate_gradient_trains_like_double_backward(variant, recipe):
+def test_written_out_candidate_gradient_trains_like_double_backward(variant, recipe, monkeypatch):
     """Training with the hand-written dE/dp (a first-order graph autograd differentiates once)
     gives autograd's double-backward loss and parameter gradients, in float64, for every
-    thinking knob (chains of steps without detach included)."""
+    thinking knob (chains of steps without detach included); the attention's rows are split
+    in two as for long sequences."""
+    monkeypatch.setattr(candidate_gradient, "SPLIT_MIN_ROWS", 2)
     overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
     overrides += ["data.seq_len=8", "think.landscapes=2", "think.steps=2", "think.step_size=20"]
     config = finalize(load_config(None, overrides + WRITTEN_OUT_RECIPES[recipe]))
