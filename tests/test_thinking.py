@@ -515,26 +515,30 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
+def recipe_problem(variant: str, landscapes: int, recipe: list[str]):
+    """(model, training objective, batch (3, 9)) of a 2-layer width-16 EBT trained with recipe."""
+    overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
+    overrides += ["data.seq_len=8", f"think.landscapes={landscapes}", "think.steps=2"]
+    config = finalize(load_config(None, overrides + ["think.step_size=20"] + recipe))
+    torch.manual_seed(0)
+    model = build_model(config, 11)
+    return model, Objective(model, config.think).train(), torch.randint(1, 11, (3, 9))
+
+
 @pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("variant", ["time_embed", "pred_step", "adaln", "default"])
 @pytest.mark.parametrize("recipe", list(LANDSCAPEWISE_RECIPES))
 def test_landscapewise_backward_equals_one_backward(variant, recipe):
     """forward_backward (a backward per landscape, shared context and alpha cut into leaves)
     gives the gradients of backward(forward(batch).loss * scale), in float64."""
-    overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
-    overrides += ["data.seq_len=8", "think.landscapes=3", "think.steps=2", "think.step_size=20"]
-    config = finalize(load_config(None, overrides + LANDSCAPEWISE_RECIPES[recipe]))
-    torch.manual_seed(0)
-    model = build_model(config, 11)
-    objective = Objective(model, config.think).train()
-    batch = torch.randint(1, 11, (3, 9))
+    model, objective, batch = recipe_problem(variant, 3, LANDSCAPEWISE_RECIPES[recipe])
     torch.manual_seed(1)
     objective_module.backward(objective(batch).loss * 0.5, model)
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)
     output = objective.forward_backward(batch, scale=0.5)
-    assert objective.landscapewise() == config.think.detach
+    assert objective.landscapewise() == objective.think_config.detach
     assert not output.loss.requires_grad
     actual = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert actual.keys() == expected.keys()
@@ -561,13 +565,7 @@ def test_written_out_candidate_gradient_trains_like_double_backward(variant, rec
     thinking knob (chains of steps without detach included); the attention's rows are split
     in two as for long sequences."""
     monkeypatch.setattr(candidate_gradient, "SPLIT_MIN_ROWS", 2)
-    overrides = [f"model.variant={variant}", "model.dim=16", "model.layers=2", "model.heads=2"]
-    overrides += ["data.seq_len=8", "think.landscapes=2", "think.steps=2", "think.step_size=20"]
-    config = finalize(load_config(None, overrides + WRITTEN_OUT_RECIPES[recipe]))
-    torch.manual_seed(0)
-    model = build_model(config, 11)
-    objective = Objective(model, config.think).train()
-    batch = torch.randint(1, 11, (3, 9))
+    model, objective, batch = recipe_problem(variant, 2, WRITTEN_OUT_RECIPES[recipe])
     results = {}
     for hand_written in (False, True):
         model.hand_written_gradients = hand_written

@@ -275,8 +275,8 @@ class EnergyTransformer(nn.Module):
         """
         if self.hand_written_path(probabilities):
             if create_graph:  # autograd records the written-out gradient
-                passes = candidate_gradient.energies_and_gradient
-                written_out = self._training_pass("gradient", passes)
+                eager = candidate_gradient.energies_and_gradient
+                written_out = self._training_pass("gradient", eager)
                 return written_out(self, cache, probabilities, rows, landscape)
             with torch.inference_mode():
                 energies, gradient = candidate_gradient.energies_and_gradient(
