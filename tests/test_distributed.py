@@ -11,9 +11,9 @@ different matmul shapes of 4 and 8 rows).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,17 +52,10 @@ CASES = {  # name -> (overrides, compare with one forward on the whole global ba
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable, port: int, backend: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
-    os.environ.update(WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=WORLD)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
     finally:
@@ -70,8 +63,12 @@ def _entry(rank: int, fn: Callable, port: int, backend: str, args: tuple) -> Non
 
 
 def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
-    """Run fn(rank, *args) in WORLD fresh processes that share a process group."""
-    mp.spawn(_entry, args=(fn, _free_port(), backend, args), nprocs=WORLD)
+    """Run fn(rank, *args) in WORLD fresh processes that share a process group. They meet
+    through a fresh file, not a TCP port (a free port found first can be taken by another
+    process before the group binds it)."""
+    with tempfile.TemporaryDirectory() as folder:
+        init_method = f"file://{folder}/rendezvous"
+        mp.spawn(_entry, args=(fn, init_method, backend, args), nprocs=WORLD)
 
 
 def case_config(name: str) -> Config:
