@@ -296,16 +296,20 @@ def energies_and_gradient(
     for (block, layer_pieces), mod in zip(layers, mods, strict=True):
         z, kept = _block_forward(block, z, rope, mod, layer_pieces, shape)
         saved.append(kept)
-    z, final_norm = _rms_forward(z, model.norm)
-    grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
-    if model.final_modulation is not None:
-        shift, scale = model.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
-        shift, scale = shift.repeat_interleave(count, 0), scale.repeat_interleave(count, 0)
-        z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
-        grad = grad * (1 + scale)
-    energies = _linear(z, model.energy_head).view(batch, count)  # (B, R)
-    grad = _rms_backward(grad, model.norm, final_norm)
+    energies, grad = _energy_head(model, z, cache.condition, count)  # (N, 1), (N, D)
     for (block, layer_pieces), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
         grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
     gradient = _linear_backward(grad, model.candidate_projection)  # (N, V)
-    return energies, gradient.view(batch, count, -1)  # (B, R, V)
+    return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
+
+
+def _energy_head(model: EnergyTransformer, z, condition, count: int):
+    """(energies (N, 1), dE/dz (N, D)) of the last block's output rows z (N, D)."""
+    z, final_norm = _rms_forward(z, model.norm)
+    grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
+    if model.final_modulation is not None:
+        shift, scale = model.final_modulation(condition).chunk(2, dim=-1)  # (B, D) each
+        shift, scale = shift.repeat_interleave(count, 0), scale.repeat_interleave(count, 0)
+        z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
+        grad = grad * (1 + scale)
+    return _linear(z, model.energy_head), _rms_backward(grad, model.norm, final_norm)
