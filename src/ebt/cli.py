@@ -177,6 +177,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "generate":
         result = bench_generate(config, args.new_tokens, args.repeats)
     else:
+        if config.train.compile:
+            print(
+                "ebt bench: train.compile=true: the warm-up steps compile the models (about a "
+                "minute each on CPU the first time)",
+                file=sys.stderr,
+            )
         result = bench_train(config, args.vs_baseline, args.repeats, args.warmup)
     if args.json:
         _print_json(result)
