@@ -90,6 +90,16 @@ def test_train_writes_the_run_directory(run_dir):
             assert (run_dir / step / name).is_file()
 
 
+def test_train_json_with_progress_keeps_stdout_one_json_object(workspace, capsys):
+    """With the progress bar on, evaluation rows go to stderr beside it: stdout stays the final
+    evaluation only (scripts parse it)."""
+    run = workspace / "run-progress"
+    extra = ["train.progress=true", "train.max_steps=2"]  # evaluates at step 2 via the bar
+    overrides = tiny_overrides(run, workspace / "corpus.txt", *extra)
+    assert main(["train", str(TINY), *overrides, "--json"]) == 0
+    assert json_output(capsys)["step"] == 2
+
+
 def test_train_metrics_rows(run_dir):
     """Training rows carry step and loss; evaluation rows carry a split name."""
     rows = read_metrics(run_dir)

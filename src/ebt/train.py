@@ -12,6 +12,7 @@ exactly on the same number of processes (and approximately on another number).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -229,8 +230,9 @@ class Trainer:
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not show, desc="train")
         started, last_eval = time.perf_counter(), {}
         if train.compile and show and self.step < train.max_steps:
-            bar.write("train.compile: the first step compiles the training passes (about a minute")
-            bar.write("on CPU the first time; inductor caches the kernels on disk for later runs)")
+            message = "train.compile: the first step compiles the training passes (about a minute"
+            message += " on CPU the first time; inductor caches the kernels for later runs)"
+            bar.write(message, file=sys.stderr)
         while self.step < train.max_steps:
             row = self.train_step()
             bar.update(1)
@@ -240,7 +242,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             if self._due(train.eval_every):
                 last_eval = logger.log(self.evaluate_split())
-                bar.write(format_row(last_eval)) if show else None
+                bar.write(format_row(last_eval), file=sys.stderr) if show else None  # as the bar
             if self._due(train.save_every):
                 self.save()
         bar.close()
