@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebt.errors import EbtError
+
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 KINDS = ("ebt", "transformer_pp")
 
@@ -34,7 +36,7 @@ SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(EbtError, ValueError):
     """A config file or override names something that does not exist or has a bad value."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ebt.errors import EbtError
+
 SPLITS = ("train", "val", "all")
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 HF_BUILDERS = {
@@ -40,7 +42,7 @@ HF_BUILDERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(EbtError, ValueError):
     """A data source is unknown, empty, too small or lacks the requested field."""
 
 

@@ -142,8 +142,9 @@ def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tens
     q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
     rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
     self_score = _batched((q * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
+    own_values = _batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
     attended, weights = [], []
-    chunks = _chunked(pieces, rotated, self_score, _batched(v, shape))
+    chunks = _chunked(pieces, rotated, self_score, own_values)
     for (_, mask, keys, values), (queries, own_score, own_value) in chunks:
         scores = torch.baddbmm(mask, queries, keys.transpose(1, 2))  # (B*H, r, k)
         chunk_weights = torch.cat((scores, own_score), dim=-1).softmax(-1)  # (B*H, r, k + 1)
@@ -151,16 +152,16 @@ def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tens
         attended.append(torch.baddbmm(self_weight * own_value, context_weights, values))
         weights.append(chunk_weights)
     out = _linear(_unbatched(_join(attended), shape).reshape(x.shape), attention.wo)  # (N, D)
-    return out, (q, k, v, weights)
+    return out, (q, k, own_values, weights)
 
 
 def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -> torch.Tensor:
     """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
     attention = block.attention
-    q, k, v, weights = saved  # (B, R, H, hd) x 3, per chunk (B*H, r, k + 1)
+    q, k, own_values, weights = saved  # (B, R, H, hd) x 2, (B*H, R, hd), per chunk (B*H, r, k + 1)
     grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
     grad_rotated, grad_self, grad_v = [], [], []
-    chunks = _chunked(pieces, grad, _batched(v, shape))
+    chunks = _chunked(pieces, grad, own_values)
     for ((_, _, keys, values), (chunk_grad, own_value)), chunk_weights in zip(
         chunks, weights, strict=True
     ):

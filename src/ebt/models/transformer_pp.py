@@ -50,7 +50,7 @@ class TransformerPP(nn.Module):
         """Next-token logits (B, S, V) for tokens (B, S)."""
         if self.compiled_forward is not None and torch.is_grad_enabled():
             return self.compiled_forward(self, tokens)
-        return self.forward_cached(tokens)[0]
+        return self._logits(tokens)
 
     def compile_training_passes(self) -> None:
         """torch.compile the forward of training steps (train.compile); as the EBT's, only
