@@ -307,6 +307,7 @@ def test_torchrun_trains_one_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.strip().splitlines()) == 1  # the final evaluation, from rank 0 only
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".lock",  # rank 0's, for every rank
         "config.json",
         "latest",
         "metrics.jsonl",

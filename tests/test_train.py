@@ -83,8 +83,8 @@ def tiny_config(run_dir: Path, corpus: Path, *overrides: str) -> Config:
 
 
 def training_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl training rows without the wall-clock field."""
-    rows = [row for row in read_metrics(run_dir) if "split" not in row]
+    """metrics.jsonl training rows (not evaluation or event rows) without the wall clock."""
+    rows = [row for row in read_metrics(run_dir) if "split" not in row and "event" not in row]
     return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
 
 
@@ -219,3 +219,14 @@ def test_gradient_accumulation_trains(tmp_path, corpus):
     final = train(config)
     assert [row["step"] for row in training_rows(tmp_path / "run")] == [1, 2, 3]
     assert math.isfinite(final["loss"]) and (tmp_path / "run" / "step_000003").is_dir()
+
+
+def test_grad_clip_zero_measures_the_norm_without_clipping():
+    from ebt.distributed import clip_grad_norm
+
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert clip_grad_norm([parameter], 0.0).item() == pytest.approx(5.0)
+    assert torch.equal(parameter.grad, torch.tensor([3.0, 4.0, 0.0]))
+    clip_grad_norm([parameter], 1.0)
+    assert parameter.grad.norm().item() == pytest.approx(1.0, rel=1e-5)

@@ -4,14 +4,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ebt.config import ConfigError, load_config
-from ebt.data.corpus import DataError
+from ebt.errors import EbtError
 from ebt.runtime import keep_freed_memory
 from ebt.thinking import InferenceOptions, ThinkingError
+
+# Errors caused by what the user typed or pointed at: one line, exit status 2, no traceback.
+USER_ERRORS = (EbtError, ThinkingError, FileNotFoundError, PermissionError)
+USER_ERRORS += (FileExistsError, IsADirectoryError, NotADirectoryError)
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+BPE_MIN_VOCAB = 257  # the 256 byte-level symbols plus the end token (see data.tokenizers)
+
+
+def _checked(parse: Callable[[str], Any], check: Callable[[Any], bool], allowed: str) -> Any:
+    """An argparse `type=`: `parse` the text, then `check` it; else "'TEXT': must be ALLOWED"."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if value is None or not finite or not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {allowed}")
+        return value
+
+    return convert
+
+
+def _at_least(low: float, parse: Callable[[str], Any] = float, strict: bool = False) -> Any:
+    """A `parse`d (int or float) value >= `low`, or > `low` when `strict`."""
+    check = (lambda value: value > low) if strict else (lambda value: value >= low)
+    kind = "an integer" if parse is int else "a number"
+    return _checked(parse, check, f"{kind} {'>' if strict else '>='} {low:g}")
+
+
+def _int_list(text: str) -> list[int]:
+    """ "1,2,4" -> [1, 2, 4]: one or more integers >= 1 (ValueError otherwise)."""
+    values = [int(item) for item in text.split(",")]  # "" and "1,,2" fail here
+    if not all(value >= 1 for value in values):
+        raise ValueError(text)
+    return values
+
+
+def _unescape(text: str) -> str:
+    """A --stop string with \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    return re.sub(r"\\([nt\\])", lambda found: ESCAPES[found[1]], text)
+
+
+COUNT, INT_0 = _at_least(1, int), _at_least(0, int)
+POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
+SEED = _checked(int, lambda value: -(2**63) <= value < 2**63, "an integer in [-2**63, 2**63)")
+STEPS_LIST = _checked(_int_list, bool, "a comma-separated list of integers >= 1, e.g. 1,2,4")
+STOP = _checked(_unescape, bool, "a non-empty string")
+TOP_P = _checked(float, lambda value: 0 < value <= 1, "a number in (0, 1]")
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -96,13 +149,13 @@ def _thinking(args: argparse.Namespace) -> InferenceOptions:
 def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step-size",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="EBT step size: 0 < a < 1 scales the trained alpha, a >= 1 replaces it",
     )
     parser.add_argument(
         "--langevin-noise",
-        type=float,
+        type=NON_NEGATIVE,
         default=None,
         help="Langevin noise sigma at inference (default: the trained one; 0: none)",
     )
@@ -131,10 +184,6 @@ def _write_token_records(path: str, result: dict[str, Any]) -> None:
             handle.write(json.dumps({name: rows[name][index] for name in rows}) + "\n")
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item.strip()]
-
-
 def cmd_think(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.data import build_token_dataset, iter_eval_batches
@@ -148,12 +197,11 @@ def cmd_think(args: argparse.Namespace) -> int:
     split = "all" if source else args.split
     dataset = build_token_dataset(data, run.tokenizer, split, source=source)
     batches = iter_eval_batches(dataset, run.config.train.batch_size, args.batches)
-    steps, samples = _int_list(args.steps), _int_list(args.samples)
     result = thinking_curves(
         run.model,
         batches,
-        steps,
-        samples,
+        args.steps,
+        args.samples,
         run.tokenizer.pad_id,
         args.seed,
         args.halt_tolerance,
@@ -174,6 +222,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ebt.bench import bench_generate, bench_train
 
     config = load_config(args.config, args.overrides)
+    if args.what == "generate" and args.new_tokens >= config.data.seq_len:
+        raise ConfigError(
+            f"--new-tokens={args.new_tokens}: must be below data.seq_len={config.data.seq_len}"
+        )
     if args.what == "generate":
         result = bench_generate(config, args.new_tokens, args.repeats)
     else:
@@ -218,24 +270,30 @@ def _add_train_and_eval(sub: Any) -> None:
 
     evaluate = _add_run_parser(sub, "eval", cmd_eval, "evaluate a trained run")
     evaluate.add_argument("--split", default="val", choices=["val", "train", "ood"])
-    evaluate.add_argument("--batches", type=int, default=0, help="batches (0: train.eval_batches)")
+    evaluate.add_argument("--batches", type=INT_0, default=0, help="0: train.eval_batches")
     evaluate.add_argument("--json", action="store_true")
 
 
 def _add_inference(sub: Any) -> None:
     generate = _add_run_parser(sub, "generate", cmd_generate, "generate text from a prompt")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=None, help="EBT steps per landscape")
+    generate.add_argument("--max-new-tokens", type=COUNT, default=200)
+    generate.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=INT_0, default=0, help="0: off")
+    generate.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus in (0, 1]; 1: off")
+    generate.add_argument(
+        "--stop",
+        action="append",
+        type=STOP,
+        default=[],
+        help=r"stop string (repeatable); \n, \t and \\ are a newline, a tab and a backslash",
+    )
+    generate.add_argument("--seed", type=SEED, default=0)
+    generate.add_argument("--steps", type=COUNT, default=None, help="EBT steps per landscape")
     _add_thinking_options(generate)
     generate.add_argument(
         "--halt-tolerance",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="EBT: a token stops thinking when its energy moves less than this (steps: budget)",
     )
@@ -246,17 +304,23 @@ def _add_inference(sub: Any) -> None:
         "thinking step started from) and thinking steps taken, as one JSON object",
     )
 
+
+def _add_think(sub: Any) -> None:
     think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
-    think.add_argument("--steps", default="1,2,4,8", help="steps per landscape, comma-separated")
-    think.add_argument("--samples", default="1,4", help="best-of-N values, comma-separated")
+    think.add_argument(
+        "--steps", type=STEPS_LIST, default=[1, 2, 4, 8], help="steps per landscape, e.g. 1,2,4,8"
+    )
+    think.add_argument(
+        "--samples", type=STEPS_LIST, default=[1, 4], help="best-of-N values, e.g. 1,4"
+    )
     think.add_argument("--split", default="val", choices=["val", "train", "ood"])
     think.add_argument("--data", default="", help="text files/globs to evaluate instead")
-    think.add_argument("--batches", type=int, default=8)
-    think.add_argument("--seed", type=int, default=0)
+    think.add_argument("--batches", type=INT_0, default=8, help="0: all")
+    think.add_argument("--seed", type=SEED, default=0)
     think.add_argument("--plot", default="", help="write the curves to this PNG")
     think.add_argument(
         "--halt-tolerance",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="also run adaptive thinking: a token stops when its energy moves less than this",
     )
@@ -271,18 +335,18 @@ def _add_tools(sub: Any) -> None:
     bench.add_argument("config")
     bench.add_argument("overrides", nargs="*")
     bench.add_argument("--vs-baseline", action="store_true", help="also time Transformer++")
-    bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--new-tokens", type=int, default=16, help="generate: tokens per run")
-    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=COUNT, default=10)
+    bench.add_argument("--new-tokens", type=COUNT, default=16, help="generate: tokens per run")
+    bench.add_argument("--warmup", type=INT_0, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
 
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
     tokenizer.add_argument("action", choices=["train"])
     tokenizer.add_argument("--source", default="stdlib")
-    tokenizer.add_argument("--vocab-size", type=int, default=4096)
+    tokenizer.add_argument("--vocab-size", type=_at_least(BPE_MIN_VOCAB, int), default=4096)
     tokenizer.add_argument("--out", required=True, help="output directory")
-    tokenizer.add_argument("--max-documents", type=int, default=0)
+    tokenizer.add_argument("--max-documents", type=INT_0, default=0, help="0: all")
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
 
@@ -290,19 +354,42 @@ def build_parser() -> argparse.ArgumentParser:
     from ebt.interop.commands import add_interop_commands
 
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (or EBT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_and_eval(sub)
     _add_inference(sub)
+    _add_think(sub)
     _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
     return parser
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    """`ebt --debug ...` or EBT_DEBUG set (to anything but 0 / false / no / off)."""
+    flag = os.environ.get("EBT_DEBUG", "").strip().lower()
+    return args.debug or flag not in ("", "0", "false", "no", "off")
+
+
+def _report(error: BaseException) -> int:
+    """Print a user error as one line on stderr; its exit status (2 unless it carries one)."""
+    code = getattr(error, "exit_code", 2)
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"ebt: error: {message}" if code == 2 else f"ebt: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `ebt` command line; user errors print one line and return 2 (130: Ctrl-C)."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
         return args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, ThinkingError) as error:
-        print(f"ebt: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        if _debugging(args):
+            raise
+        return _report(error)
+    except KeyboardInterrupt:
+        if _debugging(args):
+            raise
+        print("ebt: interrupted", file=sys.stderr)
+        return 130

@@ -2,7 +2,8 @@
 
 A config is four sections (`model`, `think`, `data`, `train`). Files are TOML with the same
 sections; overrides are `section.key=value` strings. Unknown sections or keys fail with the list
-of valid names, so a typo never silently trains the wrong model.
+of valid names, so a typo never silently trains the wrong model; every value is range- or
+choice-checked when the config is resolved (`finalize`, `RULES`), all problems in one line.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +109,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     eval_every: int = 200
     eval_batches: int = 20
     log_every: int = 10
@@ -157,7 +161,9 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
                 return False
             raise ConfigError(f"{key}: expected true/false, got '{value}'")
         try:
-            return target(float(text)) if target is int and "e" in text.lower() else target(text)
+            if target is int and "e" in text.lower() and float(text).is_integer():
+                return int(float(text))  # 1e3; 1.5e0 and 1e400 are refused below
+            return target(text)
         except ValueError:
             raise ConfigError(f"{key}: expected {target.__name__}, got '{value}'") from None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
@@ -202,43 +208,178 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+# One rule per value: (check, what is allowed). Booleans need none (they are typed on input).
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _ge(low: float, note: str = "") -> Rule:
+    """At least `low`; `note` says what the boundary value means, e.g. "0 = off"."""
+    return (lambda value: value >= low), f">= {low}" + (f" ({note})" if note else "")
+
+
+def _interval(spec: str) -> Rule:
+    """A number in an interval written as "[0, 1)", "(0, 1]" or "[0, 1]"."""
+    low, high = (float(part) for part in spec[1:-1].split(","))
+    closed_low, closed_high = spec[0] == "[", spec[-1] == "]"
+
+    def check(value: float) -> bool:
+        above = value >= low if closed_low else value > low
+        return above and (value <= high if closed_high else value < high)
+
+    return check, f"in {spec}"
+
+
+def _choice(*options: str) -> Rule:
+    return (lambda value: value in options), "one of " + ", ".join(options)
+
+
+POSITIVE: Rule = (lambda value: value > 0, "> 0")
+NOT_EMPTY: Rule = (lambda value: bool(value.strip()), "a non-empty string")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+RULES: dict[str, Rule] = {
+    "model.kind": _choice(*KINDS),
+    "model.variant": _choice(*VARIANTS),
+    "model.dim": _ge(1),
+    "model.layers": _ge(1),
+    "model.heads": _ge(1),
+    "model.ffn_dim": _ge(0, "0 = dim"),
+    "model.norm_eps": POSITIVE,
+    "model.rope_theta": POSITIVE,
+    "think.landscapes": _ge(1),
+    "think.steps": _ge(1),
+    "think.step_size": POSITIVE,
+    "think.step_size_lr_multiplier": _ge(0),
+    "think.step_size_random_scale": _ge(1, "1 = fixed"),
+    "think.random_steps": _ge(0, "0 = off"),
+    "think.random_steps_min": _ge(0, "0 = 1"),
+    "think.langevin_noise": _ge(0, "0 = off"),
+    "think.replay_buffer_size": _ge(1),
+    "think.replay_fraction": _interval("(0, 1]"),
+    "think.grad_clamp": _ge(0, "0 = off"),
+    "think.absolute_clamp": _ge(0, "0 = off"),
+    "think.init": _choice("random_noise", "zeros"),
+    "think.init_scale": POSITIVE,
+    "think.samples": _ge(1),
+    "data.source": NOT_EMPTY,
+    "data.text_field": NOT_EMPTY,
+    "data.tokenizer": NOT_EMPTY,
+    "data.seq_len": _ge(2),
+    "data.val_fraction": _interval("[0, 1)"),
+    "data.ood_source": NOT_EMPTY,
+    "data.max_documents": _ge(0, "0 = all"),
+    "train.batch_size": _ge(1),
+    "train.grad_accum": _ge(1),
+    "train.max_steps": _ge(1),
+    "train.lr": POSITIVE,
+    "train.min_lr_ratio": _interval("[0, 1]"),
+    "train.warmup_steps": _ge(0),
+    "train.schedule_steps": _ge(0, "0 = max_steps"),
+    "train.weight_decay": _ge(0),
+    "train.beta1": _interval("[0, 1)"),
+    "train.beta2": _interval("[0, 1)"),
+    "train.grad_clip": _ge(0, "0 = off"),
+    "train.eval_every": _ge(0, "0 = only at the end"),
+    "train.eval_batches": _ge(1),
+    "train.log_every": _ge(0, "0 = only the last step"),
+    "train.save_every": _ge(0, "0 = only at the end"),
+    "train.keep_checkpoints": _ge(0, "0 = keep all"),
+    "train.out_dir": NOT_EMPTY,
+    "train.seed": (lambda value: -(2**63) <= value < 2**63, "in [-2**63, 2**63)"),
+    "train.device": (lambda value: bool(DEVICE.fullmatch(value)), "auto, cpu, cuda, cuda:N or mps"),
+    "train.precision": _choice("fp32", "bf16"),
+    "train.num_threads": _ge(0, "0 = torch default"),
+    "train.wandb_project": NOT_EMPTY,
+    "train.parallel": _choice("ddp", "fsdp"),
+}
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    """`key=value: must be ...` when `value` breaks its rule, else None."""
+    rule = RULES.get(key)
+    if rule is None or isinstance(value, bool):
+        return None
+    check, allowed = rule
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if finite and check(value):
+        return None
+    kind = {int: "an integer ", float: "a number " if finite else "a finite number "}
+    return f"{key}={value!r}: must be {kind.get(type(value), '')}{allowed}"
+
+
+def _resolve_size(model: ModelConfig) -> str | None:
+    """Apply a `model.size` preset (layers, heads, dim); an error line for an unknown name."""
+    if not model.size:
+        return None
+    if model.size not in SIZE_PRESETS:
+        return f"model.size={model.size!r}: must be a preset." + _suggest(
+            model.size, list(SIZE_PRESETS)
+        )
+    model.layers, model.heads, model.dim = SIZE_PRESETS[model.size]
+    model.size = ""
+    return None
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Checks between values that are each in range on their own."""
+    model, think = config.model, config.think
+    problems = []
+    if model.dim % model.heads:
+        problems.append(f"model.dim={model.dim} is not divisible by model.heads={model.heads}")
+    elif (model.dim // model.heads) % 2:
+        problems.append(
+            f"model.dim / model.heads = {model.dim // model.heads} must be even (RoPE pairs)"
+        )
+    if think.random_steps and think.random_steps_min > think.random_steps + 1:
+        problems.append(
+            f"think.random_steps_min={think.random_steps_min}: must be <= think.random_steps + 1"
+            f" = {think.random_steps + 1}"
+        )
+    return problems
+
+
 def finalize(config: Config) -> Config:
-    """Resolve presets and check values that would otherwise fail deep inside training."""
-    model = config.model
-    if model.size:
-        if model.size not in SIZE_PRESETS:
-            raise ConfigError(
-                f"unknown model.size '{model.size}'." + _suggest(model.size, list(SIZE_PRESETS))
-            )
-        model.layers, model.heads, model.dim = SIZE_PRESETS[model.size]
-        model.size = ""
-    checks = [
-        (model.kind in KINDS, f"model.kind must be one of {KINDS}, got '{model.kind}'"),
-        (
-            model.variant in VARIANTS,
-            f"model.variant must be one of {VARIANTS}, got '{model.variant}'",
-        ),
-        (
-            model.dim % model.heads == 0,
-            f"model.dim={model.dim} is not divisible by model.heads={model.heads}",
-        ),
-        ((model.dim // model.heads) % 2 == 0, "model.dim / model.heads must be even (RoPE pairs)"),
-        (config.think.landscapes >= 1, "think.landscapes must be >= 1"),
-        (config.think.steps >= 1, "think.steps must be >= 1"),
-        (config.think.step_size_random_scale >= 1, "think.step_size_random_scale must be >= 1"),
-        (
-            config.think.init in ("random_noise", "zeros"),
-            "think.init must be random_noise or zeros",
-        ),
-        (config.data.seq_len >= 2, "data.seq_len must be >= 2"),
-        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
-        (config.train.parallel in ("ddp", "fsdp"), "train.parallel must be ddp or fsdp"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Resolve presets and check every value (ranges, choices, combinations) before any use.
+
+    All problems are reported together, in one line joined by "; ".
+    """
+    problems = [_resolve_size(config.model)]
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for item in dataclasses.fields(part):
+            key = f"{section.name}.{item.name}"
+            problems.append(_check_value(key, getattr(part, item.name)))
+    found = [problem for problem in problems if problem]
+    if not found:
+        found = _cross_checks(config)
+    if found:
+        raise ConfigError("; ".join(found))
     return config
+
+
+def _parse_file(path: Path) -> dict[str, Any]:
+    """The values of a TOML or JSON config file; every failure is one line naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    values = _decode(path, text)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a table of sections, got {values!r:.40}")
+    return values
+
+
+def _decode(path: Path, text: str) -> Any:
+    """Parsed JSON (`.json`) or TOML; a syntax error names the file, line and column."""
+    try:
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except json.JSONDecodeError as error:
+        kind, why, where = "JSON", error.msg, (error.lineno, error.colno)
+    except tomllib.TOMLDecodeError as error:  # "why (at line L, column C)" before Python 3.14
+        kind, lines = "TOML", text.split("\n")
+        found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", str(error), re.DOTALL)
+        why = found[1] if found else str(error).removesuffix(" (at end of document)")
+        where = (found[2], found[3]) if found else (len(lines), len(lines[-1]) + 1)
+    raise ConfigError(f"{path}: line {where[0]}, column {where[1]}: invalid {kind}: {why}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -248,9 +389,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        apply_dict(config, values)
+        apply_dict(config, _parse_file(path))
     apply_overrides(config, overrides or [])
     return finalize(config)
 

@@ -208,9 +208,11 @@ def sync_replicated_grads(module: nn.Module) -> None:
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` that also takes a mix of FSDP2-sharded and replicated gradients."""
+    """`clip_grad_norm_` that also takes a mix of FSDP2-sharded and replicated gradients;
+    max_norm 0 only measures the norm (train.grad_clip=0: no clipping)."""
     from torch.distributed.tensor import DTensor
 
+    max_norm = max_norm if max_norm > 0 else float("inf")
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     if not any(isinstance(g, DTensor) for g in grads):

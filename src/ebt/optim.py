@@ -98,3 +98,32 @@ def lr_report(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         f"lr/{group.get('name', index)}": float(group["lr"])
         for index, group in enumerate(optimizer.param_groups)
     }
+
+
+def apply_hyperparameters(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    train: TrainConfig,
+    think: ThinkConfig,
+) -> None:
+    """Make a restored optimizer and scheduler use the config's hyper-parameters.
+
+    A loaded state dict brings back the learning rates, weight decay and betas it was saved
+    with; a resumed run whose config changed them must train with the new values. The moment
+    estimates and the step count stay; each group's base lr, weight decay and betas come from
+    `param_groups(model, train, think)` (matched by group name) and its current lr is the new
+    base lr times the schedule's factor at the scheduler's step. Unchanged values give back
+    exactly the numbers that were restored.
+    """
+    wanted = {group["name"]: group for group in param_groups(model, train, think)}
+    factor = lr_multiplier(train)(scheduler.last_epoch)
+    for index, group in enumerate(optimizer.param_groups):
+        spec = wanted[group["name"]]
+        group["initial_lr"] = spec["lr"]
+        group["weight_decay"] = spec["weight_decay"]
+        group["betas"] = (train.beta1, train.beta2)
+        group["lr"] = spec["lr"] * factor
+        scheduler.base_lrs[index] = spec["lr"]
+    scheduler.lr_lambdas = [lr_multiplier(train)] * len(optimizer.param_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

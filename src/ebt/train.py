@@ -7,11 +7,18 @@ optimizer, scheduler, RNG streams, data position and replay buffer are all resto
 Under torchrun every rank reads its own shard of each batch; the RNG streams and the replay
 buffer are per rank and are gathered into rank 0's checkpoint, so a distributed run resumes
 exactly on the same number of processes (and approximately on another number).
+
+A run directory has one owner (rundir.RunLock, held by rank 0 for the whole job). A resumed
+run may change only rundir.RESUMABLE_KEYS; those changes are applied to the restored optimizer
+and scheduler and recorded as a `resume` row. SIGINT / SIGTERM save a checkpoint at the current
+step and stop (interrupt.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import sys
 import time
 import warnings
@@ -22,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ebt import checkpoint
-from ebt.config import Config
+from ebt.config import Config, ConfigError
 from ebt.data import BatchIterator, build_token_dataset, iter_eval_batches, load_tokenizer
 from ebt.distributed import (
     DistributedContext,
@@ -43,11 +50,14 @@ from ebt.distributed import (
     teardown,
     wrap_objective,
 )
+from ebt.errors import RunBusyError
 from ebt.evaluate import evaluate
+from ebt.interrupt import StopRequest, TrainingInterrupted
 from ebt.models import build_model, compile_for_training
 from ebt.objective import Objective, backward
-from ebt.optim import build_optimizer, build_scheduler, lr_report
+from ebt.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.replay import ReplayBuffer
+from ebt.rundir import RunLock, check_resumable, config_changes, resume_row
 from ebt.tracking import MetricsLogger, format_row, truncate_metrics
 
 
@@ -93,22 +103,32 @@ class Trainer:
         sample = int(self.config.train.batch_size * think.replay_fraction)
         return ReplayBuffer(think.replay_buffer_size, sample)
 
-    def resume_if_possible(self) -> bool:
-        """Restore the newest checkpoint in the run directory, if there is one."""
-        step_dir = checkpoint.latest_checkpoint(self.run_dir) if self.run_dir.exists() else None
-        if step_dir is None:
-            return False
-        state, _ = checkpoint.load_model_state(step_dir, device=str(self.context.device))
+    def resume_if_possible(self) -> dict[str, list[Any]] | None:
+        """Restore the newest checkpoint in the run directory, if there is one, and apply the
+        config's resumable changes to it; returns those changes (None: nothing to resume)."""
+        if not self.run_dir.is_dir() or checkpoint.latest_checkpoint(self.run_dir) is None:
+            return None
+        device = str(self.context.device)  # the newest checkpoint that loads, with a warning
+        loaded = checkpoint.load_newest_valid(self.run_dir, with_train_state=True, device=device)
+        changes = config_changes(loaded.config, self.config.to_dict())
+        check_resumable(self.run_dir, changes)
         if is_sharded(self.model):
-            load_full_model_state(self.model, state)
+            load_full_model_state(self.model, loaded.model_state)
         else:
-            self.model.load_state_dict(state)
-        train_state = checkpoint.load_train_state(step_dir)
+            self.model.load_state_dict(loaded.model_state)
+        train_state = loaded.train_state
         load_optimizer_state(self.model, self.optimizer, train_state["optimizer"])
         self.scheduler.load_state_dict(train_state["scheduler"])
+        train, think = self.config.train, self.config.think
+        apply_hyperparameters(self.model, self.optimizer, self.scheduler, train, think)
         self._restore_rank_state(train_state)
         self.step = train_state["step"]
-        return True
+        if train.max_steps < self.step:
+            raise ConfigError(
+                f"train.max_steps={train.max_steps} is below the step {self.step} that "
+                f"{self.run_dir} has reached; raise it to train on, or train into a new out_dir"
+            )
+        return changes
 
     def _restore_rank_state(self, train_state: dict[str, Any]) -> None:
         """This rank's data position, replay buffer and RNG streams from a checkpoint."""
@@ -223,8 +243,18 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
+    def _stop(self, logger: MetricsLogger, signal_number: int) -> None:
+        """Save at the current step, record the interruption, raise TrainingInterrupted."""
+        name = signal.Signals(signal_number).name
+        logger.log({"event": "interrupted", "step": self.step, "signal": name})
+        self.save()
+        saved = self.run_dir / checkpoint.step_dir_name(self.step)
+        message = f"{name} at step {self.step}: saved {saved}; run the same command to resume"
+        raise TrainingInterrupted(message, signal_number)
+
     def run(self, logger: MetricsLogger) -> dict[str, Any]:
-        """Train to max_steps, logging, evaluating and checkpointing on schedule."""
+        """Train to max_steps, logging, evaluating and checkpointing on schedule; on SIGINT or
+        SIGTERM save at the current step and raise TrainingInterrupted."""
         train = self.config.train
         show = train.progress and self.context.is_main
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not show, desc="train")
@@ -233,18 +263,22 @@ class Trainer:
             message = "train.compile: the first step compiles the training passes (about a minute"
             message += " on CPU the first time; inductor caches the kernels for later runs)"
             bar.write(message, file=sys.stderr)
-        while self.step < train.max_steps:
-            row = self.train_step()
-            bar.update(1)
-            if self._due(train.log_every) or self.step == train.max_steps:
-                row["elapsed_s"] = time.perf_counter() - started
-                logger.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if self._due(train.eval_every):
-                last_eval = logger.log(self.evaluate_split())
-                bar.write(format_row(last_eval), file=sys.stderr) if show else None  # as the bar
-            if self._due(train.save_every):
-                self.save()
+        with StopRequest() as stop:
+            while self.step < train.max_steps:
+                row = self.train_step()
+                bar.update(1)
+                if self._due(train.log_every) or self.step == train.max_steps:
+                    row["elapsed_s"] = time.perf_counter() - started
+                    logger.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+                if self._due(train.eval_every):
+                    last_eval = logger.log(self.evaluate_split())
+                    bar.write(format_row(last_eval), file=sys.stderr) if show else None
+                if self._due(train.save_every):
+                    self.save()
+                if signal_number := stop.signal(self.context.device):
+                    bar.close()
+                    self._stop(logger, signal_number)
         bar.close()
         if not last_eval or last_eval.get("step") != self.step:
             last_eval = logger.log(self.evaluate_split())
@@ -267,22 +301,66 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
-    trainer = Trainer(config, context)
-    resumed = trainer.resume_if_possible()
-    run_dir = trainer.run_dir
+    run_dir = Path(config.train.out_dir)
+    with _own(run_dir, context):
+        _check_resumable_early(config, run_dir)
+        trainer = Trainer(config, context)
+        changes = trainer.resume_if_possible()
+        if context.is_main:
+            checkpoint.remove_stale_temporaries(run_dir)
+            checkpoint.write_run_config(run_dir, config.to_dict())
+            trainer.tokenizer.save(run_dir / "tokenizer")
+            if changes is not None:
+                truncate_metrics(run_dir, trainer.step)
+        barrier()
+        with MetricsLogger(
+            run_dir,
+            config.to_dict(),
+            tensorboard=config.train.tensorboard,
+            wandb=config.train.wandb,
+            wandb_project=config.train.wandb_project,
+            enabled=context.is_main,
+        ) as logger:
+            if changes is not None:
+                logger.log(resume_row(trainer.step, changes))
+            return trainer.run(logger)
+
+
+@contextlib.contextmanager
+def _own(run_dir: Path, context: DistributedContext):
+    """Hold the run directory's lock for the whole job: rank 0 takes it for all ranks, and
+    every rank raises the same RunBusyError when another job holds it."""
+    lock, created = RunLock(run_dir), not run_dir.exists()
+    error = None
     if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_run_config(run_dir, config.to_dict())
-        trainer.tokenizer.save(run_dir / "tokenizer")
-        if resumed:
-            truncate_metrics(run_dir, trainer.step)
-    barrier()
-    with MetricsLogger(
-        run_dir,
-        config.to_dict(),
-        tensorboard=config.train.tensorboard,
-        wandb=config.train.wandb,
-        wandb_project=config.train.wandb_project,
-        enabled=context.is_main,
-    ) as logger:
-        return trainer.run(logger)
+        try:
+            lock.acquire()
+        except RunBusyError as busy:
+            error = str(busy)
+    if context.enabled:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise RunBusyError(error)
+    try:
+        yield
+    except BaseException:
+        if created and context.is_main:  # failed before writing anything: leave no trace
+            lock.remove_if_alone()
+        raise
+    finally:
+        lock.release()
+
+
+def _check_resumable_early(config: Config, run_dir: Path) -> None:
+    """Refuse fixed-key changes before any data is built (Trainer.resume_if_possible checks
+    again against the checkpoint it actually restores)."""
+    step_dir = checkpoint.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if step_dir is None:
+        return
+    try:
+        saved = json.loads((step_dir / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: the checkpoint loader reports it or falls back
+    check_resumable(run_dir, config_changes(saved, config.to_dict()))

@@ -10,7 +10,9 @@ Sources (`DataConfig.source`):
 - local paths / globs, comma-separated (a directory means every non-hidden file below it):
   split by the hash of each path relative to the files' common parent. A single file is cut into
   paragraphs (blank-line separated; lines if there is only one paragraph) and the last
-  `val_fraction` of them (at least one) is val.
+  `val_fraction` of them (at least one) is val. Files that are not UTF-8 text (NUL bytes or
+  invalid UTF-8) are skipped, with one line on stderr saying how many, and an error if no file
+  is left.
 - ``hf:NAME`` / ``hf:NAME:CONFIG``: a Hugging Face Hub dataset, streamed, `text_field` read,
   split by the hash of each example's text. ``hf-local:PATH``: the same for local data files
   (json/jsonl/csv/parquet/txt/arrow) or a directory written by ``save_to_disk``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -44,6 +47,11 @@ HF_BUILDERS = {
 
 class DataError(EbtError, ValueError):
     """A data source is unknown, empty, too small or lacks the requested field."""
+
+
+# Local sources' text files, by the (path, size, mtime) of all their files: each is read once
+# per process to find the files that are not text (and say so once).
+_TEXT_FILES: dict[tuple[tuple[str, int, int], ...], list[Path]] = {}
 
 
 def hash_fraction(key: str) -> float:
@@ -151,13 +159,67 @@ def split_single_text(text: str, split: str, val_fraction: float) -> list[str]:
     return chunks[-n_val:] if split == "val" else chunks[:-n_val]
 
 
+def _is_text(path: Path) -> bool:
+    """Whether `path` is readable UTF-8 text without NUL bytes."""
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in data
+
+
+def _shown(path: Path, folder: bool = False) -> str:
+    """`path` as the user sees it: relative to the working directory when below it."""
+    try:
+        text = path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        text = path.as_posix()
+    return text + "/" if folder and not text.endswith("/") else text
+
+
+def _text_files(files: list[Path], root: Path) -> list[Path]:
+    """The `files` that are UTF-8 text. Once per process and set of files, the others are
+    counted in one line on stderr; a DataError if none is text."""
+    stamps = tuple((str(path), *_stamp(path)) for path in files)
+    if stamps in _TEXT_FILES:
+        return _TEXT_FILES[stamps]
+    verdicts = [_is_text(path) for path in files]
+    text = [path for path, ok in zip(files, verdicts, strict=True) if ok]
+    skipped = [path for path, ok in zip(files, verdicts, strict=True) if not ok]
+    if len(files) == 1 and skipped:
+        raise DataError(f"data source file {_shown(files[0])} is not UTF-8 text")
+    where = f"under {_shown(root, folder=True)}"
+    if not text:
+        example = _shown(skipped[0])
+        raise DataError(f"none of the {len(files)} files {where} is UTF-8 text (e.g. {example})")
+    if skipped and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 reports
+        print(
+            f"ebt: skipped {len(skipped)} of {len(files)} files {where} that are not UTF-8 text "
+            f"(e.g. {_shown(skipped[0])})",
+            file=sys.stderr,
+        )
+    _TEXT_FILES[stamps] = text
+    return text
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time) of `path`, (-1, -1) if it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _local_documents(spec: str, split: str, val_fraction: float) -> Iterator[str]:
     files = expand_paths(spec)
+    root = Path(os.path.commonpath([str(path.parent) for path in files]))  # of all the files
+    files = _text_files(files, root)
     if len(files) == 1:
-        text = _read_text(files[0], strict=False) or ""
+        text = _read_text(files[0], strict=True) or ""
         return iter(split_single_text(text, split, val_fraction))
-    root = Path(os.path.commonpath([str(path) for path in files]))
-    return _hashed_files(files, root, split, val_fraction, strict=False)
+    return _hashed_files(files, root, split, val_fraction, strict=True)
 
 
 def _import_datasets() -> Any:

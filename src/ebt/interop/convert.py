@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ebt.checkpoint import (
+    CheckpointFileError,
     load_model_state,
     load_train_state,
+    read_torch_file,
     resolve_checkpoint,
     save_checkpoint,
     write_run_config,
@@ -52,11 +52,9 @@ def _safe_globals() -> list[Any]:
     return [(dict, name) for name in _ATTRIBUTE_DICTS] + [argparse.Namespace]
 
 
-def _unsafe_message(path: Path, error: Exception) -> str:
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    what = f"'{found.group(1)}'" if found else "a Python object that is not a plain container"
+def _unsafe_message(path: Path, refused: str) -> str:
     return (
-        f"cannot read {path} safely: it holds {what}. ebt reads checkpoints with "
+        f"cannot read {path} safely: it holds {refused}. ebt reads checkpoints with "
         "torch.load(weights_only=True), allowing only tensors and plain containers; re-save "
         "its 'state_dict' and 'hyper_parameters' (as a dict) with torch.save and import that"
     )
@@ -67,11 +65,13 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
+    try:  # a truncated or corrupt file: CheckpointFileError, one line naming it
         with torch.serialization.safe_globals(_safe_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
-        raise InteropError(_unsafe_message(path, error)) from None
+            checkpoint = read_torch_file(path)
+    except CheckpointFileError as error:
+        if error.refused is None:
+            raise
+        raise InteropError(_unsafe_message(path, error.refused)) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise InteropError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' dict")
     hparams = checkpoint.get("hyper_parameters") or {}

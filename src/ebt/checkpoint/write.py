@@ -1,18 +1,4 @@
-"""Run-directory checkpoints: atomic, pruned, and loadable without unpickling code.
-
-Layout (the user-facing contract)::
-
-    RUN/step_NNNNNN/model.safetensors   model weights (safetensors)
-    RUN/step_NNNNNN/config.json         the resolved config (JSON, sorted keys)
-    RUN/step_NNNNNN/train_state.pt      optimizer, scheduler, step, RNG states, caller's `extra`
-    RUN/latest                          text file naming the newest step directory
-
-A checkpoint is written into `RUN/.tmp-step_NNNNNN-<pid>/`, its files fsynced, the directory
-renamed into place with `os.replace`, and only then is `latest` rewritten (also via a temporary
-file and `os.replace`). A crash at any point therefore leaves `latest` naming a complete
-checkpoint; leftover `.tmp-*` directories are never picked up. `train_state.pt` holds only
-tensors and plain Python containers/scalars, so it loads with `torch.load(weights_only=True)`.
-"""
+"""Writing checkpoints atomically (temporary directory, fsync, rename, then `latest`)."""
 
 from __future__ import annotations
 
@@ -26,41 +12,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ebt.checkpoint.layout import (
+    CONFIG_FILE,
+    LATEST_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    _is_writer,
+    prune_checkpoints,
+    step_dir_name,
+)
 from ebt.optim import unwrap
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TRAIN_STATE_FILE = "train_state.pt"
-LATEST_FILE = "latest"
-STEP_PREFIX = "step_"
-_FILES = (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE)
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
-
-
-def step_dir_name(step: int) -> str:
-    """`step_NNNNNN` (six digits, more when needed)."""
-    return f"{STEP_PREFIX}{step:06d}"
-
-
-def _step_of(path: Path) -> int | None:
-    """The step number of a `step_NNNNNN` directory name, or None for any other name."""
-    digits = path.name[len(STEP_PREFIX) :]
-    if not path.name.startswith(STEP_PREFIX) or not digits.isdigit():
-        return None
-    return int(digits)
-
-
-def _is_complete(step_dir: Path) -> bool:
-    return step_dir.is_dir() and all((step_dir / name).is_file() for name in _FILES)
-
-
-def _is_writer() -> bool:
-    """True unless torch.distributed is initialised and this process is not rank 0."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def _fsync_path(path: Path) -> None:
@@ -247,95 +213,3 @@ def save_checkpoint(
     _write_text_atomic(run / LATEST_FILE, final.name + "\n")
     prune_checkpoints(run, keep, current=final)
     return final
-
-
-def step_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete `step_*` checkpoint directories of a run, oldest (lowest step) first."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        return []
-    found = [
-        (step, path)
-        for path in run.iterdir()
-        if (step := _step_of(path)) is not None and _is_complete(path)
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def prune_checkpoints(run_dir: str | Path, keep: int, current: Path | None = None) -> list[Path]:
-    """Delete older checkpoints so `keep` remain; returns what was deleted.
-
-    `current` (the one just written) is never deleted, and checkpoints with a higher step than
-    `current` (left by an abandoned timeline after resuming from an older one) are left alone.
-    """
-    if keep <= 0:
-        return []
-    dirs = step_dirs(run_dir)
-    limit = None if current is None else _step_of(current)
-    if limit is not None:
-        dirs = [path for path in dirs if _step_of(path) < limit]
-        keep -= 1
-    doomed = dirs[: max(0, len(dirs) - keep)]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run dir (via `latest`), or the step dir given.
-
-    If `latest` is missing or names something incomplete, the highest complete `step_*`
-    directory is used instead; None when the run has no checkpoint.
-    """
-    path = Path(run_dir)
-    if (path / MODEL_FILE).is_file():
-        return path
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        named = path / latest.read_text(encoding="utf-8").strip()
-        if _step_of(named) is not None and _is_complete(named):
-            return named
-    dirs = step_dirs(path)
-    return dirs[-1] if dirs else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The step directory for a run dir (follows `latest`), a step dir, or a file inside one.
-
-    Raises FileNotFoundError naming everything it looked for.
-    """
-    path = Path(path)
-    if path.is_file() and path.name in _FILES:
-        path = path.parent
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise FileNotFoundError(
-            f"no checkpoint at '{path}': looked for {path / MODEL_FILE} (a step directory), "
-            f"{path / LATEST_FILE} (a run directory) and complete {path}/{STEP_PREFIX}NNNNNN/ "
-            f"directories holding {', '.join(_FILES)}"
-        )
-    return found
-
-
-def load_model_state(
-    step_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, config_dict) of a checkpoint (a step dir or a run dir), safetensors only."""
-    resolved = resolve_checkpoint(step_dir)
-    state = load_file(str(resolved / MODEL_FILE), device=str(device))
-    config_path = resolved / CONFIG_FILE
-    if not config_path.is_file():
-        config_path = resolved.parent / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {resolved} or {resolved.parent}")
-    return state, json.loads(config_path.read_text(encoding="utf-8"))
-
-
-def load_train_state(
-    step_dir: str | Path, map_location: str | torch.device = "cpu"
-) -> dict[str, Any]:
-    """The `train_state.pt` dict (step, optimizer, scheduler, rng, extra); weights_only=True."""
-    path = resolve_checkpoint(step_dir) / TRAIN_STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {TRAIN_STATE_FILE} in {path.parent}")
-    return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,224 @@
+"""Run directories: one owner at a time, truthful resume, clean stops on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY, tiny_config, training_rows
+
+from ebt.checkpoint import load_model_state, load_train_state
+from ebt.config import ConfigError
+from ebt.errors import RunBusyError
+from ebt.interrupt import StopRequest, TrainingInterrupted
+from ebt.optim import lr_multiplier
+from ebt.rundir import RunLock
+from ebt.tracking import read_metrics
+from ebt.train import Trainer, train
+
+HOLD_LOCK = "import sys, time; from ebt.rundir import RunLock; lock = RunLock(sys.argv[1]); "
+HOLD_LOCK += "lock.acquire(); print('locked', flush=True); time.sleep(120)"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from test_train import write_corpus
+
+    monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    yield write_corpus(tmp_path / "corpus.txt")
+    torch.set_num_threads(threads)
+
+
+def holder_process(run_dir: Path) -> subprocess.Popen:
+    """Another process that holds the run's lock until it is killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_second_owner_fails_at_once_naming_the_holder_and_writes_nothing(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    holder = holder_process(run_dir)
+    try:
+        with pytest.raises(RunBusyError) as caught:
+            train(tiny_config(run_dir, corpus))
+        message = str(caught.value)
+        assert f"process {holder.pid}" in message and "\n" not in message
+        assert sorted(path.name for path in run_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, nothing is left stale
+        holder.wait()
+    train(tiny_config(run_dir, corpus, "train.max_steps=1"))
+    assert (run_dir / "step_000001").is_dir()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="empty"):
+        train(tiny_config(run_dir, corpus, f"data.source={tmp_path / 'empty'}"))
+    assert not run_dir.exists()
+
+
+def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()}"):
+            RunLock(tmp_path / "run").acquire()
+    with RunLock(tmp_path / "run"):  # released on exit
+        pass
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, corpus, "train.max_steps=4", "train.lr=1e-3"))
+    config = tiny_config(run_dir, corpus, "train.max_steps=6", "train.lr=1e-2")
+    train(config)
+    rows = {row["step"]: row for row in training_rows(run_dir)}
+    factor = lr_multiplier(config.train)
+    for step in (5, 6):  # the lr a step trained with is the one before its scheduler step
+        assert rows[step]["lr/main"] == pytest.approx(1e-2 * factor(step))
+    resume = [row for row in read_metrics(run_dir) if row.get("event") == "resume"]
+    assert resume == [
+        {
+            "event": "resume",
+            "step": 4,
+            "changes": {"train.lr": [1e-3, 1e-2], "train.max_steps": [4, 6]},
+        }
+    ]
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 1e-2
+    _, saved = load_model_state(run_dir)
+    assert saved["train"]["lr"] == 1e-2
+    groups = load_train_state(run_dir)["optimizer"]["param_groups"]
+    assert [group["initial_lr"] for group in groups if group["name"] == "main"] == [1e-2]
+
+
+def test_unchanged_resume_restores_the_exact_learning_rates(tmp_path, corpus):
+    """apply_hyperparameters gives back bit-identical numbers when nothing changed."""
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, corpus, "train.max_steps=3"))
+    saved = load_train_state(run_dir)
+    config = tiny_config(run_dir, corpus, "train.max_steps=3")
+    from ebt.distributed import setup
+
+    trainer = Trainer(config, setup("cpu"))
+    assert trainer.resume_if_possible() == {}
+    restored = [group["lr"] for group in trainer.optimizer.param_groups]
+    assert restored == [group["lr"] for group in saved["optimizer"]["param_groups"]]
+
+
+def test_resume_refuses_fixed_keys_in_one_line_and_changes_nothing(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, corpus, "train.max_steps=2"))
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    bad = tiny_config(run_dir, corpus, "model.dim=64", "think.steps=2", "train.max_steps=4")
+    with pytest.raises(ConfigError) as caught:
+        train(bad)
+    message = str(caught.value)
+    assert "model.dim 32 -> 64" in message and "think.steps 1 -> 2" in message
+    assert "max_steps" not in message and "\n" not in message
+    after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
+
+
+def test_resume_below_the_reached_step_is_refused(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, corpus, "train.max_steps=3"))
+    with pytest.raises(ConfigError, match="train.max_steps=2 is below the step 3"):
+        train(tiny_config(run_dir, corpus, "train.max_steps=2"))
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, number: int) -> None:
+    """Deliver a real signal to this process when the trainer reaches `step`."""
+    original = Trainer.train_step
+
+    def train_step(self):
+        row = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), number)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_at_the_current_step_and_resume_is_exact(
+    tmp_path, corpus, monkeypatch, number
+):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(tiny_config(whole, corpus, "train.eval_every=2"))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3, number)
+        with pytest.raises(TrainingInterrupted) as caught:
+            train(tiny_config(split, corpus, "train.eval_every=2"))
+    assert caught.value.exit_code == 128 + number
+    assert load_train_state(split)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(tiny_config(split, corpus, "train.eval_every=2"))
+    first, _ = load_model_state(whole)
+    second, _ = load_model_state(split)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert training_rows(whole) == training_rows(split)
+    events = [row["event"] for row in read_metrics(split) if "event" in row]
+    assert events == ["interrupted", "resume"]
+
+
+def test_a_second_signal_exits_at_once():
+    with StopRequest() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+
+
+def test_stale_temporaries_are_removed_when_a_run_starts(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, corpus, "train.max_steps=2"))
+    stale = run_dir / ".tmp-step_000004-12345"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    train(tiny_config(run_dir, corpus, "train.max_steps=3"))
+    assert not stale.exists() and (run_dir / "step_000003").is_dir()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_saves_and_exits_130_without_a_traceback(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    overrides = [f"{key}={value}" for key, value in _cli_overrides(run_dir, corpus).items()]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ebt", "train", str(TINY), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"EBT_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    deadline = time.monotonic() + 120
+    while not read_metrics(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "SIGINT at step" in stderr
+    step = load_train_state(run_dir)["step"]
+    assert 0 < step < 100_000 and (run_dir / f"step_{step:06d}").is_dir()
+
+
+def _cli_overrides(run_dir: Path, corpus: Path) -> dict[str, str]:
+    config = tiny_config(run_dir, corpus, "train.max_steps=100000", "train.save_every=0")
+    return {
+        f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+        if key != "size"
+    }
