@@ -78,6 +78,9 @@ class LinearEnergy:
     def encode_context(self, tokens: torch.Tensor, landscape: int = 0) -> SimpleNamespace:
         return SimpleNamespace(landscape=landscape)
 
+    def candidate_input(self, state: torch.Tensor) -> torch.Tensor:
+        return state.softmax(dim=-1)
+
     def energies(self, cache, probabilities: torch.Tensor, rows=None, landscape=None):
         return (probabilities * self.weight).sum(-1)
 

@@ -33,7 +33,7 @@ class Verdict:
 @torch.no_grad()
 def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: int):
     cache = model.encode_context(tokens, landscape if model.context_depends_on_landscape else 0)
-    return model.energies(cache, states.softmax(-1), rows, landscape)  # (B, N * S)
+    return model.energies(cache, model.candidate_input(states), rows, landscape)  # (B, N * S)
 
 
 def best_of_n(
@@ -185,7 +185,7 @@ def _evaluate_point(model, batches, steps, samples, pad_id, options=None, tolera
         "steps": steps,
         "samples": samples,
         "loss": mean,
-        "ppl": math.exp(mean),
+        "ppl": math.exp(min(mean, 700.0)),  # a barely trained model: no OverflowError
         "forward_passes_per_token": passes,
     }
     tokens = {

@@ -1,12 +1,15 @@
 """Thinking: gradient descent on candidates against a model's energy, as a pure function.
 
-For text, a state y (B, S, V) is a vector of logits per position. One step is
+One loop serves every modality. A model maps its raw state to the input its energy reads
+(`candidate_input`), and one step is
 
-    p = softmax(y [+ Langevin noise]);   E = energies(context, p);   y' = p - alpha * dE/dp
+    x = candidate_input(y [+ Langevin noise]);   E = energies(context, x);   y' = x - alpha * dE/dx
 
-(the gradient is taken with respect to the probabilities, as in the paper's code), and y' is
-used as logits by the loss and softmaxed again by the next step. The context stream is encoded
-once per landscape and reused by every step on that landscape.
+For text a state y (B, S, V) holds logits and x = softmax(y) (the gradient is taken with
+respect to the probabilities, as in the paper's code; y' is used as logits by the loss and
+softmaxed again by the next step). For images the state is the image (B, C, H, W) and x = y.
+The context stream (if the model has one) is encoded once per landscape and reused by every
+step on that landscape.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ class EnergyModel(Protocol):
     context_depends_on_landscape: bool
     step_size: torch.Tensor
 
-    def encode_context(self, tokens: torch.Tensor, landscape: int = 0): ...
+    def encode_context(self, context: torch.Tensor | None, landscape: int = 0): ...
 
-    def energies(self, cache, probabilities: torch.Tensor, rows=None, landscape=None): ...
+    def candidate_input(self, state: torch.Tensor) -> torch.Tensor: ...
 
-    # optional: energies_and_gradient(cache, probabilities, rows, landscape, create_graph)
+    def energies(self, cache, candidates: torch.Tensor, rows=None, landscape=None): ...
+
+    # optional: energies_and_gradient(cache, candidates, rows, landscape, create_graph)
 
 
 class ThinkingError(FloatingPointError):
@@ -120,7 +125,7 @@ def step_schedule(
     return schedule
 
 
-def _encode(model: EnergyModel, tokens: torch.Tensor, landscape: int, with_graph: bool):
+def _encode(model: EnergyModel, tokens: torch.Tensor | None, landscape: int, with_graph: bool):
     if with_graph:
         return model.encode_context(tokens, landscape)
     with torch.no_grad():
@@ -146,7 +151,8 @@ def take_step(
     where: tuple[int, int] = (0, 0),
     landscape: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step from raw state (B, R, V): returns (new raw state, energies (B, R)).
+    """One step from a raw state (B, R, V for text; B, C, H, W for images): returns (new raw
+    state, energies: (B, R) per candidate, or (B,) per image).
 
     `where` = (step index, landscape) names the step in the error raised on a NaN/Inf gradient.
     `landscape` conditions the candidates (default: the cache's own landscape); a cache whose
@@ -154,33 +160,34 @@ def take_step(
     """
     if float(options.langevin_std) > 0:
         state = state + torch.randn_like(state.detach()) * options.langevin_std
-    probabilities = state.softmax(dim=-1)  # (B, R, V)
+    candidates = model.candidate_input(state)  # text: softmax (B, R, V); images: the image
     with_gradient = getattr(model, "energies_and_gradient", None)
     if with_gradient is None:
-        energies = model.energies(cache, probabilities, rows, landscape)  # (B, R)
-        (gradient,) = torch.autograd.grad(energies.sum(), probabilities, create_graph=keep_graph)
+        energies = model.energies(cache, candidates, rows, landscape)  # (B, R) or (B,)
+        (gradient,) = torch.autograd.grad(energies.sum(), candidates, create_graph=keep_graph)
     else:  # the same values; the model may write the gradient out instead of asking autograd
-        energies, gradient = with_gradient(cache, probabilities, rows, landscape, keep_graph)
+        energies, gradient = with_gradient(cache, candidates, rows, landscape, keep_graph)
     _check_finite(gradient, *where)
     if options.grad_clamp:
         limit = options.grad_clamp / model.step_size
         gradient = torch.clamp(gradient, min=-limit, max=limit)
-    new_state = probabilities - options.step_size * gradient  # (B, R, V)
+    new_state = candidates - options.step_size * gradient  # the state's shape
     if options.absolute_clamp:
         new_state = new_state.clamp(-options.absolute_clamp, options.absolute_clamp)
     if options.accept_lower_energies and not keep_graph:
-        new_state = _accept_lower(model, cache, probabilities, energies, new_state, rows, landscape)
+        new_state = _accept_lower(model, cache, candidates, energies, new_state, rows, landscape)
     return new_state, energies.detach()
 
 
 @torch.no_grad()
-def _accept_lower(model, cache, probabilities, energies, proposed, rows, landscape):
-    """The paper's accept-lower-energies rule: per position keep the proposed state where its
+def _accept_lower(model, cache, candidates, energies, proposed, rows, landscape):
+    """The paper's accept-lower-energies rule: per candidate keep the proposed state where its
     energy (one extra forward) is below the energy of the state the step started from, else
-    fall back to that state's probabilities (a step of size 0 under the update y' = p - a g)."""
-    proposed_energies = model.energies(cache, proposed.softmax(dim=-1), rows, landscape)  # (B, R)
-    lower = (proposed_energies < energies).unsqueeze(-1)  # (B, R, 1)
-    return torch.where(lower, proposed, probabilities.detach())
+    fall back to that state's candidate input (a step of size 0 under y' = x - a g)."""
+    proposed_energies = model.energies(cache, model.candidate_input(proposed), rows, landscape)
+    lower = proposed_energies < energies  # (B, R) or (B,)
+    lower = lower.view(*lower.shape, *[1] * (proposed.dim() - lower.dim()))  # broadcastable
+    return torch.where(lower, proposed, candidates.detach())
 
 
 def recomputed_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,14 +205,15 @@ def recomputed_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def think(
     model: EnergyModel,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | None,
     init: torch.Tensor,
     schedule: list[int],
     options: StepOptions,
     rows: torch.Tensor | None = None,
     caches: dict | None = None,
 ) -> Trajectory:
-    """Optimise candidates init (B, R, V) for context tokens (B, S) along `schedule`.
+    """Optimise candidates init (B, R, V; images B, C, H, W) for the context (tokens (B, S);
+    None for a model without a context stream) along `schedule`.
 
     caches: prebuilt context caches by landscape (e.g. a generation KV cache); then tokens is
     not read. For models whose context does not depend on the landscape, caches[0] serves all.

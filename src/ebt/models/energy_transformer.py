@@ -211,6 +211,10 @@ class EnergyTransformer(nn.Module):
             values.append(v)
         return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
 
+    def candidate_input(self, state: torch.Tensor) -> torch.Tensor:
+        """What the energy reads of a raw state (B, R, V) of logits: their softmax (B, R, V)."""
+        return state.softmax(dim=-1)
+
     def embed_candidates(self, probabilities: torch.Tensor, landscape: int) -> torch.Tensor:
         """Candidate distributions (B, R, V) -> prediction-stream inputs (B, R, D)."""
         z = self.candidate_projection(probabilities)  # (B, R, D)
