@@ -1,0 +1,398 @@
+"""Video clips for next-frame prediction: float32 (T, 3, F, F) in [-1, 1], deterministic per seed.
+
+Sources (`source`):
+
+- ``pan``: a camera over scikit-image's photographs (`ebt.data.images`) scaled to a short side of
+  `SCENE_SCALE` frame widths. Clip k shows photograph k % n through a square window 1 to 2 frames
+  wide, panning at `PAN_SPEED` scene px/frame in a random direction and zooming at up to
+  `PAN_ZOOM` (log per frame), both times `speed_scale`; inside the photo when the path fits.
+- ``faces``: `lfw_subset` faces (its first 100), `face_size` wide (default frame_size // 2) on a
+  plain background, moving at `FACE_SPEED` px/frame (times `speed_scale`) and bouncing off the
+  frame's edges (sub-pixel, always wholly inside).
+- ``skimage-gif``: the small animated GIF scikit-image ships (24 frames, 25 x 14, 70 ms apart).
+- video files (GIF; MP4, AVI, MOV, WebM, MKV through imageio-ffmpeg: paths, globs, commas) or a
+  folder of frames (natural name order): every `stride`-th frame (or one per `interval` seconds,
+  the paper's 0.25 s), centre-cropped and resized to `frame_size` (0: as they are); a clip is
+  `frames` consecutive sampled frames, one starting every `hop`.
+
+Splits of ``pan`` / ``faces``: "train" (training photographs / faces, new clips every epoch),
+"val" (the same, same speeds, fixed clips), "test" (held-out ones), "ood" (held-out, twice the
+speed); held-out = the image "val" + "test" splits (faces alike). Clip k of epoch e is a pure
+function of (seed, split, e, k). Files: "all"; several split like images; one is cut in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imageio.v3 as iio
+import torch
+import torch.nn.functional as F
+
+from ebt.data import images
+from ebt.data.corpus import DataError, expand_paths
+
+PAN_SPEED = (0.5, 2.0)  # scene pixels per frame
+PAN_ZOOM = 0.03  # largest |log zoom| per frame
+SCENE_SCALE = 4  # a photograph's short side, in frame widths, for panning
+FACE_SPEED = (1.0, 3.0)  # frame pixels per frame
+VIDEO_SUFFIXES = frozenset({".gif", ".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v"})
+SYNTHETIC_SPLITS = ("train", "val", "test", "ood")
+SKIMAGE_GIF = "no_time_for_that_tiny.gif"
+
+
+class _ClipSet:
+    """The shared `batch` of the clip datasets (each defines `clip(index, epoch)`)."""
+
+    def batch(self, indices: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        """Clips `indices` of `epoch` as float32 (B, T, 3, F, F)."""
+        return torch.stack([self.clip(int(i), epoch) for i in indices])  # (B, T, 3, F, F)
+
+
+def _grid(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """A sampling grid (T, F, F, 2) from x coordinates (T, F) of columns and y (T, F) of rows."""
+    shape = (xs.shape[0], ys.shape[1], xs.shape[1])
+    return torch.stack([xs[:, None, :].expand(shape), ys[:, :, None].expand(shape)], -1)
+
+
+@dataclass(frozen=True)
+class PanMotion:
+    """The camera of one pan clip: speed (scene px/frame), angle (rad), zoom rate, window."""
+
+    photo: int
+    speed: float
+    angle: float
+    zoom_rate: float
+    window: float  # initial window side / frame_size, in [1, 2]
+    place: tuple[float, float]  # where in its feasible range the path starts, per axis
+
+
+def _axis_path(extent: float, sizes: torch.Tensor, velocity: float, u: float) -> torch.Tensor:
+    """Window centres (T,) along one axis: inside [0, extent] when the path fits there."""
+    offset = velocity * torch.arange(sizes.numel(), dtype=torch.float32)  # (T,)
+    low = float((sizes / 2 - offset).max())
+    high = float((extent - sizes / 2 - offset).min())
+    start = low + u * (high - low) if high >= low else (low + high) / 2
+    return start + offset  # (T,)
+
+
+@dataclass(kw_only=True)
+class _Synthetic(_ClipSet):
+    """What the synthetic clip sets share: `num_clips` clips per epoch of `frames` frames."""
+
+    num_clips: int
+    frames: int = 8
+    frame_size: int = 32
+    speed_scale: float = 1.0
+    seed: int = 0
+    split: str = "train"
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+
+@dataclass(kw_only=True)
+class PanZoomClips(_Synthetic):
+    """Clips of a camera panning and zooming over photographs; see the module docstring."""
+
+    scenes: list[torch.Tensor]  # each (3, h, w) float32 in [-1, 1]
+    names: list[str]
+    source: str = "pan"
+
+    def motion(self, index: int, epoch: int = 0) -> PanMotion:
+        """The camera of clip `index` of `epoch`."""
+        seed = images.sample_seed(self.seed, epoch, index, f"pan:{self.split}")
+        draw = torch.rand(6, generator=torch.Generator().manual_seed(seed))
+        speed = (PAN_SPEED[0] + (PAN_SPEED[1] - PAN_SPEED[0]) * float(draw[0])) * self.speed_scale
+        angle, window, place = 2 * math.pi * float(draw[1]), 1 + float(draw[3]), draw[4:].tolist()
+        zoom_rate = PAN_ZOOM * (2 * float(draw[2]) - 1) * self.speed_scale
+        return PanMotion(index % len(self.scenes), speed, angle, zoom_rate, window, tuple(place))
+
+    def clip(self, index: int, epoch: int = 0) -> torch.Tensor:
+        """Clip `index` of `epoch`: float32 (T, 3, F, F)."""
+        move, size = self.motion(index, epoch), self.frame_size
+        scene, (height, width) = self.scenes[move.photo], self.scenes[move.photo].shape[1:]
+        growth = torch.exp(move.zoom_rate * torch.arange(self.frames, dtype=torch.float32))  # (T,)
+        start = min(move.window * size, min(height, width) / float(growth.max()))
+        sizes = start * growth  # (T,)
+        xs = _axis_path(width, sizes, move.speed * math.cos(move.angle), move.place[0])  # (T,)
+        ys = _axis_path(height, sizes, move.speed * math.sin(move.angle), move.place[1])  # (T,)
+        base = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5  # (F,)
+        grid_x = 2 * (xs[:, None] + sizes[:, None] * base) / width - 1  # (T, F)
+        grid_y = 2 * (ys[:, None] + sizes[:, None] * base) / height - 1  # (T, F)
+        grid = _grid(grid_x, grid_y)  # (T, F, F, 2)
+        source = scene[None].expand(self.frames, -1, -1, -1)  # (T, 3, h, w)
+        out = F.grid_sample(source, grid, padding_mode="reflection", align_corners=False)
+        return out.clamp(-1.0, 1.0)  # (T, 3, F, F)
+
+
+def bounce_track(
+    start: torch.Tensor, velocity: torch.Tensor, steps: int, limit: float
+) -> torch.Tensor:
+    """Positions (..., steps, 2) from `start` (..., 2) at `velocity` (..., 2), reflected at the
+    walls 0 and `limit` (a point bouncing inside [0, limit] at constant speed)."""
+    times = torch.arange(steps, dtype=torch.float32)[:, None]  # (T, 1)
+    raw = start[..., None, :] + velocity[..., None, :] * times  # (..., T, 2)
+    wrapped = torch.remainder(raw, 2 * limit)  # (..., T, 2)
+    return limit - (wrapped - limit).abs()  # (..., T, 2)
+
+
+def _place(face: torch.Tensor, track: torch.Tensor, frame_size: int) -> torch.Tensor:
+    """`face` (1, s, s) at top-left positions `track` (T, 2): (T, 2, F, F), values and coverage."""
+    side, steps = face.shape[-1], track.shape[0]
+    pixels = torch.arange(frame_size, dtype=torch.float32)  # (F,)
+    u = 2 * (pixels[None, :] - track[:, :1]) / (side - 1) - 1  # (T, F) along x
+    v = 2 * (pixels[None, :] - track[:, 1:]) / (side - 1) - 1  # (T, F) along y
+    layers = torch.cat([face, torch.ones_like(face)])[None].expand(steps, -1, -1, -1)  # (T,2,s,s)
+    return F.grid_sample(layers, _grid(u, v), align_corners=True)  # (T, 2, F, F)
+
+
+@dataclass(kw_only=True)
+class BouncingFaces(_Synthetic):
+    """Faces bouncing inside the frame on a plain background; see the module docstring."""
+
+    faces: torch.Tensor  # (N, 1, s, s) float32 in [-1, 1]
+    num_faces: int = 1
+    background: float = -1.0
+    source: str = "faces"
+
+    def tracks(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(face numbers (K,), top-left positions (K, T, 2)) of clip `index` of `epoch`."""
+        seed = images.sample_seed(self.seed, epoch, index, f"faces:{self.split}")
+        generator = torch.Generator().manual_seed(seed)
+        limit = float(self.frame_size - self.faces.shape[-1])
+        chosen = torch.randint(self.faces.shape[0], (self.num_faces,), generator=generator)  # (K,)
+        draw = torch.rand(self.num_faces, 4, generator=generator)  # (K, 4)
+        speed = FACE_SPEED[0] + (FACE_SPEED[1] - FACE_SPEED[0]) * draw[:, 2]  # (K,)
+        angle = 2 * math.pi * draw[:, 3]  # (K,)
+        velocity = torch.stack([angle.cos(), angle.sin()], -1) * (speed * self.speed_scale)[:, None]
+        paths = bounce_track(draw[:, :2] * limit, velocity, self.frames, limit)  # (K, T, 2)
+        return chosen, paths  # (K,), (K, T, 2)
+
+    def clip(self, index: int, epoch: int = 0) -> torch.Tensor:
+        """Clip `index` of `epoch`: float32 (T, 3, F, F)."""
+        chosen, paths = self.tracks(index, epoch)
+        size = self.frame_size
+        canvas = torch.full((self.frames, 1, size, size), self.background)  # (T, 1, F, F)
+        for number, path in zip(chosen.tolist(), paths, strict=True):
+            layers = _place(self.faces[number], path, size)  # (T, 2, F, F)
+            canvas = canvas * (1 - layers[:, 1:]) + layers[:, :1]  # (T, 1, F, F)
+        return canvas.expand(-1, 3, -1, -1).clamp(-1.0, 1.0).contiguous()  # (T, 3, F, F)
+
+
+@functools.cache
+def lfw_faces() -> torch.Tensor:
+    """The 100 faces of scikit-image's `lfw_subset` as float32 (100, 1, 25, 25) in [-1, 1]."""
+    from skimage import data
+
+    return torch.as_tensor(data.lfw_subset()[:100, None], dtype=torch.float32) * 2 - 1
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _stride(stride: int, interval: float, meta: dict[str, Any], name: str) -> int:
+    """Frames between samples: `stride`, or `interval` seconds at the frame rate in `meta`."""
+    if interval <= 0:
+        if stride < 1:
+            raise DataError(f"stride must be at least 1, got {stride}")
+        return stride
+    gif = name.lower().endswith(".gif") and meta.get("duration")  # GIF: milliseconds per frame
+    fps = float(meta.get("fps") or (1000.0 / float(meta["duration"]) if gif else 0.0))
+    if fps <= 0:
+        raise DataError(f"'{name}' has no frame rate for interval={interval}; give a stride")
+    return max(1, round(interval * fps))
+
+
+def _still_files(files: list[Path], name: str) -> list[Path]:
+    """The still images (not GIFs) among `files`, in natural name order."""
+    stills = [p for p in files if p.suffix.lower() in images.IMAGE_SUFFIXES - VIDEO_SUFFIXES]
+    if not stills:
+        raise DataError(f"no video files or frames (still images) in '{name}'")
+    return sorted(stills, key=_natural_key)
+
+
+def read_video(
+    path: str | Path | list[Path],
+    *,
+    frame_size: int = 32,
+    stride: int = 1,
+    interval: float = 0.0,
+    max_frames: int = 0,
+) -> torch.Tensor:
+    """A video file, a folder of frames or a list of frame files as uint8 (N, 3, F, F).
+
+    Every `stride`-th frame (or one every `interval` seconds), at most `max_frames` (0 = all),
+    centre-cropped and resized to `frame_size` (0 = as they are). Bad files raise DataError.
+    """
+    name = f"{path[0].parent}" if isinstance(path, list) else str(path)
+    try:
+        with contextlib.ExitStack() as stack:
+            if isinstance(path, list) or Path(path).is_dir():
+                files = path if isinstance(path, list) else _still_files(expand_paths(name), name)
+                step = _stride(stride, interval, {}, name)
+                frames: Any = (images.read_image(f) for f in files[::step])
+            else:
+                plugin = "pillow" if name.lower().endswith(".gif") else None  # else ffmpeg
+                reader = stack.enter_context(iio.imopen(path, "r", plugin=plugin))
+                step = _stride(stride, interval, reader.metadata(), name)
+                arrays = itertools.islice(reader.iter(), 0, None, step)
+                frames = (images.to_rgb(array, name) for array in arrays)
+            sized = (images.square_resize(f, frame_size) if frame_size else f for f in frames)
+            kept = list(itertools.islice(sized, max_frames or None))  # N x (3, F, F)
+        if not kept:
+            raise DataError(f"video '{name}' has no frames")
+        return torch.stack(kept)  # (N, 3, F, F)
+    except DataError:
+        raise
+    except Exception as error:  # imageio and its plugins raise many types for bad files
+        raise DataError(f"cannot read video '{name}': {str(error).splitlines()[0]}") from None
+
+
+@dataclass
+class VideoClips(_ClipSet):
+    """Clips of `frames` consecutive sampled frames of videos, one every `hop` frames."""
+
+    videos: list[torch.Tensor]  # each (N_i, 3, F, F) uint8
+    names: list[str]
+    frames: int = 8
+    hop: int = 1
+    source: str = ""
+    split: str = "all"
+
+    def __post_init__(self) -> None:
+        self.starts: list[tuple[int, int]] = []  # (video, first frame)
+        for number, (video, name) in enumerate(zip(self.videos, self.names, strict=True)):
+            if video.shape[0] < self.frames:
+                count = f"{video.shape[0]} sampled frames ({self.split} split)"
+                raise DataError(f"video '{name}' has {count}, fewer than a clip's {self.frames}")
+            last = video.shape[0] - self.frames
+            self.starts.extend((number, first) for first in range(0, last + 1, self.hop))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def clip(self, index: int, epoch: int = 0) -> torch.Tensor:
+        """Clip `index`: float32 (T, 3, F, F); `epoch` is ignored."""
+        number, first = self.starts[index]
+        return images.to_float(self.videos[number][first : first + self.frames])  # (T, 3, F, F)
+
+
+def _time_split(video: torch.Tensor, split: str, fractions: tuple[float, float]) -> torch.Tensor:
+    """The train | val | test part of one video (N, ...) in time, or all of it."""
+    n = video.shape[0]
+    n_val, n_test = round(n * fractions[0]), round(n * fractions[1])
+    cut = n - n_val - n_test
+    bounds = {"all": (0, n), "train": (0, cut), "val": (cut, n - n_test), "test": (n - n_test, n)}
+    if split not in bounds:
+        raise DataError(f"unknown split '{split}' for a video file: use {', '.join(bounds)}")
+    start, stop = bounds[split]
+    return video[start:stop]
+
+
+def _file_clips(source: str, split: str, fractions: tuple[float, float], **read: Any) -> Any:
+    """(videos (N_i, 3, F, F) uint8, names) of `split` of a file / folder / glob source."""
+    if source == "skimage-gif":
+        from skimage import data
+
+        source = str(Path(data.data_dir) / SKIMAGE_GIF)
+    files = expand_paths(source)
+    items: list[Any] = [f for f in files if f.suffix.lower() in VIDEO_SUFFIXES]
+    items = items or [_still_files(files, source)]
+    names = [str(item[0].parent if isinstance(item, list) else item) for item in items]
+    if len(items) > 1:  # split by path relative to the videos' common folder
+        root = os.path.commonpath([os.path.dirname(name) for name in names])
+        names = [Path(name).relative_to(root).as_posix() for name in names]
+        chosen = images.split_indices(names, split, *fractions, what="videos")
+        items, names = [items[i] for i in chosen], [names[i] for i in chosen]
+        return [read_video(item, **read) for item in items], names
+    return [_time_split(read_video(items[0], **read), split, fractions)], names
+
+
+def _synthetic_items(keys: Any, split: str, fractions: tuple[float, float], what: str) -> Any:
+    """Positions of the training (train, val) or held-out (test, ood) items among `keys`."""
+    parts = ("val", "test") if split in ("test", "ood") else ("train",)
+    return sorted(i for p in parts for i in images.split_indices(keys, p, *fractions, what=what))
+
+
+def _scene(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (3, H, W) scaled to a short side of `side`: float32 (3, h, w) in [-1, 1]."""
+    image, scale = images.to_float(pixels)[None], side / min(pixels.shape[1:])  # (1, 3, H, W)
+    return F.interpolate(image, scale_factor=scale, mode="bilinear", antialias=True)[0]
+
+
+def _pan_clips(split: str, fractions: tuple[float, float], **clips: Any) -> PanZoomClips:
+    """`PanZoomClips` over the training or held-out photographs."""
+    photos = images.SKIMAGE_PHOTOS
+    names = [photos[i] for i in _synthetic_items(photos, split, fractions, "photographs")]
+    side = SCENE_SCALE * clips["frame_size"]
+    scenes = [_scene(images.skimage_photo(name), side) for name in names]
+    return PanZoomClips(scenes=scenes, names=names, split=split, **clips)
+
+
+def _face_clips(split: str, fractions: tuple[float, float], size: int, **clips: Any) -> Any:
+    """`BouncingFaces` with the training or held-out faces of `lfw_subset`, `size` wide."""
+    faces = lfw_faces()  # (100, 1, 25, 25)
+    chosen = _synthetic_items([f"lfw_subset/{i}" for i in range(100)], split, fractions, "faces")
+    side = size or clips["frame_size"] // 2
+    if not 2 <= side < clips["frame_size"]:
+        raise DataError(f"face_size {side} must be at least 2 and below the frame size")
+    resized = F.interpolate(faces[chosen], size=(side, side), mode="bilinear", antialias=True)
+    return BouncingFaces(faces=resized, split=split, **clips)  # faces (N, 1, s, s)
+
+
+def build_video_dataset(
+    source: str = "pan",
+    split: str = "train",
+    *,
+    frames: int = 8,
+    frame_size: int = 32,
+    seed: int = 0,
+    num_clips: int = 0,
+    speed_scale: float = 0.0,
+    face_size: int = 0,
+    num_faces: int = 1,
+    stride: int = 1,
+    interval: float = 0.0,
+    hop: int = 1,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    max_frames: int = 0,
+) -> PanZoomClips | BouncingFaces | VideoClips:
+    """Clips of `split` of `source` (see the module docstring) with `len()` and `batch()`.
+
+    Synthetic sources make `num_clips` clips per epoch (0: 1024 for train, 64 otherwise) at
+    `speed_scale` (0: 2 for "ood", else 1). Bad sources, files and sizes raise DataError.
+    """
+    source = source.strip()
+    if frames < 2 or frame_size < 0 or hop < 1:
+        raise DataError(
+            f"need frames >= 2, frame_size >= 0, hop >= 1: got {frames, frame_size, hop}"
+        )
+    fractions = (val_fraction, test_fraction)
+    if source in ("pan", "faces"):
+        if split not in SYNTHETIC_SPLITS:
+            raise DataError(f"unknown split '{split}': use one of {', '.join(SYNTHETIC_SPLITS)}")
+        count = num_clips or (1024 if split == "train" else 64)
+        scale = speed_scale or (2.0 if split == "ood" else 1.0)
+        clips = {"num_clips": count, "frames": frames, "speed_scale": scale, "seed": seed}
+        clips["frame_size"] = frame_size or 32
+        if source == "pan":
+            return _pan_clips(split, fractions, **clips)
+        return _face_clips(split, fractions, face_size, num_faces=num_faces, **clips)
+    if source != "skimage-gif" and not any(c in source for c in "/\\,.*?[~"):
+        if not os.path.exists(source):
+            choices = "pan, faces, skimage-gif, video files or a folder of frames"
+            raise DataError(f"unknown video source '{source}': use {choices}")
+    read = {"frame_size": frame_size, "stride": stride, "interval": interval}
+    videos, names = _file_clips(source, split, fractions, max_frames=max_frames, **read)
+    return VideoClips(videos, names, frames, hop, source, split)

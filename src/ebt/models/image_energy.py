@@ -1,0 +1,98 @@
+"""The bidirectional energy transformer for images (denoising).
+
+A candidate image (B, C, H, W) is cut into patches, every patch attends to every other (DiT
+blocks with adaLN-Zero), and a per-patch energy head scores each patch; the image's energy is
+the mean over its patches. There is no timestep and no class: one learned condition vector
+drives every adaLN modulation. Prediction is gradient descent on the image itself,
+x <- x - alpha * dE/dx, starting from the noisy image; the thinking loop that takes those steps
+is shared with the other modalities and lives outside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
+
+
+@dataclass
+class ImageEnergyArgs:
+    image_size: int = 32  # height = width the position table is built for
+    channels: int = 3
+    patch_size: int = 4
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    ffn_dim: int | None = None  # None: the model width (the paper's mlp_ratio 1)
+    step_size: float = 3000.0
+    step_size_learnable: bool = True
+    langevin_noise: float = 0.0
+    inference_steps: int = 1  # default number of thinking steps at inference
+
+
+class ImageEnergyTransformer(nn.Module):
+    """Scores candidate images with one scalar energy each (lower = more plausible)."""
+
+    def __init__(self, args: ImageEnergyArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.step_size = nn.Parameter(
+            torch.tensor(float(args.step_size)), requires_grad=args.step_size_learnable
+        )
+        self.langevin_std = nn.Parameter(
+            torch.tensor(float(args.langevin_noise)), requires_grad=False
+        )
+        size = args.image_size
+        self.patch_embedding = PatchEmbedding(args.channels, args.dim, args.patch_size, size, size)
+        ffn_dim = args.ffn_dim or args.dim
+        self.blocks = nn.ModuleList(
+            DiTBlock(args.dim, args.heads, ffn_dim, double_backward=True)
+            for _ in range(args.layers)
+        )
+        self.energy_head = AdaLNHead(args.dim, 1, bias=False)  # zero-initialised: E constant
+        init_dit_weights(self)
+        self.condition = nn.Embedding(1, args.dim)  # N(0, 1), as nn.Embedding initialises
+
+    @property
+    def patch_size(self) -> int:
+        return self.args.patch_size
+
+    def patch_energies(self, images: torch.Tensor) -> torch.Tensor:
+        """Energy of every patch (B, N) of candidate images (B, C, H, W); H, W multiples of
+        the patch size (the position table is computed for sizes other than the built one)."""
+        return self.token_energies(self.patch_embedding(images))  # (B, N)
+
+    def token_energies(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Energy of every patch (B, N) from its embedding (B, N, D), position included."""
+        condition = self.condition.weight  # (1, D): the same for every image, broadcast
+        for block in self.blocks:
+            tokens = block(tokens, condition)  # (B, N, D)
+        return self.energy_head(tokens, condition).squeeze(-1)  # (B, N)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Energy per image (B,) of candidate images (B, C, H, W): the mean of its patches'."""
+        return self.patch_energies(images).mean(dim=1)  # (B,)
+
+    def energies(self, images: torch.Tensor) -> torch.Tensor:
+        """Energy per image (B,); the same as calling the model (so module hooks run)."""
+        return self(images)  # (B,)
+
+    def energies_and_gradient(
+        self, images: torch.Tensor, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(energies (B,), dE/dx (B, C, H, W)) of candidate images.
+
+        create_graph=False: first order and detached (inference; the images' own graph, if
+        any, is cut). create_graph=True: both keep their graph, so a loss on a step taken with
+        dE/dx back-propagates the second-order terms into the parameters (training); images
+        that carry a graph (no detach between steps) keep it.
+        """
+        with torch.enable_grad():
+            if not create_graph or not images.requires_grad:
+                images = images.detach().requires_grad_()
+            energies = self.energies(images)  # (B,)
+            (gradient,) = torch.autograd.grad(energies.sum(), images, create_graph=create_graph)
+        return (energies if create_graph else energies.detach()), gradient
