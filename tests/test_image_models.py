@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call
-from torch.nn import functional as F
 
+from ebt.config import ThinkConfig
 from ebt.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
 from ebt.interop.image_reference import (
     convert_image_state_dict,
@@ -21,9 +21,11 @@ from ebt.interop.image_reference import (
     image_our_key,
     image_reference_state_dict,
 )
+from ebt.modalities import ImageTask
 from ebt.models.dit import DiT, DiTArgs
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.nn.dit import patch_grid, patchify, sincos_position_table, unpatchify
+from ebt.objective import Objective
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude, float32 and float64 alike
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
@@ -42,13 +44,6 @@ def _load(vectors_dir, name: str, dtype: torch.dtype):
     return model.to(dtype), checkpoint, expected
 
 
-def paper_step(model, state: torch.Tensor, create_graph: bool):
-    """One step of the paper's image EBT: (new state, energies (B,) of `state`)."""
-    alpha = model.step_size.clamp(min=1e-4)
-    energies, gradient = model.energies_and_gradient(state.detach(), create_graph)
-    return state.detach() - alpha * gradient, energies
-
-
 def _check_gradients(model, expected_grads: dict) -> None:
     parameters = dict(model.named_parameters())
     trained = {name for name, p in parameters.items() if p.requires_grad}
@@ -60,31 +55,31 @@ def _check_gradients(model, expected_grads: dict) -> None:
 
 @DTYPES
 def test_image_ebt_thinking_matches_paper(vectors_dir, dtype):
+    """The shared thinking loop (model.think) on the paper's noisy images."""
     model, _, expected = _load(vectors_dir, "image_ebt", dtype)
     schedule = GaussianDiffusion.for_noise_level(100, 0.1)
     clean, noise = expected["clean"].to(dtype), expected["noise"].to(dtype)
     noisy = schedule.q_sample(clean, expected["timestep"], noise)  # (B, C, H, W)
     assert _relative(noisy, expected["noisy"]) <= TOLERANCE
-    state = expected["noisy"].to(dtype)
+    trajectory = model.think(expected["noisy"].to(dtype), steps=2)
     for k in range(2):
-        state, energies = paper_step(model, state, create_graph=False)
-        assert _relative(energies, expected["energies"][k]) <= TOLERANCE
-        assert _relative(state, expected["states"][k]) <= TOLERANCE
+        assert _relative(trajectory.energies[k], expected["energies"][k]) <= TOLERANCE
+        assert _relative(trajectory.states[k], expected["states"][k]) <= TOLERANCE
 
 
 @DTYPES
-def test_image_ebt_training_gradients_match_paper(vectors_dir, dtype):
+def test_image_ebt_training_gradients_match_paper(vectors_dir, dtype, monkeypatch):
+    """The shared Objective with the image task: loss per step and second-order gradients."""
     model, _, expected = _load(vectors_dir, "image_ebt", dtype)
-    clean, state = expected["clean"].to(dtype), expected["noisy"].to(dtype)
-    losses = []
-    for _ in range(2):
-        state, _ = paper_step(model, state, create_graph=True)
-        losses.append(F.smooth_l1_loss(state, clean, beta=1.0))
-    loss = torch.stack(losses).mean()
-    assert _relative(loss, expected["train_loss"]) <= TOLERANCE
-    assert _relative(losses[0], expected["train_initial_loss"]) <= TOLERANCE
-    assert _relative(losses[-1], expected["train_final_loss"]) <= TOLERANCE
-    loss.backward()
+    task = ImageTask(GaussianDiffusion.for_noise_level(100, 0.1), 0.1)
+    noisy = expected["noisy"].to(dtype)
+    monkeypatch.setattr(task, "initial_state", lambda *args: noisy.clone())
+    think = ThinkConfig(landscapes=1, steps=2, step_size=60.0)
+    output = Objective(model, think, task=task).train()(expected["clean"].to(dtype))
+    assert _relative(output.loss, expected["train_loss"]) <= TOLERANCE
+    assert _relative(output.metrics["initial_loss"], expected["train_initial_loss"]) <= TOLERANCE
+    assert _relative(output.metrics["final_step_loss"], expected["train_final_loss"]) <= TOLERANCE
+    output.loss.backward()
     _check_gradients(model, expected["train_grads"])
 
 
@@ -158,7 +153,7 @@ def test_fresh_energy_model_is_constant():
     assert torch.count_nonzero(model.energy_head.linear.weight) == 0
     assert model.energy_head.linear.bias is None
     images = torch.randn(3, 3, 8, 8)
-    energies, gradient = model.energies_and_gradient(images)
+    energies, gradient = model.energies_and_gradient(None, images)
     assert torch.equal(energies, torch.zeros(3)) and torch.equal(gradient, torch.zeros_like(images))
 
 
@@ -167,7 +162,6 @@ def test_image_energy_is_mean_of_patch_energies():
     images = torch.randn(2, 3, 4, 4)
     patches = model.patch_energies(images)  # (2, 4)
     assert patches.shape == (2, 4)
-    torch.testing.assert_close(model.energies(images), patches.mean(dim=1))
     torch.testing.assert_close(model(images), patches.mean(dim=1))
 
 
@@ -182,9 +176,9 @@ def test_permuting_patches_with_their_positions_keeps_the_energy():
 def test_input_gradient_matches_finite_differences():
     model = _tiny_ebt().double()
     images = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(model.energies, (images,), fast_mode=True)
-    _, gradient = model.energies_and_gradient(images)
-    (expected,) = torch.autograd.grad(model.energies(images).sum(), images)
+    assert torch.autograd.gradcheck(model, (images,), fast_mode=True)
+    _, gradient = model.energies_and_gradient(None, images)
+    (expected,) = torch.autograd.grad(model(images).sum(), images)
     torch.testing.assert_close(gradient, expected)
 
 
@@ -221,8 +215,8 @@ def test_image_sizes_the_patches_do_not_tile_are_refused():
         patch_grid(7, 8, 2)
     model = _tiny_ebt()
     with pytest.raises(ValueError, match="multiple of the patch size"):
-        model.energies(torch.randn(1, 3, 1, 1))
-    assert model.energies(torch.randn(1, 3, 6, 8)).shape == (1,)  # computed position table
+        model(torch.randn(1, 3, 1, 1))
+    assert model(torch.randn(1, 3, 6, 8)).shape == (1,)  # computed position table
 
 
 def test_dit_shapes_and_zero_initial_output():

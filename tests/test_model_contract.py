@@ -215,7 +215,7 @@ def test_think_uses_the_step_embedding_of_each_landscape(variant):
 def test_objective_system1_matches_naive_recipe(variant, monkeypatch):
     """The full training Objective (fixed init) equals the naive S1 loss and its gradients."""
     model, tokens, targets, init = step_problem(variant)
-    monkeypatch.setattr("ebt.objective.initial_state", lambda *args: init.clone())
+    monkeypatch.setattr("ebt.modalities.text.initial_state", lambda *args: init.clone())
     think = ThinkConfig(landscapes=2, steps=1, step_size=STEP_SIZE)
     objective = Objective(model, think).train()
     ours = objective(torch.cat((tokens, targets[:, -1:]), dim=1)).loss

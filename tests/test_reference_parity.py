@@ -63,7 +63,7 @@ def test_training_loss_and_second_order_gradients_match_paper(
 ):
     model, config, expected = _load(vectors_dir, name, dtype)
     init = expected["init"].to(dtype)
-    monkeypatch.setattr("ebt.objective.initial_state", lambda *args: init.clone())
+    monkeypatch.setattr("ebt.modalities.text.initial_state", lambda *args: init.clone())
     objective = Objective(model, config.think).train()
     output = objective(expected["tokens_with_target"])
     output.loss.backward()

@@ -152,7 +152,7 @@ def test_objective_uses_random_schedule_only_in_training():
 def test_random_step_size_is_per_token_uniform_in_training():
     """s != 1 in training: alpha ~ U[alpha/s, alpha*s] with one value per (batch, position)."""
     model = tiny_model(step_size=5.0)
-    sizes = training_step_size(model, ThinkConfig(step_size_random_scale=2.0), (64, 32), True)
+    sizes = training_step_size(model, ThinkConfig(step_size_random_scale=2.0), (64, 32, 1), True)
     assert sizes.shape == (64, 32, 1)
     assert sizes.min() >= 2.5 and sizes.max() <= 10.0
     assert sizes.min() < 2.6 and sizes.max() > 9.9 and abs(sizes.mean() - 6.25) < 0.2

@@ -24,7 +24,7 @@ from ebt.models import build_model
 @dataclass
 class LoadedRun:
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for images
     config: Config
     checkpoint: Path
 
@@ -76,10 +76,12 @@ def load_run(
     saved = config_from_dict(loaded.config)
     config = finalize(apply_overrides(config_from_dict(loaded.config), overrides or []))
     _refuse_model_changes(saved, config)
-    tokenizer = _tokenizer_for(loaded.step_dir, config)
-    model = build_model(config, tokenizer.vocab_size)
+    text = config.model.modality == "text"
+    tokenizer = _tokenizer_for(loaded.step_dir, config) if text else None
+    model = build_model(config, tokenizer.vocab_size if tokenizer else 0)
     model.load_state_dict(loaded.model_state)
-    if any(item.strip().startswith("think.langevin_noise") for item in overrides or []):
+    noise = any(item.strip().startswith("think.langevin_noise") for item in overrides or [])
+    if noise and hasattr(model, "langevin_std"):
         with torch.no_grad():  # an explicit noise level replaces the trained sigma
             model.langevin_std.fill_(config.think.langevin_noise)
     model.to(device).eval()

@@ -89,17 +89,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ebt.api import load_run
-    from ebt.data import build_token_dataset, iter_eval_batches
+    from ebt.data import iter_eval_batches
     from ebt.evaluate import evaluate
+    from ebt.modalities import modality_for
     from ebt.objective import Objective
 
     run = load_run(args.run, args.overrides)
-    data, train = run.config.data, run.config.train
-    source = data.ood_source if args.split == "ood" else None
-    split = "all" if args.split == "ood" else args.split
-    dataset = build_token_dataset(data, run.tokenizer, split, source=source)
+    train = run.config.train
+    modality = modality_for(run.config, run.tokenizer)
+    dataset = modality.dataset(args.split)  # ood: text the ood_source; images ood_noise_level
     batches = iter_eval_batches(dataset, train.batch_size, args.batches or train.eval_batches)
-    objective = Objective(run.model, run.config.think, run.tokenizer.pad_id)
+    objective = Objective(run.model, run.config.think, task=modality.task(args.split))
     device = next(run.model.parameters()).device
     result = {"split": args.split, "checkpoint": str(run.checkpoint)}
     result |= evaluate(objective, batches, device, seed=train.seed)

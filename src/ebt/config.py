@@ -22,7 +22,9 @@ from typing import Any
 from ebt.errors import EbtError
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
-KINDS = ("ebt", "transformer_pp")
+KINDS = ("ebt", "transformer_pp", "dit")
+MODALITIES = ("text", "image")
+BASELINES = {"text": "transformer_pp", "image": "dit"}  # the like-for-like baseline of each
 
 # The paper's size presets (layers, heads, dim); FFN width = dim unless `model.ffn_dim` is set.
 SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -46,7 +48,8 @@ class ConfigError(EbtError, ValueError):
 
 @dataclass
 class ModelConfig:
-    kind: str = "ebt"  # "ebt" (energy transformer) or "transformer_pp" (the baseline)
+    modality: str = "text"  # text (next token) | image (denoising)
+    kind: str = "ebt"  # "ebt" (energy transformer) or the modality's baseline (BASELINES)
     variant: str = "time_embed"  # step conditioning: time_embed | adaln | default | pred_step
     size: str = ""  # a SIZE_PRESETS name; sets layers/heads/dim
     dim: int = 128
@@ -55,6 +58,7 @@ class ModelConfig:
     ffn_dim: int = 0  # 0 means "= dim", as in the paper
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    patch_size: int = 4  # images: pixels per patch side
 
 
 @dataclass
@@ -95,6 +99,10 @@ class DataConfig:
     ood_source: str = "pydoc"
     max_documents: int = 0  # 0 = all
     pack: bool = True  # pack documents into a token stream (False: first seq_len+1 tokens of each)
+    image_size: int = 32  # images: side of the square crops, in pixels
+    noise_level: float = 0.1  # images: the training noise level (the paper's 0.1)
+    ood_noise_level: float = 0.2  # images: the out-of-distribution level (the paper's 0.2)
+    diffusion_steps: int = 100  # images: schedule of diffusion_steps / noise_level steps
 
 
 @dataclass
@@ -237,6 +245,7 @@ POSITIVE: Rule = (lambda value: value > 0, "> 0")
 NOT_EMPTY: Rule = (lambda value: bool(value.strip()), "a non-empty string")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RULES: dict[str, Rule] = {
+    "model.modality": _choice(*MODALITIES),
     "model.kind": _choice(*KINDS),
     "model.variant": _choice(*VARIANTS),
     "model.dim": _ge(1),
@@ -245,6 +254,7 @@ RULES: dict[str, Rule] = {
     "model.ffn_dim": _ge(0, "0 = dim"),
     "model.norm_eps": POSITIVE,
     "model.rope_theta": POSITIVE,
+    "model.patch_size": _ge(1),
     "think.landscapes": _ge(1),
     "think.steps": _ge(1),
     "think.step_size": POSITIVE,
@@ -267,6 +277,10 @@ RULES: dict[str, Rule] = {
     "data.val_fraction": _interval("[0, 1)"),
     "data.ood_source": NOT_EMPTY,
     "data.max_documents": _ge(0, "0 = all"),
+    "data.image_size": _ge(2),
+    "data.noise_level": _interval("(0, 1]"),
+    "data.ood_noise_level": _interval("(0, 1]"),
+    "data.diffusion_steps": _ge(1),
     "train.batch_size": _ge(1),
     "train.grad_accum": _ge(1),
     "train.max_steps": _ge(1),
@@ -322,7 +336,7 @@ def _resolve_size(model: ModelConfig) -> str | None:
 def _cross_checks(config: Config) -> list[str]:
     """Checks between values that are each in range on their own."""
     model, think = config.model, config.think
-    problems = []
+    problems = _modality_checks(config)
     if model.dim % model.heads:
         problems.append(f"model.dim={model.dim} is not divisible by model.heads={model.heads}")
     elif (model.dim // model.heads) % 2:
@@ -335,6 +349,20 @@ def _cross_checks(config: Config) -> list[str]:
             f" = {think.random_steps + 1}"
         )
     return problems
+
+
+def _modality_checks(config: Config) -> list[str]:
+    """The kind and sizes a modality admits."""
+    model, data = config.model, config.data
+    allowed = ("ebt", BASELINES[model.modality])
+    if model.kind not in allowed:
+        return [f"model.kind={model.kind!r}: a {model.modality} model must be one of {allowed}"]
+    if model.modality == "image" and data.image_size % model.patch_size:
+        return [
+            f"data.image_size={data.image_size} is not a multiple of "
+            f"model.patch_size={model.patch_size}"
+        ]
+    return []
 
 
 def finalize(config: Config) -> Config:

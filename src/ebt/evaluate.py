@@ -1,8 +1,8 @@
-"""Evaluation: token-weighted loss, perplexity and per-step energies over a split."""
+"""Evaluation of any modality: the task-weighted loss per thinking step, energies and the
+task's own metrics (text: perplexity; images: PSNR) over a split."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,10 +11,7 @@ import torch
 from ebt.distributed import all_reduce_sum
 from ebt.objective import Objective
 
-
-@torch.no_grad()
-def _count_targets(batch: torch.Tensor, pad_id: int) -> torch.Tensor:
-    return (batch[:, 1:] != pad_id).sum().double()
+PER_STEP = ("loss_per_step", "energy_per_step")
 
 
 def evaluate(
@@ -25,42 +22,44 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the objective in eval mode (no randomised recipe knobs, no second-order graph).
 
-    Thinking starts from random candidates, so the generator is seeded (and the caller's RNG
-    state restored afterwards): the same checkpoint always evaluates to the same numbers.
-    Returns loss (final-step cross-entropy), ppl, loss_per_step, energy_per_step, energy_gap.
+    Thinking starts from random candidates (and images from fresh noise), so the generator is
+    seeded (and the caller's RNG state restored afterwards): the same checkpoint always
+    evaluates to the same numbers. Every metric is a mean weighted by the task (text: target
+    tokens; images: images). Returns loss (the final step's), loss_per_step, energy_per_step,
+    energy_gap and the task's summary (text: ppl; images: psnr, noise_level).
     """
     was_training = objective.training
     objective.eval()
     sums: dict[str, torch.Tensor] = {}
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    weight = torch.zeros((), dtype=torch.float64, device=device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for batch in batches:
             batch = batch.to(device)
-            count = _count_targets(batch, objective.pad_id)
+            count = objective.task.weight(batch)
             metrics = objective(batch).metrics
-            per_step = metrics.get("loss_per_step", metrics["loss"].reshape(1))
-            _accumulate(sums, "loss_per_step", per_step.double() * count)
-            if "energy_per_step" in metrics:
-                _accumulate(sums, "energy_per_step", metrics["energy_per_step"].double() * count)
-            tokens += count
+            metrics.setdefault("loss_per_step", metrics["loss"].reshape(1))
+            for key, value in metrics.items():
+                if key in PER_STEP or key in objective.task.quality_keys:
+                    _accumulate(sums, key, value.double() * count)
+            weight += count
     objective.train(was_training)
-    return _summarise(sums, all_reduce_sum(tokens))
+    result = _summarise(sums, all_reduce_sum(weight), objective.task.weight_name)
+    return objective.task.summarise(result)
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value.clone()
 
 
-def _summarise(sums: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, Any]:
-    if tokens.item() == 0:
-        raise ValueError("evaluation saw no target tokens: the split is empty or all padding")
-    result: dict[str, Any] = {"tokens": int(tokens.item())}
+def _summarise(sums: dict[str, torch.Tensor], weight: torch.Tensor, name: str) -> dict[str, Any]:
+    if weight.item() == 0:
+        raise ValueError("evaluation saw no targets: the split is empty or all padding")
+    result: dict[str, Any] = {name: int(weight.item())}
     for key, value in sums.items():
-        result[key] = (all_reduce_sum(value) / tokens).tolist()
-    loss = result["loss_per_step"][-1]
-    result.update(loss=loss, ppl=math.exp(min(loss, 700.0)))
+        result[key] = (all_reduce_sum(value) / weight).tolist()
+    result["loss"] = result["loss_per_step"][-1]
     if "energy_per_step" in result:
         energies = result["energy_per_step"]
         result["energy_gap"] = energies[0] - energies[-1]

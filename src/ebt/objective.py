@@ -1,4 +1,9 @@
-"""Training / evaluation objectives for text: the EBT thinking loss and the Transformer++ loss.
+"""The training / evaluation objective of every modality: the EBT thinking loss (think from the
+task's initial state, the task's loss on every step) and the baselines' own losses.
+
+What differs between modalities is a task (modalities/): how a batch splits into context and
+targets, the initial state, the per-step loss. Everything else, the S1/S2 recipe included, is
+written once here.
 
 The candidate gradient is taken inside `Objective.forward`, so a DistributedDataParallel wrapper
 around the objective sees an ordinary forward and an ordinary `backward()` afterwards, and
@@ -13,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ebt.config import ThinkConfig
-from ebt.models import ContextCache, EnergyTransformer, TransformerPP
-from ebt.nn.layers import at_least_float32
+from ebt.modalities.text import TextTask, cross_entropy, initial_state
+from ebt.models import ContextCache, EnergyTransformer
 from ebt.thinking import StepOptions, step_schedule, think
+
+__all__ = ["Objective", "ObjectiveOutput", "backward", "cross_entropy", "initial_state"]
 
 
 def backward(loss: torch.Tensor, model: nn.Module) -> None:
@@ -39,35 +45,21 @@ class ObjectiveOutput:
     final_state: torch.Tensor | None = None  # (B, S, V) raw final candidates (EBT only)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits (B, S, V) over targets (B, S), pads ignored."""
-    logits = at_least_float32(logits.flatten(0, 1))  # (B * S, V)
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=pad_id)
-
-
-def initial_state(
-    think_config: ThinkConfig, shape: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
-    """The starting candidate (B, S, V): Gaussian noise (scaled) or zeros."""
-    if think_config.init == "zeros":
-        return torch.zeros(shape, device=device)
-    return torch.randn(shape, device=device) * think_config.init_scale
-
-
 def training_step_size(
-    model: EnergyTransformer, think_config: ThinkConfig, shape: tuple[int, int], randomize: bool
+    model: nn.Module, think_config: ThinkConfig, shape: tuple[int, ...], randomize: bool
 ) -> torch.Tensor:
-    """alpha clamped at 1e-4; in training with scale s != 1, per-token U[alpha/s, alpha*s]."""
+    """alpha clamped at 1e-4; in training with scale s != 1, per-candidate U[alpha/s, alpha*s]
+    of `shape` (text: (B, S, 1) per token; images: (B, 1, 1, 1) per image)."""
     alpha = model.step_size.clamp(min=1e-4)
     scale = think_config.step_size_random_scale
     if not randomize or scale == 1:
         return alpha
     low, high = alpha / scale, alpha * scale
-    return low + torch.rand(*shape, 1, device=alpha.device) * (high - low)  # (B, S, 1)
+    return low + torch.rand(*shape, device=alpha.device) * (high - low)
 
 
 def step_options(
-    model: EnergyTransformer,
+    model: nn.Module,
     think_config: ThinkConfig,
     step_size: torch.Tensor,
     training: bool,
@@ -87,37 +79,55 @@ def step_options(
     )
 
 
-class Objective(nn.Module):
-    """Wraps a model with its loss; `forward(batch)` returns an ObjectiveOutput.
+def is_energy_model(model: nn.Module) -> bool:
+    """Whether the model thinks (has a step size) rather than predicting directly."""
+    return hasattr(model, "step_size")
 
-    batch: (B, S + 1) token ids; inputs are batch[:, :-1], targets batch[:, 1:].
+
+class Objective(nn.Module):
+    """Wraps a model with its task's loss; `forward(batch)` returns an ObjectiveOutput.
+
+    task: the modality's (default: text, TextTask(model.vocab_size, pad_id)); for text a batch
+    is (B, S + 1) token ids, inputs batch[:, :-1] and targets batch[:, 1:].
     """
 
-    def __init__(self, model: nn.Module, think_config: ThinkConfig, pad_id: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, think_config: ThinkConfig, pad_id: int = 0, task=None
+    ) -> None:
         super().__init__()
         self.model = model
         self.think_config = think_config
-        self.pad_id = pad_id
+        self.task = task if task is not None else TextTask(model.vocab_size, pad_id)
         # Recompute each second-order thinking step in backward (train.activation_checkpointing)
         self.activation_checkpointing = False
 
     def forward(
         self, batch: torch.Tensor, replay_states: torch.Tensor | None = None
     ) -> ObjectiveOutput:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        if isinstance(self.model, TransformerPP):
-            loss = cross_entropy(self.model(inputs), targets, self.pad_id)
-            return ObjectiveOutput(loss, {"loss": loss.detach(), "final_step_loss": loss.detach()})
-        return self._ebt(inputs, targets, replay_states)
+        context, targets = self.task.split(batch)
+        if is_energy_model(self.model):
+            return self._ebt(context, targets, replay_states)
+        return self._baseline(context, targets)
 
-    def _setup(self, inputs: torch.Tensor, replay_states: torch.Tensor | None):
-        """(initial state (B, S, V), step schedule, step options) of one batch."""
+    def _baseline(self, context, targets: torch.Tensor) -> ObjectiveOutput:
+        """The baseline's training loss; at evaluation the task's loss on its prediction."""
+        task, model = self.task, self.model
+        if self.training:
+            loss = task.baseline_training_loss(model, context, targets)
+            return ObjectiveOutput(loss, {"loss": loss.detach(), "final_step_loss": loss.detach()})
+        prediction = task.baseline_prediction(model, context, targets)
+        loss = task.loss(prediction, targets)
+        metrics = {"loss": loss.detach(), "final_step_loss": loss.detach()}
+        return ObjectiveOutput(loss, metrics | task.quality(prediction, targets))
+
+    def _setup(self, context, targets: torch.Tensor, replay_states: torch.Tensor | None):
+        """(initial state, step schedule, step options) of one batch."""
         model, think_config, training = self.model, self.think_config, self.training
-        batch, length = inputs.shape
-        init = initial_state(think_config, (batch, length, model.vocab_size), inputs.device)
+        init = self.task.initial_state(think_config, context, targets)
         if replay_states is not None and len(replay_states):  # replayed rows come last
-            init[batch - replay_states.shape[0] :] = replay_states
-        step_size = training_step_size(model, think_config, (batch, length), training)
+            init[init.shape[0] - replay_states.shape[0] :] = replay_states
+        shape = self.task.step_size_shape(targets)
+        step_size = training_step_size(model, think_config, shape, training)
         schedule = step_schedule(
             think_config.landscapes,
             think_config.steps,
@@ -130,11 +140,9 @@ class Objective(nn.Module):
         options = step_options(model, think_config, step_size, training, recompute)
         return init, schedule, options
 
-    def _ebt(
-        self, inputs: torch.Tensor, targets: torch.Tensor, replay_states: torch.Tensor | None
-    ) -> ObjectiveOutput:
-        init, schedule, options = self._setup(inputs, replay_states)
-        trajectory = think(self.model, inputs, init, schedule, options)
+    def _ebt(self, context, targets: torch.Tensor, replay_states) -> ObjectiveOutput:
+        init, schedule, options = self._setup(context, targets, replay_states)
+        trajectory = think(self.model, context, init, schedule, options)
         return self._ebt_loss(trajectory, targets)
 
     def _ebt_loss(self, trajectory, targets: torch.Tensor) -> ObjectiveOutput:
@@ -143,9 +151,12 @@ class Objective(nn.Module):
         for index, state in enumerate(trajectory.states):
             keep = self.training and (not truncate or index == len(trajectory.states) - 1)
             with torch.set_grad_enabled(keep):
-                losses.append(cross_entropy(state, targets, self.pad_id))
+                losses.append(self.task.loss(state, targets))
         loss = losses[-1] if truncate else torch.stack(losses).mean()
-        return self._output(loss, losses, trajectory.energies, trajectory.states[-1])
+        output = self._output(loss, losses, trajectory.energies, trajectory.states[-1])
+        if not self.training:
+            output.metrics |= self.task.quality(trajectory.states[-1], targets)
+        return output
 
     def _output(self, loss, losses: list, energies: list, final: torch.Tensor) -> ObjectiveOutput:
         per_step = torch.stack([item.detach() for item in losses])
@@ -196,8 +207,8 @@ class Objective(nn.Module):
     def _backward_by_landscape(
         self, batch: torch.Tensor, replay_states: torch.Tensor | None, scale: float
     ) -> ObjectiveOutput:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        init, schedule, options = self._setup(inputs, replay_states)
+        inputs, targets = self.task.split(batch)
+        init, schedule, options = self._setup(inputs, targets, replay_states)
         options, cuts = _cut_options(options)
         caches = None
         if not self.model.context_depends_on_landscape:
@@ -210,7 +221,7 @@ class Objective(nn.Module):
         for landscape, run in itertools.groupby(schedule):
             steps = [landscape] * len(list(run))
             trajectory = think(self.model, inputs, state, steps, options, None, caches)
-            part = [cross_entropy(s, targets, self.pad_id) for s in trajectory.states]
+            part = [self.task.loss(s, targets) for s in trajectory.states]
             weighted = torch.stack(part).sum() * (scale / len(schedule))
             torch.autograd.backward(weighted, inputs=parameters + leaves)  # frees this landscape
             losses += part

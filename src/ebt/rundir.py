@@ -34,6 +34,7 @@ RESUMABLE_KEYS = frozenset(
         "think.samples",
         "think.step_size_lr_multiplier",
         "data.ood_source",
+        "data.ood_noise_level",
         *(
             f"train.{key}"
             for key in (

@@ -94,6 +94,14 @@ class Trajectory:
     landscapes: list[int] = field(default_factory=list)
 
 
+def resolve_step_size(trained: torch.Tensor, step_size: float | None) -> torch.Tensor:
+    """The inference alpha: None (or 0) the trained one; 0 < a < 1 a times it; a >= 1 a."""
+    trained = trained.detach()
+    if step_size is None or step_size == 0:
+        return trained
+    return trained * step_size if step_size < 1 else torch.full_like(trained, step_size)
+
+
 def step_schedule(
     landscapes: int,
     steps: int = 1,

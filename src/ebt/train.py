@@ -1,6 +1,8 @@
-"""The training loop: one function for one process or many (torchrun), EBT or Transformer++.
+"""The training loop: one function for one process or many (torchrun), every modality, the EBT
+or its baseline. The modality (modalities/) supplies the data, the task and any assets.
 
-A run directory holds config.json, metrics.jsonl, tokenizer/ and step_NNNNNN/ checkpoints.
+A run directory holds config.json, metrics.jsonl, tokenizer/ (text) and step_NNNNNN/
+checkpoints.
 Starting `train` on a run directory that already has a checkpoint resumes it exactly: model,
 optimizer, scheduler, RNG streams, data position and replay buffer are all restored.
 
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from ebt import checkpoint
 from ebt.config import Config, ConfigError
-from ebt.data import BatchIterator, build_token_dataset, iter_eval_batches, load_tokenizer
+from ebt.data import iter_eval_batches
 from ebt.distributed import (
     DistributedContext,
     barrier,
@@ -53,6 +55,7 @@ from ebt.distributed import (
 from ebt.errors import RunBusyError
 from ebt.evaluate import evaluate
 from ebt.interrupt import StopRequest, TrainingInterrupted
+from ebt.modalities import modality_for
 from ebt.models import build_model, compile_for_training
 from ebt.objective import Objective, backward
 from ebt.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
@@ -70,25 +73,25 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
-        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self.modality = modality_for(config)
         with main_first():  # rank 0 builds the token caches, the others then read them
-            self.train_data = build_token_dataset(config.data, self.tokenizer, "train")
-            self.val_data = build_token_dataset(config.data, self.tokenizer, "val")
-        self.model = build_model(config, self.tokenizer.vocab_size).to(context.device)
+            self.train_data = self.modality.dataset("train")
+            self.val_data = self.modality.dataset("val")
+        vocab_size = getattr(self.modality, "vocab_size", 0)
+        self.model = build_model(config, vocab_size).to(context.device)
         if config.train.compile:
             if context.enabled and config.train.parallel == "fsdp":
                 raise ValueError("train.compile does not support train.parallel=fsdp; use ddp")
             compile_for_training(self.model, context.device)
         if context.enabled:  # per-rank noise: initial candidates, Langevin, step sizes, replay
             torch.manual_seed(config.train.seed + context.rank)
-        self.objective = Objective(self.model, config.think, self.tokenizer.pad_id)
+        self.objective = Objective(self.model, config.think, task=self.modality.task("train"))
         self.objective.activation_checkpointing = config.train.activation_checkpointing
         self.wrapped = wrap_objective(self.objective, context, config.train.parallel)
         self.optimizer = build_optimizer(self.model, config.train, config.think)
         self.scheduler = build_scheduler(self.optimizer, config.train)
-        self.batches = BatchIterator(
+        self.batches = self.modality.batches(
             self.train_data,
-            config.train.batch_size,
             seed=config.train.seed,
             rank=context.rank,
             world_size=context.world_size,
@@ -309,7 +312,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         if context.is_main:
             checkpoint.remove_stale_temporaries(run_dir)
             checkpoint.write_run_config(run_dir, config.to_dict())
-            trainer.tokenizer.save(run_dir / "tokenizer")
+            trainer.modality.save_assets(run_dir)
             if changes is not None:
                 truncate_metrics(run_dir, trainer.step)
         barrier()

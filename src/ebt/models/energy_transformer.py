@@ -26,7 +26,7 @@ from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
-from ebt.thinking import StepOptions, Trajectory, step_schedule
+from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
 from ebt.thinking import think as run_thinking
 
 
@@ -298,10 +298,7 @@ class EnergyTransformer(nn.Module):
 
     def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
         """None: the trained alpha; 0 < a < 1: a times the trained alpha; a >= 1: a itself."""
-        trained = self.step_size.detach()
-        if step_size is None or step_size == 0:
-            return trained
-        return trained * step_size if step_size < 1 else torch.full_like(trained, step_size)
+        return resolve_step_size(self.step_size, step_size)
 
     def think(
         self,

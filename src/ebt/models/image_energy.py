@@ -16,6 +16,15 @@ import torch
 from torch import nn
 
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
+from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking import think as run_thinking
+
+
+@dataclass
+class NoContext:
+    """The context 'cache' of a model without a context stream: only the landscape."""
+
+    landscape: int = 0
 
 
 @dataclass
@@ -34,7 +43,13 @@ class ImageEnergyArgs:
 
 
 class ImageEnergyTransformer(nn.Module):
-    """Scores candidate images with one scalar energy each (lower = more plausible)."""
+    """Scores candidate images with one scalar energy each (lower = more plausible).
+
+    It meets the shared thinking loop's EnergyModel protocol (thinking.py) with no context
+    stream: `encode_context` returns a NoContext, the state is the image itself.
+    """
+
+    context_depends_on_landscape = False
 
     def __init__(self, args: ImageEnergyArgs) -> None:
         super().__init__()
@@ -76,12 +91,26 @@ class ImageEnergyTransformer(nn.Module):
         """Energy per image (B,) of candidate images (B, C, H, W): the mean of its patches'."""
         return self.patch_energies(images).mean(dim=1)  # (B,)
 
-    def energies(self, images: torch.Tensor) -> torch.Tensor:
-        """Energy per image (B,); the same as calling the model (so module hooks run)."""
+    def encode_context(self, context: None = None, landscape: int = 0) -> NoContext:
+        """Nothing to encode: the model has no context stream."""
+        return NoContext(landscape)
+
+    def candidate_input(self, state: torch.Tensor) -> torch.Tensor:
+        """The energy reads the candidate image (B, C, H, W) as it is."""
+        return state
+
+    def energies(self, cache: NoContext | None, images: torch.Tensor, rows=None, landscape=None):
+        """Energy per image (B,) (the thinking protocol's signature; calls the model, so
+        module hooks run); cache, rows and landscape are unused."""
         return self(images)  # (B,)
 
     def energies_and_gradient(
-        self, images: torch.Tensor, create_graph: bool = False
+        self,
+        cache: NoContext | None,
+        images: torch.Tensor,
+        rows=None,
+        landscape=None,
+        create_graph: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(energies (B,), dE/dx (B, C, H, W)) of candidate images.
 
@@ -93,6 +122,31 @@ class ImageEnergyTransformer(nn.Module):
         with torch.enable_grad():
             if not create_graph or not images.requires_grad:
                 images = images.detach().requires_grad_()
-            energies = self.energies(images)  # (B,)
+            energies = self(images)  # (B,)
             (gradient,) = torch.autograd.grad(energies.sum(), images, create_graph=create_graph)
         return (energies if create_graph else energies.detach()), gradient
+
+    def think(
+        self,
+        noisy: torch.Tensor,
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        langevin_noise: float | None = None,
+        accept_lower_energies: bool = False,
+    ) -> Trajectory:
+        """Denoise images (B, C, H, W) by thinking at inference, starting from them.
+
+        steps: default the trained recipe's; step_size: None the trained alpha, 0 < a < 1
+        that fraction of it, a >= 1 the absolute alpha; langevin_noise: default the trained
+        sigma, 0 none. states[k] is the image after step k, energies[k] (B,) the energy of
+        the image step k starts from.
+        """
+        schedule = step_schedule(1, steps or self.args.inference_steps)
+        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
+        options = StepOptions(
+            step_size=resolve_step_size(self.step_size.detach().clamp(min=1e-4), step_size),
+            langevin_std=noise,
+            accept_lower_energies=accept_lower_energies,
+        )
+        return run_thinking(self, None, noisy, schedule, options)

@@ -1,0 +1,104 @@
+"""Images on the shared core: the image EBT (System 1 and 2, replay buffer included) and its DiT
+twin train, evaluate and resume exactly through the same trainer as text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebt.checkpoint import load_model_state, load_train_state
+from ebt.cli import main
+from ebt.config import load_config
+from ebt.tracking import read_metrics
+from ebt.train import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "image"
+SYSTEM2 = [
+    "think.step_size_learnable=false",
+    "think.step_size_random_scale=2",
+    "think.random_steps=1",
+    "think.random_steps_min=2",
+    "think.langevin_noise=0.01",
+    "think.replay_buffer=true",
+    "think.truncate=true",
+    "think.detach=false",
+]
+
+
+def image_config(run_dir: Path, name: str = "tiny.toml", *overrides: str):
+    """A configs/image preset shrunk to 8 x 8 crops, width 16, one block, 4 steps."""
+    base = [
+        "data.image_size=8",
+        "model.dim=16",
+        "model.layers=1",
+        "model.heads=2",
+        "model.patch_size=4",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.progress=false",
+        "train.num_threads=1",
+        "train.device=cpu",
+        f"train.out_dir={run_dir}",
+    ]
+    return load_config(CONFIGS / name, base + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [("tiny.toml", []), ("tiny.toml", SYSTEM2), ("dit-tiny.toml", [])],
+    ids=["ebt-s1", "ebt-s2", "dit"],
+)
+def test_image_models_train_and_evaluate(tmp_path, name, overrides):
+    result = train(image_config(tmp_path / "run", name, *overrides))
+    assert result["split"] == "val" and result["images"] == 4 and result["noise_level"] == 0.1
+    assert 5 < result["psnr"] < 60 and result["mse"] > 0
+    rows = [row for row in read_metrics(tmp_path / "run") if "split" not in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_image_replay_buffer_is_saved(tmp_path):
+    train(image_config(tmp_path / "run", "tiny.toml", *SYSTEM2))
+    replay = load_train_state(tmp_path / "run")["extra"]["replay"]
+    assert replay["tokens"].shape == (16, 3, 8, 8) and replay["states"].shape == (16, 3, 8, 8)
+
+
+@pytest.mark.parametrize("overrides", [[], SYSTEM2], ids=["s1", "s2"])
+def test_image_resume_is_exact(tmp_path, overrides):
+    extra = ["train.schedule_steps=4", *overrides]
+    train(image_config(tmp_path / "whole", "tiny.toml", *extra))
+    train(image_config(tmp_path / "split", "tiny.toml", "train.max_steps=2", *extra))
+    train(image_config(tmp_path / "split", "tiny.toml", *extra))
+    whole, _ = load_model_state(tmp_path / "whole")
+    split, _ = load_model_state(tmp_path / "split")
+    assert all(torch.equal(whole[name], split[name]) for name in whole)
+
+
+def test_eval_reports_both_noise_levels(tmp_path, capsys):
+    train(image_config(tmp_path / "run"))
+    capsys.readouterr()
+    for split, level in (("val", 0.1), ("ood", 0.2)):
+        assert main(["eval", str(tmp_path / "run"), "--split", split, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["noise_level"] == level and result["split"] == split
+
+
+def test_a_text_source_for_images_is_one_line(tmp_path, capsys):
+    argv = ["train", str(CONFIGS / "tiny.toml"), f"train.out_dir={tmp_path / 'run'}"]
+    assert main([*argv, "data.source=stdlib"]) == 2
+    assert "is a text corpus" in capsys.readouterr().err
