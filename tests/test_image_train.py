@@ -67,6 +67,9 @@ def test_image_models_train_and_evaluate(tmp_path, name, overrides):
     result = train(image_config(tmp_path / "run", name, *overrides))
     assert result["split"] == "val" and result["images"] == 4 and result["noise_level"] == 0.1
     assert 5 < result["psnr"] < 60 and result["mse"] > 0
+    assert result["forward_passes"] == (
+        100 if name == "dit-tiny.toml" else len(result["loss_per_step"])
+    )
     rows = [row for row in read_metrics(tmp_path / "run") if "split" not in row]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert not (tmp_path / "run" / "tokenizer").exists()
@@ -96,6 +99,7 @@ def test_eval_reports_both_noise_levels(tmp_path, capsys):
         assert main(["eval", str(tmp_path / "run"), "--split", split, "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["noise_level"] == level and result["split"] == split
+        assert result["forward_passes"] == 1  # one thinking step (DiT: timestep + 1)
 
 
 def test_a_text_source_for_images_is_one_line(tmp_path, capsys):

@@ -12,6 +12,7 @@ from ebt.distributed import all_reduce_sum
 from ebt.objective import Objective
 
 PER_STEP = ("loss_per_step", "energy_per_step")
+MEANS = ("forward_passes",)  # model evaluations per prediction (token or image)
 
 
 def evaluate(
@@ -26,7 +27,9 @@ def evaluate(
     seeded (and the caller's RNG state restored afterwards): the same checkpoint always
     evaluates to the same numbers. Every metric is a mean weighted by the task (text: target
     tokens; images: images). Returns loss (the final step's), loss_per_step, energy_per_step,
-    energy_gap and the task's summary (text: ppl; images: psnr, noise_level).
+    energy_gap, forward_passes (model evaluations per prediction: EBT steps, 1 for
+    Transformer++, DDIM's timestep + 1 for the DiT) and the task's summary (text: ppl; images:
+    psnr, mse, noise_level).
     """
     was_training = objective.training
     objective.eval()
@@ -41,7 +44,7 @@ def evaluate(
             metrics = objective(batch).metrics
             metrics.setdefault("loss_per_step", metrics["loss"].reshape(1))
             for key, value in metrics.items():
-                if key in PER_STEP or key in objective.task.quality_keys:
+                if key in PER_STEP + MEANS or key in objective.task.quality_keys:
                     _accumulate(sums, key, value.double() * count)
             weight += count
     objective.train(was_training)

@@ -117,8 +117,10 @@ class Objective(nn.Module):
             return ObjectiveOutput(loss, {"loss": loss.detach(), "final_step_loss": loss.detach()})
         prediction = task.baseline_prediction(model, context, targets)
         loss = task.loss(prediction, targets)
+        passes = torch.tensor(float(task.baseline_forward_passes), device=targets.device)
         metrics = {"loss": loss.detach(), "final_step_loss": loss.detach()}
-        return ObjectiveOutput(loss, metrics | task.quality(prediction, targets))
+        metrics |= {"forward_passes": passes} | task.quality(prediction, targets)
+        return ObjectiveOutput(loss, metrics)
 
     def _setup(self, context, targets: torch.Tensor, replay_states: torch.Tensor | None):
         """(initial state, step schedule, step options) of one batch."""
@@ -154,7 +156,9 @@ class Objective(nn.Module):
                 losses.append(self.task.loss(state, targets))
         loss = losses[-1] if truncate else torch.stack(losses).mean()
         output = self._output(loss, losses, trajectory.energies, trajectory.states[-1])
-        if not self.training:
+        if not self.training:  # energy evaluations per prediction: one per thinking step
+            passes = torch.tensor(float(len(trajectory.states)), device=targets.device)
+            output.metrics["forward_passes"] = passes
             output.metrics |= self.task.quality(trajectory.states[-1], targets)
         return output
 

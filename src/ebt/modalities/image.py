@@ -44,6 +44,11 @@ class ImageTask:
     def timestep(self) -> int:
         return self.diffusion.timestep_for_level(self.noise_level)
 
+    @property
+    def baseline_forward_passes(self) -> int:
+        """DDIM from the level's timestep down to 0: timestep + 1 DiT evaluations."""
+        return self.timestep + 1
+
     def split(self, batch: torch.Tensor) -> tuple[None, torch.Tensor]:
         """(no context, the clean images (B, C, H, W) as targets)."""
         return None, batch

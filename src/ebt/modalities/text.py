@@ -45,6 +45,7 @@ class TextTask:
     vocab_size: int
     pad_id: int = 0
     weight_name = "tokens"  # what evaluation means are weighted by
+    baseline_forward_passes = 1  # Transformer++: one forward per token
     quality_keys = ()  # extra per-batch evaluation metrics (see quality)
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
