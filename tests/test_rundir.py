@@ -222,3 +222,22 @@ def _cli_overrides(run_dir: Path, corpus: Path) -> dict[str, str]:
         for key, value in values.items()
         if key != "size"
     }
+
+
+def test_resume_after_truncating_the_latest_checkpoint_falls_back_exactly(tmp_path, corpus, capfd):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    train(tiny_config(whole, corpus, "train.save_every=2", "train.schedule_steps=6"))
+    train(
+        tiny_config(
+            broken, corpus, "train.save_every=2", "train.schedule_steps=6", "train.max_steps=4"
+        )
+    )
+    latest = broken / "step_000004" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    capfd.readouterr()
+    train(tiny_config(broken, corpus, "train.save_every=2", "train.schedule_steps=6"))  # from 2
+    assert "step_000004 is unreadable" in capfd.readouterr().err
+    first, _ = load_model_state(whole)
+    second, _ = load_model_state(broken)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert training_rows(whole) == training_rows(broken)
