@@ -27,16 +27,6 @@ HOLD_LOCK = "import sys, time; from ebt.rundir import RunLock; lock = RunLock(sy
 HOLD_LOCK += "lock.acquire(); print('locked', flush=True); time.sleep(120)"
 
 
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from test_train import write_corpus
-
-    monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield write_corpus(tmp_path / "corpus.txt")
-    torch.set_num_threads(threads)
-
-
 def holder_process(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run's lock until it is killed."""
     process = subprocess.Popen(

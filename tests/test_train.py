@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -31,31 +30,6 @@ SYSTEM2 = [
     "think.detach=false",
 ]
 RECIPES = {"s1": ["model.variant=pred_step"], "s2": SYSTEM2}
-
-
-def write_corpus(path: Path, paragraphs: int = 60) -> Path:
-    """Short sentences from a tiny grammar: learnable structure with some entropy left."""
-    rng = random.Random(0)
-    parts = (
-        ["the cat", "a dog", "my bird", "one fox"],
-        ["sat on", "ran to", "looked at"],
-        ["the mat.", "a log.", "the hill.", "my hat."],
-    )
-    text = "\n\n".join(
-        " ".join(" ".join(rng.choice(words) for words in parts) for _ in range(4))
-        for _ in range(paragraphs)
-    )
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A tmp corpus file; token caches go to tmp; torch threads are restored afterwards."""
-    monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    yield write_corpus(tmp_path / "corpus.txt")
-    torch.set_num_threads(threads)
 
 
 def tiny_config(run_dir: Path, corpus: Path, *overrides: str) -> Config:

@@ -25,7 +25,9 @@ from ebt.nn.dit import (
 
 
 @dataclass
-class DiTArgs:
+class ImageShape:
+    """The trunk both image models share (the DiT and the image EBT are built alike)."""
+
     image_size: int = 32  # height = width the position table is built for
     channels: int = 3
     patch_size: int = 4
@@ -33,6 +35,10 @@ class DiTArgs:
     layers: int = 4
     heads: int = 4
     ffn_dim: int | None = None  # None: the model width (the paper's mlp_ratio 1)
+
+
+@dataclass
+class DiTArgs(ImageShape):
     learn_sigma: bool = True  # predict the variance too: 2 x channels out
     frequency_dim: int = 256  # sinusoidal timestep features fed to the timestep MLP
 

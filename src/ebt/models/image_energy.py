@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ebt.models.dit import ImageShape
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
 from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
 from ebt.thinking import think as run_thinking
@@ -28,14 +29,7 @@ class NoContext:
 
 
 @dataclass
-class ImageEnergyArgs:
-    image_size: int = 32  # height = width the position table is built for
-    channels: int = 3
-    patch_size: int = 4
-    dim: int = 256
-    layers: int = 4
-    heads: int = 4
-    ffn_dim: int | None = None  # None: the model width (the paper's mlp_ratio 1)
+class ImageEnergyArgs(ImageShape):
     step_size: float = 3000.0
     step_size_learnable: bool = True
     langevin_noise: float = 0.0
