@@ -367,3 +367,20 @@ def test_tokenizer_training_skips_binary_files(tmp_path, capsys):
     tokenizer_train_command(str(tmp_path / "notes"), 260, str(tmp_path / "tok"))
     err = capsys.readouterr().err
     assert "skipped 2 of 6 files" in err
+
+
+@pytest.mark.parametrize("config", ["text/tiny.toml", "image/tiny.toml"])
+def test_an_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch, capsys, config):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'some/set' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    argv = ["train", str(path), "data.source=hf:some/set", f"train.out_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("ebt: error: cannot load hf:some/set: ConnectionError")
+    assert "hf-local:PATH" in error[-1] and not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ Sources (`DataConfig.source`):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -230,27 +231,53 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _open_hf_local(path: str) -> Iterable[dict[str, Any]]:
-    """Rows of local data files (streamed) or of a `save_to_disk` directory."""
+@contextlib.contextmanager
+def hf_errors(source: str) -> Iterator[None]:
+    """Turn a failure to open or read a Hugging Face dataset (no network, no such dataset, a
+    bad config name) into a one-line DataError naming the source."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:
+        why = " ".join(str(error).split())[:200] or type(error).__name__
+        hint = "; without the network, save it where you have one and pass hf-local:PATH"
+        raise DataError(f"cannot load {source}: {type(error).__name__}: {why}{hint}") from None
+
+
+def open_hf_dataset(source: str, streaming: bool, folder_as_images: bool = False) -> Any:
+    """The train split of `hf:NAME[:CONFIG]` or `hf-local:PATH` (a `save_to_disk` directory,
+    data files, or with folder_as_images a folder read as `imagefolder`); failures are
+    one-line DataErrors (hf_errors)."""
+    with hf_errors(source):
+        return _load_hf(source, streaming, folder_as_images)
+
+
+def _load_hf(source: str, streaming: bool, folder_as_images: bool) -> Any:
     datasets = _import_datasets()
+    if source.startswith("hf:"):
+        name, _, config = source[len("hf:") :].partition(":")
+        return datasets.load_dataset(name, config or None, split="train", streaming=streaming)
+    path = source[len("hf-local:") :]
     target = Path(path).expanduser()
     if target.is_dir() and any((target / n).is_file() for n in ("state.json", "dataset_dict.json")):
         loaded = datasets.load_from_disk(str(target))
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
         return loaded
+    if target.is_dir() and folder_as_images:
+        return datasets.load_dataset("imagefolder", data_dir=str(target), split="train")
     files = [str(file) for file in expand_paths(path)]
     builder = HF_BUILDERS.get(Path(files[0]).suffix.lower())
     if builder is None:
         raise DataError(f"hf-local: unknown file type '{files[0]}' (use {sorted(HF_BUILDERS)})")
-    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
 
 
-def _open_hf_hub(spec: str) -> Iterable[dict[str, Any]]:
-    """Rows of a Hub dataset's train split, streamed (`NAME` or `NAME:CONFIG`)."""
-    datasets = _import_datasets()
-    name, _, config = spec.partition(":")
-    return datasets.load_dataset(name, config or None, split="train", streaming=True)
+def _hf_rows(source: str, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows of a (streamed) dataset, read failures as one-line DataErrors."""
+    with hf_errors(source):
+        yield from rows
 
 
 def _hf_documents(
@@ -272,12 +299,9 @@ def _resolve(source: str, text_field: str) -> Callable[[str, float], Iterator[st
         return _stdlib_documents
     if source == "pydoc":
         return _pydoc_documents
-    if source.startswith("hf-local:"):
-        rows = _open_hf_local(source[len("hf-local:") :])
-        return lambda split, frac: _hf_documents(rows, text_field, split, frac)
-    if source.startswith("hf:"):
-        rows = _open_hf_hub(source[len("hf:") :])
-        return lambda split, frac: _hf_documents(rows, text_field, split, frac)
+    if source.startswith(("hf-local:", "hf:")):
+        rows = open_hf_dataset(source, streaming=True)
+        return lambda split, frac: _hf_documents(_hf_rows(source, rows), text_field, split, frac)
     looks_like_path = any(char in source for char in "/\\,.*?[~") or os.path.exists(source)
     if not looks_like_path or "://" in source:
         raise DataError(

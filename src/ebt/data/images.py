@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ebt.data.corpus import HF_BUILDERS, DataError, _import_datasets, expand_paths, hash_fraction
+from ebt.data.corpus import DataError, expand_paths, hash_fraction, open_hf_dataset
 from ebt.data.loader import BatchIterator
 
 SKIMAGE_PHOTOS = tuple(
@@ -158,27 +158,6 @@ def _local_photos(spec: str, split: str, fractions: tuple[float, float]) -> list
     return [Photo(keys[i], read_image(files[i])) for i in chosen]
 
 
-def _open_hf_images(source: str) -> Any:
-    """A random-access Hugging Face dataset for `hf-local:PATH` or `hf:NAME[:CONFIG]`."""
-    datasets = _import_datasets()
-    if source.startswith("hf:"):
-        name, _, config = source[len("hf:") :].partition(":")
-        return datasets.load_dataset(name, config or None, split="train")
-    target = Path(source[len("hf-local:") :]).expanduser()
-    if target.is_dir() and any((target / n).is_file() for n in ("state.json", "dataset_dict.json")):
-        loaded = datasets.load_from_disk(str(target))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
-        return loaded
-    if target.is_dir():
-        return datasets.load_dataset("imagefolder", data_dir=str(target), split="train")
-    files = [str(file) for file in expand_paths(str(target))]
-    builder = HF_BUILDERS.get(Path(files[0]).suffix.lower())
-    if builder is None:
-        raise DataError(f"hf-local: unknown file type '{files[0]}' (use {sorted(HF_BUILDERS)})")
-    return datasets.load_dataset(builder, data_files=files, split="train")
-
-
 def _hf_image(value: Any, name: str) -> torch.Tensor:
     """A dataset cell (PIL image, {"bytes"/"path"} dict, or array) as RGB uint8 (3, H, W)."""
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
@@ -194,7 +173,7 @@ def _hf_photos(
     source: str, split: str, fractions: tuple[float, float], field: str, max_images: int
 ) -> list[Photo]:
     """Images of a Hugging Face dataset in `split` (the first `max_images` rows; 0 = all)."""
-    rows = _open_hf_images(source)
+    rows = open_hf_dataset(source, streaming=False, folder_as_images=True)
     if field not in rows.column_names:
         fields = ", ".join(sorted(rows.column_names))
         raise DataError(f"image field '{field}' not in the dataset; fields: {fields}")
