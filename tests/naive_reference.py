@@ -136,12 +136,20 @@ def naive_energies(
     model: nn.Module, tokens: torch.Tensor, probabilities: torch.Tensor, landscape: int = 0
 ) -> torch.Tensor:
     """Energies (B, S) of candidate distributions (B, S, V) after context tokens (B, S)."""
-    variant = model.variant
-    batch, length = tokens.shape
-    step = None if model.step_embedding is None else model.step_embedding.weight[landscape]
-    step = None if step is None else step.to(DOUBLE)  # (D,)
     context = model.token_embedding.weight.to(DOUBLE)[tokens]  # (B, S, D)
     candidates = linear(probabilities.to(DOUBLE), model.candidate_projection)  # (B, S, D)
+    return naive_energies_of_embeddings(model, context, candidates, landscape)
+
+
+def naive_energies_of_embeddings(
+    model: nn.Module, context: torch.Tensor, candidates: torch.Tensor, landscape: int = 0
+) -> torch.Tensor:
+    """Energies (B, S) of embedded candidates (B, S, D) after embedded context (B, S, D), both
+    float64 (text: token rows and projected distributions; video: the frame embedding of both)."""
+    variant = model.variant
+    batch, length = context.shape[:2]
+    step = None if model.step_embedding is None else model.step_embedding.weight[landscape]
+    step = None if step is None else step.to(DOUBLE)  # (D,)
     if variant == "pred_step":
         candidates = candidates + step
     if variant == "time_embed":

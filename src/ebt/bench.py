@@ -1,6 +1,8 @@
 """`ebt bench train|generate`: median ms per training step / per token, and peak memory.
 
-Training: the configured model against its same-size baseline.
+Training: the configured model against its same-size baseline (`config.BASELINES`: the
+Transformer++ for text, the DiT twin for images), each on a fixed random batch of its modality
+(token ids; images in [-1, 1]) with the modality's training task, as `ebt train` steps.
 
 Both models are timed in the same process, interleaved step by step, so machine noise hits
 them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
@@ -21,28 +23,49 @@ from typing import Any
 
 import torch
 
-from ebt.config import Config
-from ebt.data import load_tokenizer
+from ebt.config import BASELINES, Config, ConfigError
 from ebt.distributed import pick_device
 from ebt.generate import generate_ids
-from ebt.models import build_model, compile_for_training
+from ebt.modalities import modality_for
+from ebt.models import CHANNELS, build_model, compile_for_training
 from ebt.objective import Objective
 from ebt.optim import build_optimizer
 from ebt.runtime import keep_freed_memory
 
 
-class _Stepper:
-    """One model + objective + optimizer taking training steps on a fixed random batch."""
+def example_batch(config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """A random training batch of the config's modality: token ids 1..V-1 (B, S + 1), or
+    images (B, 3, S, S) uniform in [-1, 1] (drawn from torch's global generator)."""
+    batch = config.train.batch_size
+    if config.model.modality == "image":
+        size = config.data.image_size
+        return torch.rand(batch, CHANNELS, size, size, device=device) * 2 - 1
+    return torch.randint(1, vocab_size, (batch, config.data.seq_len + 1), device=device)
 
-    def __init__(self, config: Config, vocab_size: int, device: torch.device) -> None:
+
+def vocabulary_size(config: Config) -> int:
+    """The text vocabulary (the config's tokenizer); 0 for images."""
+    return getattr(modality_for(config), "vocab_size", 0)
+
+
+class _Stepper:
+    """One model + objective + optimizer taking training steps on a fixed random batch.
+
+    task: the modality's training task (default: `modality_for(config).task("train")`; text
+    configs then load their tokenizer).
+    """
+
+    def __init__(
+        self, config: Config, vocab_size: int, device: torch.device, task: Any = None
+    ) -> None:
         torch.manual_seed(config.train.seed)
         model = build_model(config, vocab_size).to(device)
         if config.train.compile:  # both models alike; compilation falls in the warm-up steps
             compile_for_training(model, device)
-        self.objective = Objective(model, config.think).train()
+        task = task if task is not None else modality_for(config).task("train")
+        self.objective = Objective(model, config.think, task=task).train()
         self.optimizer = build_optimizer(model, config.train, config.think)
-        shape = (config.train.batch_size, config.data.seq_len + 1)
-        self.batch = torch.randint(1, vocab_size, shape, device=device)
+        self.batch = example_batch(config, vocab_size, device)
         self.device = device
 
     def _sync(self) -> None:
@@ -72,8 +95,9 @@ def interleaved_times(steppers: dict[str, Any], repeats: int, warmup: int) -> di
 
 
 def baseline_config(config: Config) -> Config:
+    """The same config with the modality's baseline model (Transformer++ or DiT)."""
     baseline = copy.deepcopy(config)
-    baseline.model.kind = "transformer_pp"
+    baseline.model.kind = BASELINES[config.model.modality]
     return baseline
 
 
@@ -129,9 +153,10 @@ def bench_train(
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     device = pick_device(config.train.device)
-    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+    modality = modality_for(config)
+    vocab_size, task = getattr(modality, "vocab_size", 0), modality.task("train")
     configs = {"": config} | ({"baseline_": baseline_config(config)} if vs_baseline else {})
-    steppers = {prefix: _Stepper(cfg, vocab_size, device) for prefix, cfg in configs.items()}
+    steppers = {p: _Stepper(cfg, vocab_size, device, task) for p, cfg in configs.items()}
     times = interleaved_times(steppers, repeats, warmup)
     del steppers
     result: dict[str, Any] = {
@@ -149,8 +174,18 @@ def bench_train(
         # spell of a shared machine hits both; steadier than the ratio of medians
         rounds = zip(times[""], times["baseline_"], strict=True)
         result["ratio_vs_baseline_paired"] = statistics.median(a / b for a, b in rounds)
-    result["config"] = {"model": config.to_dict()["model"], "think": config.to_dict()["think"]}
+    result["config"] = _reported_config(config)
     return result
+
+
+def _reported_config(config: Config) -> dict[str, Any]:
+    """The config keys that shape a step: model, think and (images) the image and noise."""
+    values = config.to_dict()
+    reported = {"model": values["model"], "think": values["think"]}
+    if config.model.modality == "image":
+        keys = ("image_size", "noise_level", "diffusion_steps")
+        reported["data"] = {key: values["data"][key] for key in keys}
+    return reported
 
 
 def _token_times(model: torch.nn.Module, prompt: list[int], count: int, window: int):
@@ -172,11 +207,17 @@ def _token_times(model: torch.nn.Module, prompt: list[int], count: int, window: 
 
 def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> dict[str, Any]:
     """Median ms per generated token near the configured context length: cached generation
-    against the recompute-everything path (the paper's generator), token by token in turn."""
+    against the recompute-everything path (the paper's generator), token by token in turn.
+    Text only: image models denoise rather than generate (ConfigError)."""
+    if config.model.modality != "text":
+        raise ConfigError(
+            f"ebt bench generate times token generation; a {config.model.modality} model does "
+            "not generate (use ebt bench train CONFIG --vs-baseline)"
+        )
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     device = pick_device(config.train.device)
-    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+    vocab_size = vocabulary_size(config)
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab_size).to(device).eval()
     window = config.data.seq_len
@@ -197,5 +238,5 @@ def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> di
         "new_tokens": new_tokens,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "config": {"model": config.to_dict()["model"], "think": config.to_dict()["think"]},
+        "config": _reported_config(config),
     }

@@ -23,8 +23,9 @@ from ebt.errors import EbtError
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 KINDS = ("ebt", "transformer_pp", "dit")
-MODALITIES = ("text", "image")
-BASELINES = {"text": "transformer_pp", "image": "dit"}  # the like-for-like baseline of each
+MODALITIES = ("text", "image", "video")
+# the like-for-like baseline of each modality
+BASELINES = {"text": "transformer_pp", "image": "dit", "video": "transformer_pp"}
 
 # The paper's size presets (layers, heads, dim); FFN width = dim unless `model.ffn_dim` is set.
 SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -48,7 +49,7 @@ class ConfigError(EbtError, ValueError):
 
 @dataclass
 class ModelConfig:
-    modality: str = "text"  # text (next token) | image (denoising)
+    modality: str = "text"  # text (next token) | image (denoising) | video (next frame)
     kind: str = "ebt"  # "ebt" (energy transformer) or the modality's baseline (BASELINES)
     variant: str = "time_embed"  # step conditioning: time_embed | adaln | default | pred_step
     size: str = ""  # a SIZE_PRESETS name; sets layers/heads/dim
@@ -82,7 +83,7 @@ class ThinkConfig:
     detach: bool = True  # detach the state between steps
     grad_clamp: float = 0.0  # clamp the step gradient to +-grad_clamp/alpha (0 = off)
     absolute_clamp: float = 0.0  # clamp the state to +-absolute_clamp (0 = off)
-    init: str = "random_noise"  # initial candidate: random_noise | zeros
+    init: str = "random_noise"  # initial candidate: random_noise | zeros | last_frame (video)
     init_scale: float = 1.0
     samples: int = 1  # candidates per token at inference (best-of-N by energy)
 
@@ -103,6 +104,9 @@ class DataConfig:
     noise_level: float = 0.1  # images: the training noise level (the paper's 0.1)
     ood_noise_level: float = 0.2  # images: the out-of-distribution level (the paper's 0.2)
     diffusion_steps: int = 100  # images: schedule of diffusion_steps / noise_level steps
+    frames: int = 8  # video: frames per clip (frames - 1 context frames, each predicts the next)
+    frame_size: int = 32  # video: side of the square frames (3 * frame_size^2 numbers a frame)
+    frame_stride: int = 1  # video files: every frame_stride-th frame is sampled
 
 
 @dataclass
@@ -267,7 +271,7 @@ RULES: dict[str, Rule] = {
     "think.replay_fraction": _interval("(0, 1]"),
     "think.grad_clamp": _ge(0, "0 = off"),
     "think.absolute_clamp": _ge(0, "0 = off"),
-    "think.init": _choice("random_noise", "zeros"),
+    "think.init": _choice("random_noise", "zeros", "last_frame"),
     "think.init_scale": POSITIVE,
     "think.samples": _ge(1),
     "data.source": NOT_EMPTY,
@@ -281,6 +285,9 @@ RULES: dict[str, Rule] = {
     "data.noise_level": _interval("(0, 1]"),
     "data.ood_noise_level": _interval("(0, 1]"),
     "data.diffusion_steps": _ge(1),
+    "data.frames": _ge(2),
+    "data.frame_size": _ge(2),
+    "data.frame_stride": _ge(1),
     "train.batch_size": _ge(1),
     "train.grad_accum": _ge(1),
     "train.max_steps": _ge(1),
@@ -361,6 +368,13 @@ def _modality_checks(config: Config) -> list[str]:
         return [
             f"data.image_size={data.image_size} is not a multiple of "
             f"model.patch_size={model.patch_size}"
+        ]
+    if model.modality != "video" and config.think.init == "last_frame":
+        return [f"think.init='last_frame' is for video; a {model.modality} model cannot use it"]
+    if model.modality == "video" and data.source.strip() in ("stdlib", "pydoc"):
+        return [
+            f"data.source={data.source!r} is a text corpus; video comes from pan, faces, "
+            "skimage-gif, video files or a folder of frames"
         ]
     return []
 

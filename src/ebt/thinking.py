@@ -7,7 +7,9 @@ One loop serves every modality. A model maps its raw state to the input its ener
 
 For text a state y (B, S, V) holds logits and x = softmax(y) (the gradient is taken with
 respect to the probabilities, as in the paper's code; y' is used as logits by the loss and
-softmaxed again by the next step). For images the state is the image (B, C, H, W) and x = y.
+softmaxed again by the next step). For images the state is the image (B, C, H, W) and x = y;
+for video a frame vector per position (B, S, F), x = y, and the Langevin noise is added to the
+model's embedding of x rather than to y, as the paper's video code does.
 The context stream (if the model has one) is encoded once per landscape and reused by every
 step on that landscape.
 """
@@ -31,7 +33,9 @@ class EnergyModel(Protocol):
 
     def energies(self, cache, candidates: torch.Tensor, rows=None, landscape=None): ...
 
-    # optional: energies_and_gradient(cache, candidates, rows, landscape, create_graph)
+    # optional: energies_and_gradient(cache, candidates, rows, landscape, create_graph);
+    # langevin_after_embedding = True: Langevin noise goes to the embedded candidates (video,
+    # as the paper's code), passed as energies(..., langevin_std=...), not to the state
 
 
 class ThinkingError(FloatingPointError):
@@ -166,15 +170,18 @@ def take_step(
     `landscape` conditions the candidates (default: the cache's own landscape); a cache whose
     context does not depend on the landscape serves every landscape this way.
     """
-    if float(options.langevin_std) > 0:
+    noisy, noise = float(options.langevin_std) > 0, {}
+    if noisy and getattr(model, "langevin_after_embedding", False):
+        noise = {"langevin_std": options.langevin_std}  # the model adds it to its embedding
+    elif noisy:
         state = state + torch.randn_like(state.detach()) * options.langevin_std
-    candidates = model.candidate_input(state)  # text: softmax (B, R, V); images: the image
+    candidates = model.candidate_input(state)  # text: softmax (B, R, V); images, video: as is
     with_gradient = getattr(model, "energies_and_gradient", None)
     if with_gradient is None:
-        energies = model.energies(cache, candidates, rows, landscape)  # (B, R) or (B,)
+        energies = model.energies(cache, candidates, rows, landscape, **noise)  # (B, R) or (B,)
         (gradient,) = torch.autograd.grad(energies.sum(), candidates, create_graph=keep_graph)
     else:  # the same values; the model may write the gradient out instead of asking autograd
-        energies, gradient = with_gradient(cache, candidates, rows, landscape, keep_graph)
+        energies, gradient = with_gradient(cache, candidates, rows, landscape, keep_graph, **noise)
     _check_finite(gradient, *where)
     if options.grad_clamp:
         limit = options.grad_clamp / model.step_size

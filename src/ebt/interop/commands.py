@@ -18,13 +18,18 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
     step_dir = import_reference(args.checkpoint, args.out_dir, args.tokenizer)
     run = load_run(args.out_dir)  # proves the run loads as ebt.load / eval / generate load it
-    model = run.config.model
-    kind = f"EBT ({model.variant})" if model.kind == "ebt" else "Transformer++"
-    print(
-        f"imported {args.checkpoint}: {kind}, dim {model.dim}, {model.layers} layers, "
-        f"{model.heads} heads, vocabulary {run.tokenizer.vocab_size}, context "
-        f"{run.config.data.seq_len} -> {step_dir}"
-    )
+    model, data = run.config.model, run.config.data
+    shape = f"dim {model.dim}, {model.layers} layers, {model.heads} heads"
+    if model.modality == "image":
+        kind = "image EBT (denoising)" if model.kind == "ebt" else "DiT (denoising)"
+        detail = (
+            f"{data.image_size}x{data.image_size} images, patch {model.patch_size}, noise level "
+            f"{data.noise_level} ({data.diffusion_steps} diffusion steps)"
+        )
+    else:
+        kind = f"EBT ({model.variant})" if model.kind == "ebt" else "Transformer++"
+        detail = f"vocabulary {run.tokenizer.vocab_size}, context {data.seq_len}"
+    print(f"imported {args.checkpoint}: {kind}, {shape}, {detail} -> {step_dir}")
     return 0
 
 
@@ -35,6 +40,9 @@ def cmd_export_reference(args: argparse.Namespace) -> int:
     path = export_reference(args.run, args.out, args.tokenizer_name)
     hparams = read_reference_checkpoint(path)["hyper_parameters"]
     kind = hparams["model_name"]
+    if hparams.get("modality") == "IMG":
+        print(f"exported {args.run} -> {path}: image {kind} (denoising) for the paper's code")
+        return 0
     variant = f" ({hparams['ebt_type']})" if kind == "ebt" else ""
     print(
         f"exported {args.run} -> {path}: {kind}{variant} for the paper's code, which will load "
@@ -63,12 +71,15 @@ def add_interop_commands(sub: Any) -> None:
     importer = sub.add_parser(
         "import-reference", help="convert a checkpoint of the paper's code into an ebt run"
     )
-    importer.add_argument("checkpoint", help="Lightning .ckpt written by the paper's code")
+    importer.add_argument(
+        "checkpoint", help="Lightning .ckpt written by the paper's code (text or image model)"
+    )
     importer.add_argument("out_dir", help="new (or empty) run directory to write")
     importer.add_argument(
         "--tokenizer",
         default=None,
-        help="byte | hf:NAME | tokenizer.json | directory; required unless the vocabulary is 257",
+        help="text checkpoints: byte | hf:NAME | tokenizer.json | directory; required unless "
+        "the vocabulary is 257 (image checkpoints take none)",
     )
     importer.set_defaults(handler=cmd_import_reference)
 
@@ -78,7 +89,7 @@ def add_interop_commands(sub: Any) -> None:
     exporter.add_argument("run", help="run directory (or one of its step_* checkpoints)")
     exporter.add_argument("out", help="the .ckpt file to write")
     exporter.add_argument(
-        "--tokenizer-name", default=None, help="tokenizer the paper's code should load"
+        "--tokenizer-name", default=None, help="text: tokenizer the paper's code should load"
     )
     exporter.set_defaults(handler=cmd_export_reference)
 

@@ -28,6 +28,14 @@ from ebt.checkpoint import (
 )
 from ebt.config import Config, config_from_dict
 from ebt.data import ByteTokenizer, Tokenizer, load_tokenizer
+from ebt.interop.image_config import (
+    image_config_from_hparams,
+    image_export_defaults,
+    image_hparams_from_config,
+    is_image_reference,
+    same_ffn_width,
+)
+from ebt.interop.image_reference import convert_image_state_dict, image_reference_state_dict
 from ebt.interop.reference import (
     InteropError,
     config_from_hparams,
@@ -119,13 +127,14 @@ def _plain(value: Any) -> bool:
     )
 
 
-def _converted(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _converted(reference: dict[str, torch.Tensor], image: bool = False) -> dict[str, torch.Tensor]:
     try:
-        return convert_state_dict(reference)
+        return convert_image_state_dict(reference) if image else convert_state_dict(reference)
     except KeyError as error:
-        raise InteropError(
-            f"{error.args[0]} (not a text EBT or Transformer++ of the paper)"
-        ) from None
+        what = "a denoising EBT or DiT" if image else "a text EBT or Transformer++"
+        raise InteropError(f"{error.args[0]} (not {what} of the paper)") from None
+    except ValueError as error:  # the stored position table is not the fixed sin-cos one
+        raise InteropError(str(error)) from None
 
 
 def _check_loads(config: Config, state: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -144,19 +153,10 @@ def _check_loads(config: Config, state: dict[str, torch.Tensor], vocab_size: int
         )
 
 
-def import_reference(
-    checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None
-) -> Path:
-    """Write an ebt run directory from a `.ckpt` of the paper's code; returns its step dir.
-
-    tokenizer: "byte", "hf:NAME", a tokenizer.json or a directory holding one; needed unless the
-    vocabulary is the byte one (257). The run's step is the checkpoint's global_step (else 0).
-    """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InteropError(f"{out} exists and is not an empty directory; choose a new OUT_DIR")
-    loaded = read_reference_checkpoint(checkpoint)
-    raw_state, hparams = loaded["state_dict"], loaded["hyper_parameters"]
+def _text_run(
+    raw_state: dict[str, torch.Tensor], hparams: dict[str, Any], tokenizer: str | None, out: Path
+) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(config, our state) of a text checkpoint; its tokenizer is saved under out/tokenizer."""
     config = config_from_hparams(hparams, raw_state)
     state = _converted(raw_state)
     vocab_size = int(state["token_embedding.weight"].shape[0])
@@ -167,6 +167,40 @@ def import_reference(
     config.data.tokenizer = (
         spec if spec == "byte" or spec.startswith("hf:") else str((out / "tokenizer").resolve())
     )
+    return config, state
+
+
+def _image_run(
+    raw_state: dict[str, torch.Tensor], hparams: dict[str, Any], tokenizer: str | None
+) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(config, our state) of an image checkpoint (the denoising EBT or the DiT)."""
+    if tokenizer is not None:
+        raise InteropError("--tokenizer is for text checkpoints; this one holds an image model")
+    config = image_config_from_hparams(hparams, raw_state)
+    state = _converted(raw_state, image=True)
+    _check_loads(config, state, 0)
+    return config, state
+
+
+def import_reference(
+    checkpoint: str | Path, out_dir: str | Path, tokenizer: str | None = None
+) -> Path:
+    """Write an ebt run directory from a `.ckpt` of the paper's code; returns its step dir.
+
+    Text models: tokenizer is "byte", "hf:NAME", a tokenizer.json or a directory holding one;
+    needed unless the vocabulary is the byte one (257). Image models (the denoising EBT, the
+    DiT) take none. The run's step is the checkpoint's global_step (else 0).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InteropError(f"{out} exists and is not an empty directory; choose a new OUT_DIR")
+    loaded = read_reference_checkpoint(checkpoint)
+    raw_state, hparams = loaded["state_dict"], loaded["hyper_parameters"]
+    if is_image_reference(hparams, raw_state):
+        config, state = _image_run(raw_state, hparams, tokenizer)
+    else:
+        config, state = _text_run(raw_state, hparams, tokenizer, out)
+    out.mkdir(parents=True, exist_ok=True)
     config.train.out_dir = str(out)
     write_run_config(out, config.to_dict())
     extra = {
@@ -195,32 +229,64 @@ def _same_ffn_width(original: dict[str, Any], derived: dict[str, Any]) -> bool:
     return width(original["ffn_dim_multiplier"]) == width(derived["ffn_dim_multiplier"])
 
 
+def _model_order(
+    config: Config, state: dict[str, torch.Tensor], vocab_size: int
+) -> dict[str, torch.Tensor]:
+    """state in the model's own parameter order (not safetensors' sorted one)."""
+    with torch.device("meta"):
+        order = build_model(config, vocab_size).state_dict()
+    return {name: state[name] for name in order if name in state} | state
+
+
+def _text_export(
+    config: Config, state: dict[str, torch.Tensor], original: dict[str, Any], tokenizer: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hyper_parameters, state_dict) of a text run in the paper's layout."""
+    derived = hparams_from_config(config)
+    hparams = {**original, **derived}
+    if _same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
+        hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
+    hparams["tokenizer"] = tokenizer or _tokenizer_name(config, original)
+    state = _model_order(config, state, int(state["token_embedding.weight"].shape[0]))
+    return hparams, reference_state_dict(state, config.model.variant)
+
+
+def _image_export(
+    config: Config, state: dict[str, torch.Tensor], original: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hyper_parameters, state_dict) of an image run in the paper's layout; flags ebt does
+    not model keep an imported run's values, else the paper's defaults."""
+    derived = image_hparams_from_config(config)
+    hparams = image_export_defaults(config.model.kind) | original | derived
+    if same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for 1.0)
+        hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
+    patches = (config.data.image_size // config.model.patch_size) ** 2
+    state = _model_order(config, state, 0)
+    return hparams, image_reference_state_dict(state, config.model.kind == "dit", patches)
+
+
 def export_reference(
     run: str | Path, out_file: str | Path, tokenizer_name: str | None = None
 ) -> Path:
     """Write a `.ckpt` the paper's code loads (state_dict under `model.`, hyper_parameters).
 
     The hyper-parameters of an imported run are restored, then every flag ebt models is set
-    from the run's config. tokenizer_name overrides what the paper's code will load.
+    from the run's config. tokenizer_name (text) overrides what the paper's code will load.
     """
     step_dir = resolve_checkpoint(run)
     state, config_dict = load_model_state(step_dir)
     config = config_from_dict(config_dict)
-    derived = hparams_from_config(config)
     try:
         train_state = load_train_state(step_dir)
     except FileNotFoundError:
         train_state = {}
     original = (train_state.get("extra") or {}).get("reference_hyper_parameters") or {}
-    hparams = {**original, **derived}
-    if _same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
-        hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
-    hparams["tokenizer"] = tokenizer_name or _tokenizer_name(config, original)
-    with torch.device("meta"):  # the model's own parameter order, not safetensors' sorted one
-        order = build_model(config, int(state["token_embedding.weight"].shape[0])).state_dict()
-    state = {name: state[name] for name in order if name in state} | state
+    if config.model.modality == "image":
+        hparams, reference = _image_export(config, state, original)
+    else:
+        hparams, reference = _text_export(config, state, original, tokenizer_name)
     checkpoint = {
-        "state_dict": reference_state_dict(state, config.model.variant),
+        "state_dict": reference,
         "hyper_parameters": hparams,
         "global_step": int(train_state.get("step", 0)),
         "epoch": 0,

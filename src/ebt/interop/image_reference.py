@@ -107,13 +107,29 @@ def _check_positions(key: str, table: torch.Tensor) -> None:
 def image_reference_state_dict(
     state: dict[str, torch.Tensor], dit: bool, patches: int, prefix: str = "model."
 ) -> dict[str, torch.Tensor]:
-    """Our image state_dict in the paper's names, its position table (1, N, D) included."""
-    out = {prefix + image_reference_key(key, dit): value for key, value in state.items()}
+    """Our image state_dict in the paper's names, its position table (1, N, D) included, as
+    the paper's modules order it (first among the trunk's tensors)."""
     dim = state["patch_embedding.projection.weight"].shape[0]
     side = round(patches**0.5)
     trunk = "diffusion_transformer" if dit else "transformer"
     table = sincos_position_table(dim, side, side).float().unsqueeze(0)  # (1, N, D)
-    return out | {f"{prefix}{trunk}.{POSITIONS}": table}
+    table_key, out = f"{prefix}{trunk}.{POSITIONS}", {}
+    for key, value in state.items():
+        name = prefix + image_reference_key(key, dit)
+        if table_key not in out and name.startswith(f"{prefix}{trunk}."):
+            out[table_key] = table
+        out[name] = value
+    return _paper_order(out)
+
+
+def _paper_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The paper's FinalLayer registers its linear before its adaLN modulation (ours after)."""
+    names = list(state)
+    final = [name for name in names if ".final_layer." in name]  # contiguous: the head's
+    if final:
+        start = names.index(final[0])
+        names[start : start + len(final)] = sorted(final, key=lambda n: ".linear." not in n)
+    return {name: state[name] for name in names}
 
 
 def _shape_args(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +144,7 @@ def _shape_args(hparams: dict[str, Any]) -> dict[str, Any]:
         "dim": dim,
         "layers": int(hparams["num_transformer_blocks"]),
         "heads": int(hparams["multiheaded_attention_heads"]),
-        "ffn_dim": int(dim * float(hparams["ffn_dim_multiplier"])),
+        "ffn_dim": int(dim * float(hparams.get("ffn_dim_multiplier") or 1)),
     }
 
 

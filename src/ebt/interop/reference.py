@@ -148,7 +148,8 @@ def _check_model(hparams: dict[str, Any]) -> None:
     if modality != "NLP":
         raise InteropError(
             f"the paper's flag modality={modality!r} is not supported by ebt "
-            "(only the paper's text models, modality='NLP', can be imported)"
+            "(only the paper's text models, modality='NLP', and its denoising image models, "
+            "modality='IMG', can be imported)"
         )
     name = hparams.get("model_name", "ebt")
     if name not in _MODEL_NAMES:
@@ -217,13 +218,14 @@ def config_from_hparams(hparams: dict[str, Any], state_dict: dict[str, torch.Ten
             "ffn_dim": int(ffn[0].shape[0]),
         },
         "data": {"seq_len": hparams["context_length"]},
-        "think": _think_from_hparams(hparams),
-        "train": _train_from_hparams(hparams),
+        "think": think_from_hparams(hparams),
+        "train": train_from_hparams(hparams),
     }
     return config_from_dict(values)
 
 
-def _think_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+def think_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Our think.* values for the paper's mcmc_* (and related) flags."""
     get = hparams.get
     return {
         "landscapes": get("mcmc_num_steps", 2),
@@ -250,7 +252,7 @@ def _think_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 # (paper flag, our train.* key) copied as they are when present.
-_TRAIN_FLAGS = (
+TRAIN_FLAGS = (
     ("batch_size_per_device", "batch_size"),
     ("accumulate_grad_batches", "grad_accum"),
     ("max_steps", "max_steps"),
@@ -262,9 +264,10 @@ _TRAIN_FLAGS = (
 )
 
 
-def _train_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+def train_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Our train.* values for the paper's optimiser and schedule flags."""
     train = {
-        ours: hparams[theirs] for theirs, ours in _TRAIN_FLAGS if hparams.get(theirs) is not None
+        ours: hparams[theirs] for theirs, ours in TRAIN_FLAGS if hparams.get(theirs) is not None
     }
     train["lr"] = hparams.get("peak_learning_rate", hparams.get("lr", 1.2e-3))
     if hparams.get("min_lr_scale"):
@@ -289,7 +292,7 @@ def _refuse_export(config: Config) -> None:
         raise InteropError("cannot export to the paper's format: " + "; ".join(problems))
 
 
-def _ffn_multiplier(dim: int, ffn_dim: int) -> float | None:
+def ffn_multiplier(dim: int, ffn_dim: int) -> float | None:
     """The paper's ffn_dim_multiplier m with int(dim * m) == ffn_dim (None: width = dim)."""
     if ffn_dim in (0, dim):
         return None
@@ -313,7 +316,7 @@ def hparams_from_config(config: Config) -> dict[str, Any]:
         "embedding_dim": model.dim,
         "num_transformer_blocks": model.layers,
         "multiheaded_attention_heads": model.heads,
-        "ffn_dim_multiplier": _ffn_multiplier(model.dim, model.ffn_dim),
+        "ffn_dim_multiplier": ffn_multiplier(model.dim, model.ffn_dim),
         "peak_learning_rate": train.lr,
         "min_lr_scale": round(1.0 / train.min_lr_ratio) if train.min_lr_ratio > 0 else 10,
         "max_scheduling_steps": train.schedule_steps or train.max_steps,
@@ -323,7 +326,7 @@ def hparams_from_config(config: Config) -> dict[str, Any]:
         "weight_initialization_method": "xavier",
         "weight_initialization_gain": 1.0,
     }
-    values |= {theirs: getattr(train, ours) for theirs, ours in _TRAIN_FLAGS}
+    values |= {theirs: getattr(train, ours) for theirs, ours in TRAIN_FLAGS}
     if model.kind == "ebt":
         values |= _ebt_hparams(config)
     return values

@@ -14,8 +14,9 @@ from typing import Any
 from ebt.config import Config
 from ebt.modalities.image import ImageModality, ImageTask
 from ebt.modalities.text import TextModality, TextTask
+from ebt.modalities.video import VideoModality
 
-MODALITIES = {"text": TextModality, "image": ImageModality}
+MODALITIES = {"text": TextModality, "image": ImageModality, "video": VideoModality}
 
 __all__ = [
     "ImageModality",

@@ -1,4 +1,8 @@
-"""Models: the energy transformer and its Transformer++ baseline, built from a Config."""
+"""Models: the energy transformers and their baselines (Transformer++, DiT), built from a Config.
+
+Text and video share one autoregressive energy transformer and one Transformer++ (video: one
+token per frame, frame vectors in and out); images have the bidirectional EBT and the DiT.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from ebt.models.energy_transformer import ContextCache, EnergyTransformer, Energ
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
 
-CHANNELS = 3  # images are RGB
+CHANNELS = 3  # images and video frames are RGB
 
 __all__ = [
+    "CHANNELS",
     "ContextCache",
     "DiT",
     "EnergyTransformer",
@@ -24,16 +29,26 @@ __all__ = [
     "TransformerPP",
     "build_model",
     "compile_for_training",
+    "frame_dim",
 ]
+
+
+def frame_dim(config: Config) -> int:
+    """Numbers in one video frame vector: RGB pixels, 3 * frame_size^2 (0 for other modalities)."""
+    if config.model.modality != "video":
+        return 0
+    return CHANNELS * config.data.frame_size**2
 
 
 def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
     """The model a config describes (`model.modality` and `model.kind` pick it; vocab_size is
-    the text models')."""
+    the text models'; video's frame vectors come from data.frame_size, its length from
+    data.frames)."""
     if config.model.modality == "image":
         return build_image_model(config)
-    model = config.model
+    model, video = config.model, config.model.modality == "video"
     ffn_dim = model.ffn_dim or model.dim
+    length = config.data.frames - 1 if video else config.data.seq_len
     if model.kind == "transformer_pp":
         args = TransformerArgs(
             vocab_size,
@@ -41,9 +56,10 @@ def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
             model.layers,
             model.heads,
             ffn_dim,
-            config.data.seq_len,
+            length,
             model.norm_eps,
             model.rope_theta,
+            frame_dim(config),
         )
         return TransformerPP(args)
     think = config.think
@@ -53,7 +69,7 @@ def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
         layers=model.layers,
         heads=model.heads,
         ffn_dim=ffn_dim,
-        max_seq_len=config.data.seq_len,
+        max_seq_len=length,
         variant=model.variant,
         landscapes=think.landscapes,
         norm_eps=model.norm_eps,
@@ -62,6 +78,7 @@ def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
         step_size_learnable=think.step_size_learnable,
         langevin_noise=think.langevin_noise,
         inference_steps=(think.random_steps_min or 1) if think.random_steps else think.steps,
+        frame_dim=frame_dim(config),
     )
     return EnergyTransformer(args)
 

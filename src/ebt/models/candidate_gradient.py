@@ -13,6 +13,9 @@ The same code serves both uses of the candidate gradient:
 
 `extend_context_by_one` is generation's one-token context pass in the same style. Tests check
 both uses against autograd of the naive float64 model for every variant.
+
+Candidates enter through one Linear (text: the projection of distributions; video: the frame
+embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
 """
 
 from __future__ import annotations
@@ -252,7 +255,7 @@ def extend_context_by_one(
     shape = (batch, 1, model.args.heads, model.args.dim // model.args.heads)
     rope = model._rope(torch.tensor([buffers[0].length], device=tokens.device)).unsqueeze(1)
     ropes = (rope, rope * shape[-1] ** -0.5)  # (1, 1, hd/2) each
-    x = model.token_embedding(tokens[:, 0])  # (B, D)
+    x = model.embed_context(tokens[:, 0])  # (B, D): one token id or frame per row
     last = len(model.blocks) - 1
     for index, (block, buffer) in enumerate(zip(model.blocks, buffers, strict=True)):
         mod = _row_modulation(block, condition, 1)
@@ -272,8 +275,10 @@ def energies_and_gradient(
     probabilities: torch.Tensor,
     rows: torch.Tensor | None = None,
     landscape: int | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(energies (B, R), dE/dp (B, R, V)) of candidates p (B, R, V); arguments as energies().
+    """(energies (B, R), dE/dp (B, R, V)) of candidates p (B, R, V) (or frames (B, R, F));
+    arguments as energies(), noise (B, R, D) Langevin noise added to the embedded candidates.
 
     Differentiable (to any order autograd supports) when run with grad enabled.
     """
@@ -284,7 +289,7 @@ def energies_and_gradient(
         rows = torch.arange(count, device=probabilities.device)
     landscape = cache.landscape if landscape is None else landscape
     shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
-    z = model.embed_candidates(probabilities, landscape).flatten(0, 1)  # (N, D)
+    z = model.embed_candidates(probabilities, landscape, noise).flatten(0, 1)  # (N, D)
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
     pieces = [  # per layer, per chunk of rows: (rows, mask, keys (B*H, k, hd), values)
@@ -300,7 +305,7 @@ def energies_and_gradient(
     energies, grad = _energy_head(model, z, cache.condition, count)  # (N, 1), (N, D)
     for (block, layer_pieces), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
         grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
-    gradient = _linear_backward(grad, model.candidate_projection)  # (N, V)
+    gradient = _linear_backward(grad, model.candidate_layer)  # (N, V or F)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
 
 

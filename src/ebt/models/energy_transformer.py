@@ -1,9 +1,9 @@
 """The autoregressive energy transformer with split context / prediction streams.
 
-energy_j = E(x_0..x_j, y_j): candidate j (a distribution over the next token x_{j+1}) reads the
-real context up to x_j and itself. The context stream is computed once per landscape (once per
-batch when it does not depend on the landscape) and kept as per-layer keys/values; only the
-prediction stream is evaluated at every thinking step.
+energy_j = E(x_0..x_j, y_j): candidate j (a distribution over the next token x_{j+1}, or a
+predicted next frame) reads the real context up to x_j and itself. The context stream is
+computed once per landscape (once per batch when it does not depend on the landscape) and kept
+as per-layer keys/values; only the prediction stream is evaluated at every thinking step.
 
 Variants (how the landscape / step id conditions the energy):
 - time_embed: a learned step embedding is prepended to the context as an extra token.
@@ -11,6 +11,10 @@ Variants (how the landscape / step id conditions the energy):
 - default: no conditioning.
 - pred_step: the step embedding is added to the candidate embeddings only, so the context stream
   is the same for every step and is computed once per batch.
+
+Inputs: text (frame_dim = 0) embeds token ids with a table and candidate distributions (the
+softmax of logits) with a projection; video (frame_dim > 0) embeds real frames and candidate
+frames, stepped as they are, with one shared Linear(frame_dim, D) with bias.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class EnergyTransformerArgs:
     step_size_learnable: bool = True
     langevin_noise: float = 0.0
     inference_steps: int = 1  # default steps per landscape for `think`
+    frame_dim: int = 0  # 0: text (token ids, vocabulary candidates); > 0: frame vectors
 
 
 class EnergyTransformer(nn.Module):
@@ -87,8 +92,11 @@ class EnergyTransformer(nn.Module):
         self.langevin_std = nn.Parameter(
             torch.tensor(float(args.langevin_noise)), requires_grad=False
         )
-        self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
-        self.candidate_projection = nn.Linear(args.vocab_size, args.dim, bias=False)
+        if args.frame_dim:  # one Linear embeds real and candidate frames
+            self.frame_embedding = nn.Linear(args.frame_dim, args.dim)
+        else:
+            self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
+            self.candidate_projection = nn.Linear(args.vocab_size, args.dim, bias=False)
         adaln = args.variant == "adaln"
         self.blocks = nn.ModuleList(
             Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln)
@@ -118,8 +126,30 @@ class EnergyTransformer(nn.Module):
     def vocab_size(self) -> int:
         return self.args.vocab_size
 
+    @property
+    def candidate_dim(self) -> int:
+        """Numbers in one candidate: the vocabulary (text) or a frame vector (video)."""
+        return self.args.frame_dim or self.args.vocab_size
+
+    @property
+    def candidate_layer(self) -> nn.Linear:
+        """The Linear that embeds candidates (its weight carries dE/dx back to them)."""
+        return self.frame_embedding if self.args.frame_dim else self.candidate_projection
+
+    @property
+    def langevin_after_embedding(self) -> bool:
+        """Video adds Langevin noise to the embedded candidates, not to the state (as the
+        paper's video code; thinking.take_step asks)."""
+        return bool(self.args.frame_dim)
+
+    def embed_context(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) or frames (B, T, frame_dim) -> context-stream inputs (B, T, D)."""
+        if self.args.frame_dim:
+            return self.frame_embedding(inputs)  # (B, T, D)
+        return self.token_embedding(inputs)  # (B, T, D)
+
     def _rope(self, positions: torch.Tensor) -> Rope:
-        return self.rope(positions, self.token_embedding.weight.dtype)  # (T, hd/2) complex
+        return self.rope(positions, self.energy_head.weight.dtype)  # (T, hd/2) complex
 
     def _condition(self, landscape: int | torch.Tensor, batch: int) -> torch.Tensor:
         if isinstance(landscape, torch.Tensor):  # one landscape per row (B,)
@@ -129,13 +159,14 @@ class EnergyTransformer(nn.Module):
     def encode_context(
         self, tokens: torch.Tensor, landscape: int | torch.Tensor = 0, capacity: int = 0
     ) -> ContextCache:
-        """Run the context stream over tokens (B, S); returns per-layer keys/values.
+        """Run the context stream over tokens (B, S) (frames: (B, S, frame_dim)); returns
+        per-layer keys/values.
 
         landscape: one for all rows, or a (B,) tensor with one per row (a stacked cache that
         encodes several landscapes in one pass; split it with ContextCache.select). capacity > 0
         keeps the keys/values in KeyValueBuffers of that many positions for extend_context.
         """
-        x = self.token_embedding(tokens)  # (B, S, D)
+        x = self.embed_context(tokens)  # (B, S, D)
         batch = tokens.shape[0]
         condition = self._condition(landscape, batch) if self.variant == "adaln" else None
         if self.variant == "time_embed":
@@ -185,7 +216,8 @@ class EnergyTransformer(nn.Module):
 
     @torch.no_grad()
     def extend_context(self, cache: ContextCache, tokens: torch.Tensor) -> ContextCache:
-        """Append tokens (B, T) to a context cache: the KV cache of generation (no gradients).
+        """Append tokens (B, T) (frames (B, T, frame_dim)) to a context cache: the KV cache of
+        generation (no gradients).
 
         Equals encode_context on the concatenated tokens (up to float rounding) and costs a
         context pass over the new tokens only. The keys/values are written in place into the
@@ -195,12 +227,12 @@ class EnergyTransformer(nn.Module):
         buffers = cache.buffers
         if buffers is None or buffers[0].length != start:  # none yet, or a fork of an old view
             buffers = [KeyValueBuffer(k, v) for k, v in zip(cache.keys, cache.values, strict=True)]
-        if tokens.shape[1] == 1 and self.hand_written_path(self.token_embedding.weight):
+        if tokens.shape[1] == 1 and self.hand_written_path(self.energy_head.weight):
             candidate_gradient.extend_context_by_one(self, buffers, cache.condition, tokens)
             views = [buffer.views() for buffer in buffers]
             keys, values = [k for k, _ in views], [v for _, v in views]
             return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
-        x = self.token_embedding(tokens)  # (B, T, D)
+        x = self.embed_context(tokens)  # (B, T, D)
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         rope = self._rope(positions).unsqueeze(1)  # (T, 1, hd/2)
         keys, values = [], []
@@ -212,12 +244,20 @@ class EnergyTransformer(nn.Module):
         return ContextCache(keys, values, cache.landscape, cache.condition, buffers)
 
     def candidate_input(self, state: torch.Tensor) -> torch.Tensor:
-        """What the energy reads of a raw state (B, R, V) of logits: their softmax (B, R, V)."""
+        """What the energy reads of a raw state (B, R, V) of logits: their softmax (B, R, V);
+        a frame state (B, R, frame_dim) is read as it is."""
+        if self.args.frame_dim:
+            return state
         return state.softmax(dim=-1)
 
-    def embed_candidates(self, probabilities: torch.Tensor, landscape: int) -> torch.Tensor:
-        """Candidate distributions (B, R, V) -> prediction-stream inputs (B, R, D)."""
-        z = self.candidate_projection(probabilities)  # (B, R, D)
+    def embed_candidates(
+        self, probabilities: torch.Tensor, landscape: int, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Candidates (B, R, V or frame_dim) -> prediction-stream inputs (B, R, D), plus the
+        Langevin `noise` (B, R, D) drawn after the embedding (video), if any."""
+        z = self.candidate_layer(probabilities)  # (B, R, D)
+        if noise is not None:
+            z = z + noise
         if self.variant == "pred_step":
             z = z + self.step_embedding.weight[landscape]
         return z
@@ -228,18 +268,22 @@ class EnergyTransformer(nn.Module):
         probabilities: torch.Tensor,
         rows: torch.Tensor | None = None,
         landscape: int | None = None,
+        langevin_std: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Energy (B, R) of candidate distributions (B, R, V) against a context cache.
+        """Energy (B, R) of candidate distributions (B, R, V) (or frames (B, R, frame_dim))
+        against a context cache.
 
         rows[r] is the index of the context token whose successor candidate r predicts
         (default: 0..R-1, one candidate per context position). landscape conditions the
         candidates (pred_step); default the cache's. For time_embed / adaln the context itself
-        depends on the landscape, so the cache must have been encoded on it.
+        depends on the landscape, so the cache must have been encoded on it. langevin_std:
+        Gaussian noise of that std added to the embedded candidates (video's Langevin step).
         """
         if rows is None:
             rows = torch.arange(probabilities.shape[1], device=probabilities.device)
         landscape = cache.landscape if landscape is None else landscape
-        z = self.embed_candidates(probabilities, landscape)  # (B, R, D)
+        noise = self._embedding_noise(probabilities, langevin_std)
+        z = self.embed_candidates(probabilities, landscape, noise)  # (B, R, D)
         head_dim = self.args.dim // self.args.heads
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
@@ -250,6 +294,16 @@ class EnergyTransformer(nn.Module):
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
             z = modulate(z, shift, scale)
         return self.energy_head(z).squeeze(-1)  # (B, R)
+
+    def _embedding_noise(
+        self, candidates: torch.Tensor, langevin_std: float | torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Langevin noise (B, R, D) for embedded candidates (B, R, ...), or None."""
+        if langevin_std is None:
+            return None
+        shape = (*candidates.shape[:2], self.args.dim)
+        noise = torch.randn(shape, dtype=candidates.dtype, device=candidates.device)
+        return noise * langevin_std  # (B, R, D)
 
     def hand_written_path(self, example: torch.Tensor) -> bool:
         """Whether the hand-written passes (candidate_gradient) apply: float32 or float64
@@ -267,8 +321,9 @@ class EnergyTransformer(nn.Module):
         rows: torch.Tensor | None = None,
         landscape: int | None = None,
         create_graph: bool = False,
+        langevin_std: float | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(energies (B, R), dE/dp (B, R, V)); arguments as energies().
+        """(energies (B, R), dE/dp (B, R, V or frame_dim)); arguments as energies().
 
         create_graph=False: first order, detached (inference). create_graph=True: both carry
         their graph, so a loss on a step taken with dE/dp back-propagates the second-order
@@ -278,19 +333,20 @@ class EnergyTransformer(nn.Module):
         (bf16 autocast, sharded FSDP parameters) autograd, with create_graph for training.
         """
         if self.hand_written_path(probabilities):
+            noise = self._embedding_noise(probabilities, langevin_std)  # None for text
             if create_graph:  # autograd records the written-out gradient
                 eager = candidate_gradient.energies_and_gradient
                 written_out = self._training_pass("gradient", eager)
-                return written_out(self, cache, probabilities, rows, landscape)
+                return written_out(self, cache, probabilities, rows, landscape, noise)
             with torch.inference_mode():
                 energies, gradient = candidate_gradient.energies_and_gradient(
-                    self, cache, probabilities.detach(), rows, landscape
+                    self, cache, probabilities.detach(), rows, landscape, noise
                 )  # inference tensors: clone for use where autograd records (a learnable alpha)
             return energies.clone(), gradient.clone()
         with torch.enable_grad():
             if not create_graph:
                 probabilities = probabilities.detach().requires_grad_()
-            energies = self.energies(cache, probabilities, rows, landscape)  # (B, R)
+            energies = self.energies(cache, probabilities, rows, landscape, langevin_std)
             (gradient,) = torch.autograd.grad(
                 energies.sum(), probabilities, create_graph=create_graph
             )
@@ -312,7 +368,8 @@ class EnergyTransformer(nn.Module):
         rows: torch.Tensor | None = None,
         caches: dict[int, ContextCache] | None = None,
     ) -> Trajectory:
-        """Optimise next-token candidates for every position of tokens (B, S) at inference.
+        """Optimise next-token candidates for every position of tokens (B, S) at inference
+        (video: next-frame candidates (B, S, frame_dim) after frames (B, S, frame_dim)).
 
         init: starting logits (B, S, V), default N(0, 1). steps: steps per landscape (default:
         the trained recipe's). step_size: None the trained alpha, 0 < a < 1 that fraction of
@@ -325,7 +382,8 @@ class EnergyTransformer(nn.Module):
         """
         if init is None:
             count = tokens.shape[1] if rows is None else rows.shape[0]
-            init = torch.randn(tokens.shape[0], count, self.vocab_size, device=tokens.device)
+            shape = (tokens.shape[0], count, self.candidate_dim)  # (B, R, V or frame_dim)
+            init = torch.randn(shape, device=tokens.device)
         schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
         noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
         options = StepOptions(

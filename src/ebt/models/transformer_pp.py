@@ -1,4 +1,9 @@
-"""Transformer++: the llama-style decoder baseline with the same blocks and sizes as the EBT."""
+"""Transformer++: the llama-style decoder baseline with the same blocks and sizes as the EBT.
+
+Text: token embedding, blocks, final RMSNorm, output head over the vocabulary. Video
+(frame_dim > 0, the paper's video baseline): Linear(frame_dim, D) down, the same trunk,
+Linear(D, D) (no bias), Linear(D, frame_dim) up: the next frame vector at every position.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class TransformerArgs:
     max_seq_len: int
     norm_eps: float = 1e-5
     rope_theta: float = 1e4
+    frame_dim: int = 0  # 0: text (token ids -> logits); > 0: frame vectors -> next frames
 
 
 class TransformerPP(nn.Module):
@@ -31,13 +37,19 @@ class TransformerPP(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
         self.args = args
-        self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
+        if args.frame_dim:
+            self.frame_embedding = nn.Linear(args.frame_dim, args.dim)
+        else:
+            self.token_embedding = nn.Embedding(args.vocab_size, args.dim)
         self.blocks = nn.ModuleList(
             Block(args.dim, args.heads, args.ffn_dim, args.norm_eps, adaln=False)
             for _ in range(args.layers)
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        width = args.dim if args.frame_dim else args.vocab_size  # video: Linear(D, D), then up
+        self.output = nn.Linear(args.dim, width, bias=False)
+        if args.frame_dim:
+            self.frame_output = nn.Linear(args.dim, args.frame_dim)
         init_linear_xavier(self)
         self.rope = RopeTables(args.dim // args.heads, args.max_seq_len + 2, args.rope_theta)
         self.compiled_forward: Callable | None = None  # see compile_training_passes
@@ -47,7 +59,8 @@ class TransformerPP(nn.Module):
         return self.args.vocab_size
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, S, V) for tokens (B, S)."""
+        """Next-token logits (B, S, V) for tokens (B, S); next frames (B, S, F) for frames
+        (B, S, F)."""
         if self.compiled_forward is not None and torch.is_grad_enabled():
             return self.compiled_forward(self, tokens)
         return self._logits(tokens)
@@ -63,10 +76,12 @@ class TransformerPP(nn.Module):
     def forward_cached(
         self, tokens: torch.Tensor, past: list[KeyValueBuffer] | None = None, capacity: int = 0
     ) -> tuple[torch.Tensor, list[KeyValueBuffer]]:
-        """Logits (B, T, V) for tokens (B, T) that follow `past` (per-layer key/value buffers, the
-        generation KV cache, appended to in place), and the cache. Without past, a new cache
-        with room for `capacity` positions (none when capacity is 0)."""
-        x = self.token_embedding(tokens)  # (B, T, D)
+        """Logits (B, T, V) for tokens (B, T) (next frames (B, T, F) for frames (B, T, F)) that
+        follow `past` (per-layer key/value buffers, the generation KV cache, appended to in
+        place), and the cache. Without past, a new cache with room for `capacity` positions
+        (none when capacity is 0)."""
+        frames = self.args.frame_dim > 0
+        x = self.frame_embedding(tokens) if frames else self.token_embedding(tokens)  # (B, T, D)
         start = past[0].length if past else 0
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         rope = self.rope(positions, x.dtype).unsqueeze(1)  # (T, 1, hd/2): broadcast over heads
@@ -75,4 +90,5 @@ class TransformerPP(nn.Module):
             x, k, v = block.context(x, rope, None, past=past[index] if past else None)
             if past or capacity:
                 cache.append(past[index] if past else KeyValueBuffer(k, v, capacity))
-        return self.output(self.norm(x)), cache  # (B, T, V)
+        out = self.output(self.norm(x))  # (B, T, V) logits, or (B, T, D) for frames
+        return (self.frame_output(out) if frames else out), cache  # (B, T, V or F)

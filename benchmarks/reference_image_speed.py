@@ -1,0 +1,326 @@
+"""Image training-step speed: our image EBT and DiT vs the paper's own code, side by side.
+
+How to run (CPU; the paper's code is imported at run time, never vendored here):
+
+    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference
+    pip install --target /tmp/timm --no-deps timm      # the paper's image models use timm
+    EBT_REFERENCE_DIR=/tmp/ebt-reference PYTHONPATH=/tmp/timm \\
+        python benchmarks/reference_image_speed.py --threads 1
+
+Setting (the issue's): `configs/image/tiny.toml` with dim 256, 4 layers, 4 heads, 32 x 32
+images, patch 4 (64 patches), batch 16, one thinking step (the paper's S1 `mcmc_num_steps 1`),
+step size 3000 learnable, noise level 0.1 of 100 diffusion steps, float32. Entries:
+
+- reference_ebt: the paper's `EBT_IMG_Denoise` and its `forward_loss_wrapper` (noising, the
+  thinking step with `create_graph`, SmoothL1), then backward and an AdamW step with its
+  parameter groups; reference_dit: its `Diffusion_Transformer_IMG_Denoise` (IDDPM hybrid loss).
+- ours_ebt, ours_dit: `ebt.bench._Stepper`, i.e. what `ebt train` / `ebt bench train` step.
+
+Both codes run the same weights (ours, drawn N(0, 0.02^2), exported with ebt's own
+`export-reference` conversion and loaded strictly into the paper's modules) on the same clean
+images; `parity` reports how far the paper's inference step and ours differ on them. Steps are
+timed interleaved in one process; medians, and each ratio also as the median of per-round
+ratios (`_paired`). Peak memory is the VmHWM of a spawned child per entry (two steps).
+
+The paper's modules import pytorch_lightning, torchmetrics, diffusers, transformers and
+torchvision at module level; stand-ins replace the absent ones (reference_speed.py). timm, which
+its image models need, imports torchvision eagerly: where torchvision does not import, an inert
+stand-in module is loaded first from `EBT_TORCHVISION_STUB` (default: `shared/tools/tvstub.py`
+beside this repository, where the project keeps one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import runpy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_speed import ENV_VAR, _missing_packages_stubbed  # noqa: E402
+
+from ebt.bench import (  # noqa: E402
+    _peak_rss_mb,
+    _reset_peak_rss,
+    _Stepper,
+    baseline_config,
+    interleaved_times,
+    run_in_child,
+)
+from ebt.config import Config, load_config  # noqa: E402
+from ebt.interop.image_config import image_export_defaults, image_hparams_from_config  # noqa: E402
+from ebt.interop.image_reference import image_reference_state_dict  # noqa: E402
+from ebt.models import build_model  # noqa: E402
+from ebt.runtime import keep_freed_memory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTING = [
+    "model.dim=256",
+    "model.layers=4",
+    "model.heads=4",
+    "data.image_size=32",
+    "model.patch_size=4",
+    "train.batch_size=16",
+    "think.landscapes=1",
+    "think.steps=1",
+]
+STUB_VAR = "EBT_TORCHVISION_STUB"
+SEED = 33
+MODULES = {"ebt": "model.img.ebt_denoise", "dit": "model.img.dit_denoise"}
+CLASSES = {"ebt": "EBT_IMG_Denoise", "dit": "Diffusion_Transformer_IMG_Denoise"}
+
+
+# --------------------------------------------------------------------------- the paper's code
+
+
+def reference_dir() -> str:
+    """The paper's work tree (EBT_REFERENCE_DIR), checked to hold its image models."""
+    path = os.environ.get(ENV_VAR, "")
+    if not path or not os.path.isfile(os.path.join(path, "model", "img", "ebt_denoise.py")):
+        sys.exit(
+            f"{ENV_VAR} must point at a work tree of the paper's code (alexiglad/EBT), e.g.\n"
+            "    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference\n"
+            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/reference_image_speed.py"
+        )
+    return path
+
+
+def _torchvision_stand_in() -> None:
+    """Load the inert torchvision stand-in where torchvision itself does not import."""
+    try:
+        importlib.import_module("torchvision")
+        return
+    except Exception:  # absent, or present but broken (a build for another torch)
+        pass
+    stub = Path(os.environ.get(STUB_VAR, ROOT.parent / "shared" / "tools" / "tvstub.py"))
+    if not stub.is_file():
+        sys.exit(
+            f"torchvision does not import and no stand-in was found at {stub}: set {STUB_VAR} "
+            "to a module that makes `import torchvision...` succeed (timm imports it eagerly)"
+        )
+    runpy.run_path(str(stub))
+
+
+def import_reference(path: str) -> dict[str, Any]:
+    """The paper's image model classes, by kind ("ebt", "dit")."""
+    if importlib.util.find_spec("timm") is None:
+        sys.exit("the paper's image models need timm: pip install --target DIR --no-deps timm")
+    _torchvision_stand_in()
+    if importlib.util.find_spec("diffusers") is not None:  # before any stand-in: it probes
+        importlib.import_module("diffusers")  # the others' import specs when imported
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    with _missing_packages_stubbed():
+        modules = {kind: importlib.import_module(name) for kind, name in MODULES.items()}
+    # its EBT blocks enter torch.backends.cuda.sdp_kernel (deprecated) on every forward
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*sdp_kernel")
+    return {kind: getattr(modules[kind], CLASSES[kind]) for kind in MODULES}
+
+
+class _TrainerStandIn:
+    """What the paper's forward_loss_wrapper reads of its Lightning trainer: a step that logs
+    no sample images (they are drawn every log_image_every_n_steps steps, not timed here)."""
+
+    global_step = 1
+    accumulate_grad_batches = 1
+
+    class fit_loop:  # noqa: N801 - mirrors trainer.fit_loop.epoch_loop.batch_progress.current
+        class epoch_loop:  # noqa: N801
+            class batch_progress:  # noqa: N801
+                class current:  # noqa: N801
+                    completed = 0
+
+
+# --------------------------------------------------------------------------- both sides
+
+
+def our_config(kind: str) -> Config:
+    """configs/image/tiny.toml at the issue's shape (kind "dit": its DiT twin)."""
+    config = load_config(ROOT / "configs" / "image" / "tiny.toml", SETTING)
+    return baseline_config(config) if kind == "dit" else config
+
+
+def _weights(config: Config) -> dict[str, torch.Tensor]:
+    """Our model's state with every trained tensor redrawn N(0, 0.02^2) (adaLN-Zero would
+    otherwise make the energy constant), the step size kept."""
+    generator = torch.Generator().manual_seed(SEED)
+    state = build_model(config).state_dict()
+    for name, tensor in state.items():
+        if name not in ("step_size", "langevin_std"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    return state
+
+
+def _clean_images(config: Config) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(SEED)
+    size, batch = config.data.image_size, config.train.batch_size
+    return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1  # (B, 3, S, S)
+
+
+def _adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
+    train, alpha = config.train, getattr(module, "alpha", None)
+    rest = [p for p in module.parameters() if p.requires_grad and p is not alpha]
+    groups: list[dict[str, Any]] = [
+        {"params": rest, "lr": train.lr, "weight_decay": train.weight_decay}
+    ]
+    if alpha is not None and alpha.requires_grad:
+        lr = train.lr * config.think.step_size_lr_multiplier
+        groups.append({"params": [alpha], "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(train.beta1, train.beta2))
+
+
+def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
+    """The paper's module built from ebt's exported hyper-parameters, our weights loaded."""
+    config = our_config(kind)
+    hparams = image_export_defaults(kind) | image_hparams_from_config(config)
+    torch.manual_seed(SEED)
+    module = import_reference(path)[kind](dict(hparams))
+    patches = (config.data.image_size // config.model.patch_size) ** 2
+    state = image_reference_state_dict(_weights(config), kind == "dit", patches, prefix="")
+    module.load_state_dict(state, strict=True)
+    module.trainer = _TrainerStandIn()
+    return module, config
+
+
+class _ReferenceStepper:
+    """The paper's LightningModule taking training steps on fixed clean images."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        self.module, config = reference_module(path, kind)
+        self.module.train()
+        self.optimizer = _adamw(self.module, config)
+        self.batch = {"image": _clean_images(config)}
+
+    def step(self) -> float:
+        """Seconds for noising + forward + loss + backward + optimizer step."""
+        start = time.perf_counter()
+        self.module.forward_loss_wrapper(self.batch, "train")["loss"].backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def our_stepper(kind: str) -> _Stepper:
+    """ebt's training step with the same weights and clean images."""
+    config = our_config(kind)
+    stepper = _Stepper(config, 0, torch.device("cpu"))
+    stepper.objective.model.load_state_dict(_weights(config))
+    stepper.batch = _clean_images(config)
+    return stepper
+
+
+BUILDERS: dict[str, Callable[[str], Any]] = {
+    "reference_ebt": lambda path: _ReferenceStepper(path, "ebt"),
+    "ours_ebt": lambda path: our_stepper("ebt"),
+    "reference_dit": lambda path: _ReferenceStepper(path, "dit"),
+    "ours_dit": lambda path: our_stepper("dit"),
+}
+RATIOS = {
+    "ebt_ours_over_reference": ("ours_ebt", "reference_ebt"),
+    "dit_ours_over_reference": ("ours_dit", "reference_dit"),
+    "ebt_over_dit_ours": ("ours_ebt", "ours_dit"),
+    "ebt_over_dit_reference": ("reference_ebt", "reference_dit"),
+}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    scale = theirs.detach().abs().max().clamp(min=1e-12)
+    return ((ours.detach() - theirs.detach()).abs().max() / scale).item()
+
+
+@torch.no_grad()
+def parity(path: str) -> dict[str, float]:
+    """Worst relative difference, paper vs ours on the same weights and images: the EBT's
+    inference step (state and energy) and the DiT's output at timestep 50."""
+    module, config = reference_module(path, "ebt")
+    ours = build_model(config)
+    ours.load_state_dict(_weights(config))
+    noisy = _clean_images(config)
+    states, energies = module(noisy, learning=False, no_randomness=True)
+    trajectory = ours.think(noisy, steps=1)
+    result = {
+        "ebt_state": _relative(trajectory.states[0], states[0]),
+        "ebt_energy": _relative(trajectory.energies[0], energies[0]),
+    }
+    module, config = reference_module(path, "dit")
+    ours = build_model(config)
+    ours.load_state_dict(_weights(config))
+    t = torch.full((noisy.shape[0],), 50)
+    result["dit_output"] = _relative(ours(noisy, t), module(noisy, t))
+    return {key: float(f"{value:.3g}") for key, value in result.items()}
+
+
+def _peak_child(name: str, path: str, queue: Any) -> None:
+    keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
+    _reset_peak_rss()
+    import_reference(path)  # every child holds the same imported modules
+    stepper = BUILDERS[name](path)
+    for _ in range(2):
+        stepper.step()
+    queue.put(_peak_rss_mb())
+
+
+def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
+    """Median / min / max ms per step and peak memory of every entry, and the ratios."""
+    entries = {
+        name: {
+            "ms_per_step": round(1000 * statistics.median(seconds), 2),
+            "ms_min": round(1000 * min(seconds), 2),
+            "ms_max": round(1000 * max(seconds), 2),
+            "peak_mem_mb": round(run_in_child(_peak_child, name, path), 1),
+        }
+        for name, seconds in times.items()
+    }
+    ratios = {}
+    for label, (first, second) in RATIOS.items():
+        ratios[label] = {
+            key: round(entries[first][key] / entries[second][key], 3)
+            for key in ("ms_per_step", "peak_mem_mb")
+        }
+        rounds = zip(times[first], times[second], strict=True)
+        ratios[label]["ms_per_step_paired"] = round(statistics.median(a / b for a, b in rounds), 3)
+    return {"entries": entries, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    path = reference_dir()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the `ebt` CLI's allocator setting, applied to both codes alike
+    checked = parity(path)
+    steppers = {name: build(path) for name, build in BUILDERS.items()}
+    times = interleaved_times(steppers, args.repeats, args.warmup)
+    del steppers
+    result = {
+        "setting": "configs/image/tiny.toml " + " ".join(SETTING),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "parity": checked,
+    }
+    print(json.dumps(result | summarise(times, path), indent=2))
+
+
+if __name__ == "__main__":
+    main()
