@@ -100,7 +100,7 @@ def test_a_bad_config_value_fails_in_one_line_naming_key_value_and_range(overrid
 
 def test_every_config_value_has_a_rule():
     """Every field but the booleans (typed on input) and the size preset is range-checked."""
-    from ebt.config import RULES
+    from ebt.config_checks import RULES
 
     for section in dataclasses.fields(Config):
         for item in dataclasses.fields(section.default_factory()):
@@ -384,3 +384,16 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch, capsys, c
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("ebt: error: cannot load hf:some/set: ConnectionError")
     assert "hf-local:PATH" in error[-1] and not (tmp_path / "run").exists()
+
+
+def test_overrides_win_over_a_size_preset():
+    config = load_config(TINY, ["model.size=xxs", "model.dim=64", "model.heads=4"])
+    assert (config.model.layers, config.model.heads, config.model.dim) == (6, 4, 64)
+    config = load_config(TINY, ["model.dim=64", "model.size=xxs"])  # the later key wins
+    assert config.model.dim == 384
+
+
+def test_compile_is_refused_for_image_models():
+    path = Path(__file__).resolve().parents[1] / "configs" / "image" / "tiny.toml"
+    with pytest.raises(ConfigError, match="train.compile: the image models"):
+        load_config(path, ["train.compile=true"])
