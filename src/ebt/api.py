@@ -37,9 +37,13 @@ def _tokenizer_for(step_dir: Path, config: Config) -> Tokenizer:
 
 
 def _fixed_keys(config: Config) -> dict[str, Any]:
-    """The keys a checkpoint's weights fix: every model.* key and data.tokenizer."""
+    """The keys a checkpoint's weights fix: every model.* key and data.tokenizer; for video
+    also the frame size (the frame embedding's width) and the clip length (the position table)."""
     keys = {f"model.{key}": value for key, value in dataclasses.asdict(config.model).items()}
-    return keys | {"data.tokenizer": config.data.tokenizer}
+    keys["data.tokenizer"] = config.data.tokenizer
+    if config.model.modality == "video":
+        keys |= {"data.frame_size": config.data.frame_size, "data.frames": config.data.frames}
+    return keys
 
 
 def _refuse_model_changes(saved: Config, config: Config) -> None:
