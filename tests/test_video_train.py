@@ -106,7 +106,7 @@ def test_eval_json_in_and_out_of_distribution(tmp_path, capsys):
         assert results[split]["split"] == split and results[split]["forward_passes"] == 2
         assert {"loss", "psnr", "mse", "loss_per_step", "energy_per_step"} <= set(results[split])
     assert results["val"]["loss"] != results["ood"]["loss"]  # held-out photographs, 2x speed
-    for override in ("data.frame_size=8", "data.frames=16"):  # the weights fix them
+    for override in (f"data.frame_size={SIZE * 2}", f"data.frames={FRAMES + 1}"):  # fixed
         assert main(["eval", str(tmp_path / "run"), override, "--json"]) == 2
         assert "does not match the checkpoint" in capsys.readouterr().err
 
