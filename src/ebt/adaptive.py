@@ -4,7 +4,8 @@ Positions are independent (a candidate reads only the context and itself), so th
 candidates are gathered into a smaller batch for the next step: real compute saved, not a mask.
 A token halts at step k when |E_k - E_{k-1}| < tolerance (E_k: energy of the state step k starts
 from) or when the gradient norm of its step falls under `grad_tolerance`; its answer is then the
-state it had reached. `max_steps` per landscape is the budget.
+state it had reached. `max_steps` per landscape is the budget. Images halt the same way, one
+image per candidate (`halt_per_candidate`, used by ebt.denoise).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def _caches(model: EnergyTransformer, tokens: torch.Tensor, schedule: list[int])
         return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
 
 
-def _think_row(model, caches, state, schedule, options, tolerance, grad_tolerance, rows=None):
-    """One sequence: state (1, S, V) of candidates for context rows `rows` (default 0..S-1);
-    returns (state, last energies (S,), steps (S,), energy evaluations (S,))."""
-    length = state.shape[1]
+def _think_row(
+    model, caches, state, schedule, options, tolerance, grad_tolerance, rows=None, dim=1
+):
+    """Candidates along `dim` of `state` that halt one by one: text (1, S, V) along dim 1 for
+    context rows `rows` (default 0..S-1), images (B, C, H, W) along dim 0; returns (state, last
+    energies (S,), steps (S,), energy evaluations (S,)), the state updated in place."""
+    length = state.shape[dim]
     rows = torch.arange(length, device=state.device) if rows is None else rows  # (S,)
     active = torch.arange(length, device=state.device)  # positions still thinking
     previous = torch.full((length,), float("inf"), dtype=state.dtype, device=state.device)
@@ -45,22 +49,37 @@ def _think_row(model, caches, state, schedule, options, tolerance, grad_toleranc
         if not len(active):
             break
         cache = caches[landscape if model.context_depends_on_landscape else 0]
-        current = state[:, active].detach().requires_grad_()  # (1, R, V)
+        current = state.index_select(dim, active).detach().requires_grad_()  # (1, R, V) / (R, ...)
         with torch.enable_grad():
             new, energies = take_step(
                 model, cache, current, options, False, rows[active], landscape=landscape
             )
-        energies = energies[0]  # (R,)
+        energies = energies.reshape(-1)  # (R,)
         evaluations[active] += 1
         stalled = (previous[active] - energies).abs() < tolerance
-        moved = new.detach() - current.softmax(-1).detach()
-        flat = (moved.norm(dim=-1)[0] / options.step_size.clamp(min=1e-12)) < grad_tolerance
+        moved = new.detach() - model.candidate_input(current).detach()  # the state's shape
+        moved = moved.movedim(dim, 0).flatten(1).norm(dim=1)  # (R,)
+        flat = (moved / options.step_size.clamp(min=1e-12)) < grad_tolerance
         go = ~stalled
-        state[:, active[go]] = new.detach()[:, go]
+        kept = go.nonzero().squeeze(1)  # (R',) indices into the active candidates
+        state.index_copy_(dim, active[kept], new.detach().index_select(dim, kept))
         last_energy[active], previous[active] = energies, energies
         steps[active[go]] += 1
         active = active[go & ~flat]
     return state, last_energy, steps, evaluations
+
+
+def halt_per_candidate(
+    model, cache, state: torch.Tensor, max_steps: int, tolerance: float, options, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adaptive halting for a model whose context does not depend on the landscape (images: state
+    (B, C, H, W), dim 0): each candidate along `dim` stops on its own within `max_steps`.
+    Returns (final state, last energies (B,), steps (B,), energy evaluations (B,))."""
+    schedule = step_schedule(1, max_steps)
+    with torch.no_grad():
+        return _think_row(
+            model, {0: cache}, state.clone(), schedule, options, tolerance, 0.0, dim=dim
+        )
 
 
 @torch.no_grad()

@@ -1,74 +1,40 @@
-"""The `ebt` command line: train, eval, generate, bench, tokenizer."""
+"""The `ebt` command line: train, eval, generate, think, denoise, bench, tokenizer, and the
+interop commands (import-reference, export-reference, push). Argument types live in cli_args,
+`ebt denoise` in denoise_cli."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import sys
-from collections.abc import Callable
 from typing import Any
 
+from ebt.cli_args import (
+    COUNT,
+    INT_0,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    STEPS_LIST,
+    STOP,
+    TOP_P,
+    add_run_parser,
+    add_thinking_options,
+    at_least,
+    print_json,
+    thinking_options,
+)
 from ebt.config import ConfigError, load_config
+from ebt.denoise_cli import add_denoise_command
 from ebt.errors import EbtError
 from ebt.runtime import keep_freed_memory
-from ebt.thinking import InferenceOptions, ThinkingError
+from ebt.thinking import ThinkingError
 
 # Errors caused by what the user typed or pointed at: one line, exit status 2, no traceback.
 USER_ERRORS = (EbtError, ThinkingError, FileNotFoundError, PermissionError)
 USER_ERRORS += (FileExistsError, IsADirectoryError, NotADirectoryError)
-ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 BPE_MIN_VOCAB = 257  # the 256 byte-level symbols plus the end token (see data.tokenizers)
-
-
-def _checked(parse: Callable[[str], Any], check: Callable[[Any], bool], allowed: str) -> Any:
-    """An argparse `type=`: `parse` the text, then `check` it; else "'TEXT': must be ALLOWED"."""
-
-    def convert(text: str) -> Any:
-        try:
-            value = parse(text)
-        except ValueError:
-            value = None
-        finite = not isinstance(value, float) or math.isfinite(value)
-        if value is None or not finite or not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {allowed}")
-        return value
-
-    return convert
-
-
-def _at_least(low: float, parse: Callable[[str], Any] = float, strict: bool = False) -> Any:
-    """A `parse`d (int or float) value >= `low`, or > `low` when `strict`."""
-    check = (lambda value: value > low) if strict else (lambda value: value >= low)
-    kind = "an integer" if parse is int else "a number"
-    return _checked(parse, check, f"{kind} {'>' if strict else '>='} {low:g}")
-
-
-def _int_list(text: str) -> list[int]:
-    """ "1,2,4" -> [1, 2, 4]: one or more integers >= 1 (ValueError otherwise)."""
-    values = [int(item) for item in text.split(",")]  # "" and "1,,2" fail here
-    if not all(value >= 1 for value in values):
-        raise ValueError(text)
-    return values
-
-
-def _unescape(text: str) -> str:
-    """A --stop string with \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
-    return re.sub(r"\\([nt\\])", lambda found: ESCAPES[found[1]], text)
-
-
-COUNT, INT_0 = _at_least(1, int), _at_least(0, int)
-POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
-SEED = _checked(int, lambda value: -(2**63) <= value < 2**63, "an integer in [-2**63, 2**63)")
-STEPS_LIST = _checked(_int_list, bool, "a comma-separated list of integers >= 1, e.g. 1,2,4")
-STOP = _checked(_unescape, bool, "a non-empty string")
-TOP_P = _checked(float, lambda value: 0 < value <= 1, "a number in (0, 1]")
-
-
-def _print_json(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload, indent=None, sort_keys=True))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -80,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun only rank 0 prints
         return 0
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(f"run: {config.train.out_dir}")
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -103,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = next(run.model.parameters()).device
     result = {"split": args.split, "checkpoint": str(run.checkpoint)}
     result |= evaluate(objective, batches, device, seed=train.seed)
-    _print_json(result) if args.json else print(json.dumps(result, indent=2, sort_keys=True))
+    print_json(result) if args.json else print(json.dumps(result, indent=2, sort_keys=True))
     return 0
 
 
@@ -111,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.generate import Sampling, generate
 
-    thinking = _thinking(args)  # invalid combinations fail before any loading
+    thinking = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
     sampling = Sampling(
         args.temperature, args.top_k, args.top_p, args.steps, thinking, args.halt_tolerance
@@ -124,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = "".join(pieces)
         for record in records:
             record["text"] = run.tokenizer.decode([record["id"]])
-        _print_json({"prompt": args.prompt, "text": text, "tokens": records})
+        print_json({"prompt": args.prompt, "text": text, "tokens": records})
         return 0
     sys.stdout.write(args.prompt)
     for piece in pieces:
@@ -132,38 +98,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def _thinking(args: argparse.Namespace) -> InferenceOptions:
-    """The inference thinking options of `think` / `generate`, checked against --halt-tolerance."""
-    options = InferenceOptions(args.step_size, args.langevin_noise, args.accept_lower_energies)
-    try:
-        options.check_halting(args.halt_tolerance)
-    except ValueError:
-        raise ConfigError(
-            "--halt-tolerance does not combine with --accept-lower-energies"
-        ) from None
-    return options
-
-
-def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--step-size",
-        type=POSITIVE,
-        default=None,
-        help="EBT step size: 0 < a < 1 scales the trained alpha, a >= 1 replaces it",
-    )
-    parser.add_argument(
-        "--langevin-noise",
-        type=NON_NEGATIVE,
-        default=None,
-        help="Langevin noise sigma at inference (default: the trained one; 0: none)",
-    )
-    parser.add_argument(
-        "--accept-lower-energies",
-        action="store_true",
-        help="keep a thinking step only where it lowers the energy (one extra forward)",
-    )
 
 
 def _write_token_records(path: str, result: dict[str, Any]) -> None:
@@ -190,7 +124,7 @@ def cmd_think(args: argparse.Namespace) -> int:
     from ebt.inference import thinking_curves
     from ebt.plots import plot_thinking
 
-    options = _thinking(args)  # invalid combinations fail before any loading
+    options = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
     data = run.config.data
     source = args.data or (data.ood_source if args.split == "ood" else None)
@@ -214,7 +148,7 @@ def cmd_think(args: argparse.Namespace) -> int:
     result.pop("tokens", None)
     result.pop("adaptive_tokens", None)
     result |= {"split": source or split, "checkpoint": str(run.checkpoint)}
-    _print_json(result) if args.json else print(json.dumps(result, indent=2))
+    print_json(result) if args.json else print(json.dumps(result, indent=2))
     return 0
 
 
@@ -237,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         result = bench_train(config, args.vs_baseline, args.repeats, args.warmup)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
@@ -251,16 +185,6 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_parser(
-    sub: Any, name: str, handler: Callable, help_text: str
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text)
-    parser.add_argument("run", help="run directory (or one of its step_* checkpoints)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    parser.set_defaults(handler=handler)
-    return parser
-
-
 def _add_train_and_eval(sub: Any) -> None:
     train = sub.add_parser("train", help="train (or resume) a run")
     train.add_argument("config", help="TOML config file, e.g. configs/text/tiny.toml")
@@ -268,14 +192,14 @@ def _add_train_and_eval(sub: Any) -> None:
     train.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = _add_run_parser(sub, "eval", cmd_eval, "evaluate a trained run")
+    evaluate = add_run_parser(sub, "eval", cmd_eval, "evaluate a trained run")
     evaluate.add_argument("--split", default="val", choices=["val", "train", "ood"])
     evaluate.add_argument("--batches", type=INT_0, default=0, help="0: train.eval_batches")
     evaluate.add_argument("--json", action="store_true")
 
 
 def _add_inference(sub: Any) -> None:
-    generate = _add_run_parser(sub, "generate", cmd_generate, "generate text from a prompt")
+    generate = add_run_parser(sub, "generate", cmd_generate, "generate text from a prompt")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=COUNT, default=200)
     generate.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy")
@@ -290,7 +214,7 @@ def _add_inference(sub: Any) -> None:
     )
     generate.add_argument("--seed", type=SEED, default=0)
     generate.add_argument("--steps", type=COUNT, default=None, help="EBT steps per landscape")
-    _add_thinking_options(generate)
+    add_thinking_options(generate)
     generate.add_argument(
         "--halt-tolerance",
         type=POSITIVE,
@@ -306,7 +230,7 @@ def _add_inference(sub: Any) -> None:
 
 
 def _add_think(sub: Any) -> None:
-    think = _add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
+    think = add_run_parser(sub, "think", cmd_think, "thinking curves: loss per steps x samples")
     think.add_argument(
         "--steps", type=STEPS_LIST, default=[1, 2, 4, 8], help="steps per landscape, e.g. 1,2,4,8"
     )
@@ -324,7 +248,7 @@ def _add_think(sub: Any) -> None:
         default=None,
         help="also run adaptive thinking: a token stops when its energy moves less than this",
     )
-    _add_thinking_options(think)
+    add_thinking_options(think)
     think.add_argument("--tokens", default="", help="write per-token records to this JSONL file")
     think.add_argument("--json", action="store_true")
 
@@ -344,7 +268,7 @@ def _add_tools(sub: Any) -> None:
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
     tokenizer.add_argument("action", choices=["train"])
     tokenizer.add_argument("--source", default="stdlib")
-    tokenizer.add_argument("--vocab-size", type=_at_least(BPE_MIN_VOCAB, int), default=4096)
+    tokenizer.add_argument("--vocab-size", type=at_least(BPE_MIN_VOCAB, int), default=4096)
     tokenizer.add_argument("--out", required=True, help="output directory")
     tokenizer.add_argument("--max-documents", type=INT_0, default=0, help="0: all")
     tokenizer.set_defaults(handler=cmd_tokenizer)
@@ -359,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_and_eval(sub)
     _add_inference(sub)
     _add_think(sub)
+    add_denoise_command(sub)
     _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
     return parser

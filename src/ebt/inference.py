@@ -36,6 +36,28 @@ def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: i
     return model.energies(cache, model.candidate_input(states), rows, landscape)  # (B, N * S)
 
 
+def select_lowest(
+    candidates: torch.Tensor, energies: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-verification: along `dim` of `energies` (text (B, N, S); images (N, B)), the
+    candidate with the lowest energy. `candidates` has the energies' shape followed by the
+    candidate's own dims (text (B, N, S, V); images (N, B, C, H, W)). Returns (the chosen
+    candidates, `dim` removed, and their energies)."""
+    best = energies.argmin(dim=dim, keepdim=True)  # the energies' shape, size 1 along dim
+    own = candidates.shape[energies.dim() :]  # the candidate's own dims
+    index = best.view(*best.shape, *[1] * len(own)).expand(*best.shape, *own)
+    chosen = candidates.gather(dim, index).squeeze(dim)  # dim removed
+    return chosen, energies.gather(dim, best).squeeze(dim)
+
+
+def thinking_passes(steps: int, samples: int, evaluations_per_step: int) -> int:
+    """Energy evaluations per prediction (token or image) of best-of-`samples` thinking: every
+    step of every sample, plus the final-energy evaluation that verification needs to choose
+    among samples (with one sample that evaluation only reports the energy, so it is not
+    counted as compute spent on the answer)."""
+    return steps * evaluations_per_step * samples + (samples if samples > 1 else 0)
+
+
 def best_of_n(
     model: EnergyTransformer,
     tokens: torch.Tensor,
@@ -53,16 +75,10 @@ def best_of_n(
     final = trajectory.states[-1]  # (B, N * S, V)
     energies = _final_energies(model, tokens, final, rows, trajectory.landscapes[-1])
     energies = energies.view(batch, samples, length)  # (B, N, S)
-    best = energies.argmin(dim=1)  # (B, S)
-    chosen = final.view(batch, samples, length, -1).gather(
-        1, best[:, None, :, None].expand(-1, 1, -1, final.shape[-1])
-    )  # (B, 1, S, V)
-    # Energy evaluations per token: every thinking step of every sample, plus the final-energy
-    # evaluation that verification needs to choose among samples (with one sample that
-    # evaluation only reports the energy, so it is not counted as compute spent on the answer).
-    thinking = len(trajectory.states) * options.evaluations_per_step * samples
-    passes = thinking + (samples if samples > 1 else 0)
-    return Verdict(chosen.squeeze(1), energies.min(dim=1).values, float(passes))
+    candidates = final.view(batch, samples, length, -1)  # (B, N, S, V)
+    chosen, lowest = select_lowest(candidates, energies, dim=1)  # (B, S, V), (B, S)
+    passes = thinking_passes(len(trajectory.states), samples, options.evaluations_per_step)
+    return Verdict(chosen, lowest, float(passes))
 
 
 def predict(

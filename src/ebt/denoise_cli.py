@@ -1,0 +1,96 @@
+"""`ebt denoise`: denoising curves of an image run (steps, best-of-N, adaptive halting, a DiT
+and classical anchors on the same crops), or a photograph of any size by tiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ebt.cli_args import (
+    COUNT,
+    INT_0,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    STEPS_LIST,
+    add_run_parser,
+    add_thinking_options,
+    checked,
+    print_json,
+    thinking_options,
+)
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from ebt import denoise as dn
+    from ebt.tiling import check_flags, photo_command, photo_summary
+
+    options = dn.DenoiseOptions(thinking_options(args), args.perturbation, args.halt_tolerance)
+    check_flags(args)  # invalid combinations fail before any loading
+    run = dn.load_image_run(args.run, args.overrides)
+    seed = run.config.train.seed if args.seed is None else args.seed
+    if args.input:
+        result = photo_command(run, args, options, seed)
+        print_json(result) if args.json else print(photo_summary(result))
+        return 0
+    dit = dn.load_image_run(args.compare, compare_with=run) if args.compare else None
+    data, diffusion = run.config.data, dn.run_diffusion(run)
+    levels = args.noise_level or [data.noise_level, data.ood_noise_level]
+    dn.check_levels(diffusion, levels)
+    steps, samples = args.steps or [1, 2, 4], args.samples or [1, 4]
+    spec = dn.CurveSpec(levels, steps, samples, options, seed, args.classical)
+    crops = dn.eval_crops(run, args.split, args.batches)
+    model = dit.model if dit else None
+    result, galleries = dn.denoising_curves(run.model, diffusion, crops, spec, model)
+    result |= {"split": args.split, "checkpoint": str(run.checkpoint)}
+    if dit is not None:
+        result["compare"] = str(dit.checkpoint)
+    if args.grid:
+        result["grid"] = str(dn.write_grid(galleries, args.grid))
+    print_json(result) if args.json else print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_denoise_command(sub: Any) -> None:
+    levels = checked(
+        lambda text: [float(item) for item in text.split(",")],
+        lambda values: all(0 < value <= 1 for value in values),
+        "a comma-separated list of noise levels in (0, 1], e.g. 0.1,0.2",
+    )
+    level = checked(float, lambda value: 0 < value <= 1, "a noise level in (0, 1]")
+    help_text = "image runs: denoising curves, or denoise a photograph (--input)"
+    denoise = add_run_parser(sub, "denoise", cmd_denoise, help_text)
+    denoise.add_argument(
+        "--noise-level", type=levels, default=None, help="default: data.noise_level,ood_noise_level"
+    )
+    once = "(--input: one value, default the trained steps)"
+    denoise.add_argument("--steps", type=STEPS_LIST, default=None, help=f"1,2,4 {once}")
+    denoise.add_argument("--samples", type=STEPS_LIST, default=None, help="best-of-N, e.g. 1,4")
+    denoise.add_argument(
+        "--perturbation",
+        type=NON_NEGATIVE,
+        default=0.05,
+        help="best-of-N: std of the extra starts' Gaussian offsets from the noisy image "
+        "(pixels in [-1, 1]; default 0.05)",
+    )
+    denoise.add_argument(
+        "--halt-tolerance",
+        type=POSITIVE,
+        default=None,
+        help="also think adaptively: an image stops when its energy moves less than this",
+    )
+    add_thinking_options(denoise)
+    denoise.add_argument("--split", default="val", choices=["val", "test"])
+    denoise.add_argument("--batches", type=INT_0, default=0, help="0: train.eval_batches")
+    denoise.add_argument("--compare", default="", help="a DiT run to denoise the same crops")
+    denoise.add_argument("--classical", action="store_true", help="NLM, TV, wavelet anchors")
+    denoise.add_argument("--seed", type=SEED, default=None, help="default: the run's train.seed")
+    denoise.add_argument("--grid", default="", help="write a PNG of a few crops per method")
+    denoise.add_argument("--input", default="", help="a photograph to denoise (any size)")
+    denoise.add_argument("--output", default="", help="with --input: the denoised image file")
+    denoise.add_argument("--add-noise", type=level, default=None, help="noise --input first")
+    denoise.add_argument(
+        "--tile-stride", type=COUNT, default=None, help="with --input: default half a tile"
+    )
+    denoise.add_argument("--json", action="store_true")
