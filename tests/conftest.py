@@ -59,3 +59,27 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     threads = torch.get_num_threads()
     yield write_corpus(tmp_path / "corpus.txt")
     torch.set_num_threads(threads)
+
+
+def four_step_run(run_dir: Path) -> list[str]:
+    """train.* overrides of a 4-step CPU run that logs every step and evaluates every 2."""
+    return [
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "train.save_every=0",
+        "train.progress=false",
+        "train.num_threads=1",
+        "train.device=cpu",
+        f"train.out_dir={run_dir}",
+    ]
+
+
+@pytest.fixture
+def restore_threads():
+    """Torch's intra-op thread count is put back after a test that trains (num_threads=1)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import four_step_run
 
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.cli import main
@@ -37,25 +38,13 @@ def image_config(run_dir: Path, name: str = "tiny.toml", *overrides: str):
         "model.heads=2",
         "model.patch_size=4",
         "train.batch_size=4",
-        "train.max_steps=4",
-        "train.warmup_steps=1",
-        "train.eval_every=2",
-        "train.eval_batches=1",
-        "train.log_every=1",
-        "train.save_every=0",
-        "train.progress=false",
-        "train.num_threads=1",
-        "train.device=cpu",
-        f"train.out_dir={run_dir}",
     ]
-    return load_config(CONFIGS / name, base + list(overrides))
+    return load_config(CONFIGS / name, base + four_step_run(run_dir) + list(overrides))
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def _threads(restore_threads):
+    """Every test here trains on one thread; the count is restored afterwards."""
 
 
 @pytest.mark.parametrize(
