@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ebt.models import image_gradient
 from ebt.models.dit import ImageShape
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
 from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
@@ -64,6 +65,7 @@ class ImageEnergyTransformer(nn.Module):
         self.energy_head = AdaLNHead(args.dim, 1, bias=False)  # zero-initialised: E constant
         init_dit_weights(self)
         self.condition = nn.Embedding(1, args.dim)  # N(0, 1), as nn.Embedding initialises
+        self.hand_written_gradients = True  # see hand_written_path
 
     @property
     def patch_size(self) -> int:
@@ -98,6 +100,15 @@ class ImageEnergyTransformer(nn.Module):
         module hooks run); cache, rows and landscape are unused."""
         return self(images)  # (B,)
 
+    def hand_written_path(self, images: torch.Tensor) -> bool:
+        """Whether the written-out energy and dE/dx (image_gradient) apply: float32 or float64
+        outside autocast, with ordinary (not FSDP-sharded DTensor) parameters, and not turned
+        off (`hand_written_gradients = False` forces autograd, for comparison)."""
+        autocast = torch.is_autocast_enabled(images.device.type)
+        plain = type(self.energy_head.linear.weight) is nn.Parameter
+        floating = images.dtype in (torch.float32, torch.float64)
+        return self.hand_written_gradients and plain and not autocast and floating
+
     def energies_and_gradient(
         self,
         cache: NoContext | None,
@@ -112,7 +123,18 @@ class ImageEnergyTransformer(nn.Module):
         any, is cut). create_graph=True: both keep their graph, so a loss on a step taken with
         dE/dx back-propagates the second-order terms into the parameters (training); images
         that carry a graph (no detach between steps) keep it.
+
+        Written out (image_gradient) where hand_written_path() allows, so that training
+        differentiates a first-order graph; otherwise autograd, with create_graph for training.
         """
+        if self.hand_written_path(images):
+            if create_graph:  # a leaf (a detached step's state) needs no gradient of its own
+                images = images if images.grad_fn is not None else images.detach()
+                with torch.enable_grad():
+                    return image_gradient.energies_and_gradient(self, images)
+            with torch.inference_mode():
+                energies, gradient = image_gradient.energies_and_gradient(self, images.detach())
+            return energies.clone(), gradient.clone()  # normal tensors, for autograd's use
         with torch.enable_grad():
             if not create_graph or not images.requires_grad:
                 images = images.detach().requires_grad_()
