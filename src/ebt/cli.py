@@ -275,6 +275,7 @@ def _add_tools(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ebt.experiment.commands import add_experiment_commands
     from ebt.interop.commands import add_interop_commands
 
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_denoise_command(sub)
     _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
+    add_experiment_commands(sub)  # experiment scaling|thinking-shift, report
     return parser
 
 

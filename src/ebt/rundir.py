@@ -70,7 +70,7 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
     """{"section.key": value} of a nested config dict."""
     return {
         f"{section}.{key}": value
@@ -82,7 +82,7 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
     """{"section.key": [old, new]} for every key whose value differs (missing -> None)."""
-    before, after = _flatten(old), _flatten(new)
+    before, after = flatten_config(old), flatten_config(new)
     return {
         key: [before.get(key), after.get(key)]
         for key in sorted(set(before) | set(after))

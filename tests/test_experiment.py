@@ -1,0 +1,227 @@
+"""Experiments as commands: scaling axes, power-law fits, resumable studies, thinking-shift,
+and `ebt report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ebt.train
+from ebt.cli import main
+from ebt.config import ConfigError, load_config
+from ebt.experiment.axes import axis_overrides, parse_values
+from ebt.experiment.fit import fit_power_law, rate_gain
+from ebt.experiment.scaling import Study, run_study
+from ebt.experiment.shift import thinking_shift
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
+
+
+def tiny_overrides(corpus: Path) -> list[str]:
+    """configs/text/tiny.toml as a 1-layer width-32 model on `corpus` (4 x 16 tokens a step)."""
+    return [
+        f"data.source={corpus}",
+        "data.seq_len=16",
+        "data.val_fraction=0.1",
+        "model.dim=32",
+        "model.layers=1",
+        "model.heads=2",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_batches=2",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.num_threads=1",
+        "train.device=cpu",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("axis", "values", "named"),
+    [
+        ("size", "1,2", "--axis"),
+        ("data", "100", "two distinct"),
+        ("data", "100,100", "two distinct"),
+        ("data", "100,1e5", "'1e5'"),
+        ("width", "64,-8", "'-8'"),
+        ("params", "64x2,128", "DIMxLAYERS"),
+    ],
+)
+def test_bad_axis_values_are_refused_by_name(axis: str, values: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        parse_values(axis, values)
+
+
+def test_axis_overrides_put_the_config_at_the_value() -> None:
+    config = load_config(TINY)  # batch 16 x seq_len 64 = 1024 tokens a step, dim 128, 4 heads
+    data = dict(item.split("=") for item in axis_overrides(config, "data", "102400"))
+    assert data["train.max_steps"] == "100" and int(data["train.warmup_steps"]) <= 20
+    assert data["train.save_every"] == "25"  # an interrupted point resumes from a quarter
+    assert axis_overrides(config, "width", "256") == ["model.dim=256", "model.heads=8"]
+    expected = ["model.dim=64", "model.layers=6", "model.heads=2"]
+    assert axis_overrides(config, "params", "64x6") == expected
+    assert axis_overrides(config, "depth", "3") == ["model.layers=3"]
+
+
+def test_power_law_fit_recovers_a_known_slope_and_rate_gain() -> None:
+    x = [1e3, 2e3, 4e3, 8e3, 16e3]
+    noise = np.random.default_rng(0).normal(0.0, 0.01, len(x))
+    baseline = [5.0 * value**-0.3 * np.exp(eps) for value, eps in zip(x, noise, strict=True)]
+    ebt_y = [9.0 * value**-0.45 for value in x]
+    fitted = fit_power_law(x, baseline, samples=500)
+    assert fitted.slope == pytest.approx(-0.3, abs=0.02)
+    assert fitted.slope_low <= fitted.slope <= fitted.slope_high
+    assert fitted.r_squared > 0.99
+    exact = fit_power_law(x, ebt_y, samples=200)
+    assert exact.slope == pytest.approx(-0.45) and exact.coefficient == pytest.approx(9.0)
+    gain = rate_gain((x, ebt_y), (x, baseline), samples=500)
+    assert gain["gain"] == pytest.approx(0.5, abs=0.1)  # |-0.45| / |-0.3| - 1
+    assert gain["low"] <= gain["gain"] <= gain["high"]
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([1.0, 2.0], [1.0, -1.0])
+
+
+def _study(corpus: Path, out: Path, values: list[str]) -> Study:
+    return Study(
+        config=str(TINY), axis="data", values=values, overrides=tiny_overrides(corpus),
+        out_dir=str(out),
+    )  # fmt: skip
+
+
+def test_interrupted_study_resumes_without_retraining_finished_points(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "study"
+    real_train, trained = ebt.train.train, []
+
+    def crash_on_third(config):
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # the user stops the study during its third point
+        trained.append(config.train.out_dir)
+        return real_train(config)
+
+    monkeypatch.setattr(ebt.train, "train", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_study(corpus, out, ["64", "192"]))  # 1 and 3 steps of 64 tokens
+    recorded = json.loads((out / "results.json").read_text())["points"]
+    assert sorted(recorded) == ["ebt-data-192", "ebt-data-64"]
+
+    def counting(config):
+        trained.append(config.train.out_dir)
+        return real_train(config)
+
+    trained.clear()
+    monkeypatch.setattr(ebt.train, "train", counting)
+    lines: list[str] = []
+    results = run_study(_study(corpus, out, ["64", "192"]), progress=lines.append)
+    assert [Path(run).name for run in trained] == ["baseline-data-64", "baseline-data-192"]
+    assert sum("done before" in line for line in lines) == 2
+    points = results["points"]
+    assert {point["x"] for point in points.values()} == {64, 192}
+    assert all(point["flops"] > 0 and point["metric"] > 1 for point in points.values())
+    assert points["ebt-data-64"]["flops_per_step"] > points["baseline-data-64"]["flops_per_step"]
+    assert set(results["fits"]["axis"]) >= {"ebt", "baseline", "rate_gain"}
+    report = (out / "report.md").read_text()
+    assert "rate gain" in report.lower() and (out / "scaling-data.png").stat().st_size > 0
+    trained.clear()
+    run_study(_study(corpus, out, ["64", "192"]), progress=lines.append)  # all done: no training
+    assert trained == []
+    with pytest.raises(ConfigError, match="different study"):
+        run_study(_study(corpus, out, ["64", "128"]))
+
+
+def test_scaling_command_line(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli-study"
+    argv = ["experiment", "scaling", str(TINY), *tiny_overrides(corpus), "--axis", "steps"]
+    argv += ["--values", "1,2", "--models", "ebt", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert Path(summary["report"]).is_file() and "ebt" in summary["fits"]["axis"]
+    assert main([*argv[:-5], "--values", "1", "--out", str(out)]) == 2  # one value: refused
+    assert "two distinct" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_run(corpus: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    overrides = tiny_overrides(corpus) + ["train.max_steps=4", f"train.out_dir={run}"]
+    assert main(["train", str(TINY), *overrides]) == 0
+    return run
+
+
+def test_thinking_shift_measures_gain_against_distance(
+    tiny_run: Path, corpus: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("Completely different prose, numbers 12345 and CAPITALS!\n" * 40)
+    plot = tmp_path / "shift.png"
+    result = thinking_shift(str(tiny_run), ["val", str(other)], [1, 2], [1, 2], 2, plot=str(plot))
+    rows = {row["set"]: row for row in result["sets"]}
+    assert rows["val"]["distance"] == pytest.approx(1.0)
+    assert rows[str(other)]["distance"] > 1.0  # unseen prose is further from training
+    for row in rows.values():
+        assert row["loss_first"] > 0 and row["gain_verified_pct"] == row["gain_verified_pct"]
+    assert plot.stat().st_size > 0
+
+
+def test_report_of_a_run_writes_markdown_and_plots(tiny_run: Path, tmp_path: Path) -> None:
+    output = tmp_path / "report" / "report.md"
+    assert main(["report", str(tiny_run), "-o", str(output)]) == 0
+    text = output.read_text()
+    assert "## " in text and "loss" in text
+    pictures = list(output.parent.glob("*.png"))
+    assert pictures and all(picture.stat().st_size > 0 for picture in pictures)
+
+
+def test_study_presets_load_and_flags_replace_their_settings(tmp_path: Path) -> None:
+    from ebt.experiment.preset import read_preset
+
+    presets = sorted((TINY.parents[1] / "experiments").glob("*.toml"))
+    assert presets
+    for path in presets:
+        study = read_preset(path)
+        assert study is not None and Path(study["config"]).is_file()
+        parse_values(study["axis"], study["values"])
+        load_config(study["config"], study.get("overrides", []))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nconfig = "x.toml"\naxis = "data"\nvalues = [1, 2]\nseed = 3\n')
+    with pytest.raises(ConfigError, match="unknown \\[study\\] keys \\['seed'\\]"):
+        read_preset(bad)
+    assert read_preset(TINY) is None  # a plain config
+
+
+def test_report_compares_an_image_ebt_with_its_dit(tmp_path: Path) -> None:
+    from test_image_train import image_config
+
+    from ebt.train import train
+
+    runs = [tmp_path / "ebt", tmp_path / "dit"]
+    train(image_config(runs[0], "tiny.toml", "train.num_threads=1"))
+    train(image_config(runs[1], "dit-tiny.toml", "train.num_threads=1"))
+    output = tmp_path / "compare.md"
+    assert main(["report", *map(str, runs), "-o", str(output)]) == 0
+    text = output.read_text()
+    assert "Keys that differ" in text and "| model.kind | ebt | dit |" in text
+    assert "psnr" in text and (tmp_path / "compare-0.png").stat().st_size > 0
+    assert (tmp_path / "compare-1.png").stat().st_size > 0  # the DiT's grid too
+
+
+def test_report_refuses_a_directory_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.md")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_an_image_study_fits_psnr_of_the_ebt_and_its_dit(tmp_path: Path) -> None:
+    overrides = ["data.image_size=8", "model.dim=16", "model.layers=1", "model.heads=2"]
+    overrides += ["model.patch_size=4", "train.batch_size=4", "train.eval_batches=1"]
+    overrides += ["train.progress=false", "train.num_threads=1", "train.device=cpu"]
+    config = TINY.parents[1] / "image" / "tiny.toml"
+    study = Study(str(config), "steps", ["1", "2"], overrides=overrides, out_dir=str(tmp_path))
+    results = run_study(study, progress=lambda line: None)
+    assert sorted(results["points"]) == [
+        "baseline-steps-1", "baseline-steps-2", "ebt-steps-1", "ebt-steps-2",
+    ]  # fmt: skip
+    assert study.metric == "psnr" and "rate_gain" in results["fits"]["axis"]
