@@ -15,7 +15,7 @@ from ebt.config import ConfigError, load_config
 from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
 from ebt.experiment.scaling import Study, run_study
-from ebt.experiment.shift import thinking_shift
+from ebt.experiment.shift import thinking_shift, trained_steps
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
@@ -127,7 +127,9 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
     report = (out / "report.md").read_text()
     assert "rate gain" in report.lower() and (out / "scaling-data.png").stat().st_size > 0
     trained.clear()
-    run_study(_study(corpus, out, ["64", "192"]), progress=lines.append)  # all done: no training
+    again = _study(corpus, out, ["64", "192"])
+    again.overrides += ["train.num_threads=2", "train.log_every=5"]  # how it runs, not what
+    run_study(again, progress=lines.append)  # all done: nothing is trained again
     assert trained == []
     with pytest.raises(ConfigError, match="different study"):
         run_study(_study(corpus, out, ["64", "128"]))
@@ -160,10 +162,13 @@ def test_thinking_shift_measures_gain_against_distance(
     plot = tmp_path / "shift.png"
     result = thinking_shift(str(tiny_run), ["val", str(other)], [1, 2], [1, 2], 2, plot=str(plot))
     rows = {row["set"]: row for row in result["sets"]}
+    assert result["from_steps"] == 1  # configs/text/tiny.toml trains one step per landscape
+    s2 = load_config(TINY.with_name("tiny-s2.toml"))
+    assert trained_steps(s2.think) == s2.think.random_steps + 1 == 3  # what ebt eval runs
     assert rows["val"]["distance"] == pytest.approx(1.0)
     assert rows[str(other)]["distance"] > 1.0  # unseen prose is further from training
     for row in rows.values():
-        assert row["loss_first"] > 0 and row["gain_verified_pct"] == row["gain_verified_pct"]
+        assert row["loss_start"] > 0 and row["gain_verified_pct"] == row["gain_verified_pct"]
     assert plot.stat().st_size > 0
 
 

@@ -44,7 +44,14 @@ def cmd_thinking_shift(args: argparse.Namespace) -> int:
     from ebt.experiment.shift import thinking_shift
 
     result = thinking_shift(
-        args.run, args.data, args.steps, args.samples, args.batches, args.baseline, args.plot
+        args.run,
+        args.data,
+        args.steps,
+        args.samples,
+        args.batches,
+        args.baseline,
+        args.plot,
+        args.from_steps,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -79,6 +86,9 @@ def add_experiment_commands(sub: Any) -> None:
     shift.add_argument("--samples", type=STEPS_LIST, default=[1, 4])
     shift.add_argument("--batches", type=COUNT, default=8)
     shift.add_argument("--plot", default="", help="write the plot to this PNG")
+    shift.add_argument(
+        "--from-steps", type=int, default=0, help="gains from this many steps (0: the trained)"
+    )
     shift.set_defaults(handler=cmd_thinking_shift)
 
     report = sub.add_parser("report", help="a markdown report of one run or a comparison")

@@ -27,6 +27,8 @@ from ebt.experiment.flops import parameter_counts, training_flops_per_step
 RESULTS_FILE = "results.json"
 MODELS = ("ebt", "baseline")
 DEFAULT_METRIC = {"text": "ppl", "image": "psnr", "video": "loss"}
+# How a point runs, not what it computes: a study may resume with these changed.
+RUNTIME_KEYS = ("num_threads", "progress", "device", "log_every", "tensorboard", "wandb")
 
 
 @dataclass
@@ -42,13 +44,15 @@ class Study:
     metric: str = ""  # "" = the modality's default (DEFAULT_METRIC)
 
     def identity(self, base: Config) -> dict[str, Any]:
-        """What must match for a results file to belong to this study."""
+        """What must match for a results file to belong to this study (RUNTIME_KEYS aside)."""
+        config = base.to_dict()
+        config["train"] = {k: v for k, v in config["train"].items() if k not in RUNTIME_KEYS}
         return {
             "axis": self.axis,
             "values": self.values,
             "models": self.models,
             "metric": self.metric,
-            "base_config": base.to_dict(),
+            "base_config": config,
         }
 
 

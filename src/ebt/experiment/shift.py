@@ -52,17 +52,21 @@ def _curves(run: Any, batches: list, steps: list[int], samples: list[int]) -> di
     return {(point["steps"], point["samples"]): point for point in result["curves"]}
 
 
-def _set_row(name: str, points: dict, steps: list[int], samples: list[int]) -> dict[str, Any]:
-    first = points[(min(steps), 1)]["loss"] if (min(steps), 1) in points else None
-    longer = points[(max(steps), 1)]["loss"] if (max(steps), 1) in points else None
+def trained_steps(think: Any) -> int:
+    """Steps per landscape the run was trained for and `ebt eval` takes (last landscape)."""
+    return think.random_steps + 1 if think.random_steps else think.steps
+
+
+def _set_row(name: str, points: dict, start: int, steps: list[int], samples: list[int]) -> dict:
+    base = points[(start, 1)]["loss"]
+    longer = points[(max(steps), 1)]["loss"]
     verified = points[(max(steps), max(samples))]["loss"]
-    base = first if first is not None else verified
     return {
         "set": name,
-        "loss_first": base,
+        "loss_start": base,
         "loss_longer": longer,
         "loss_verified": verified,
-        "gain_longer_pct": _gain(base, longer) if longer is not None else None,
+        "gain_longer_pct": _gain(base, longer),
         "gain_verified_pct": _gain(base, verified),
         "curves": list(points.values()),
     }
@@ -76,23 +80,29 @@ def thinking_shift(
     batches: int,
     baseline: str = "",
     plot: str = "",
+    from_steps: int = 0,
 ) -> dict[str, Any]:
-    """Thinking gains and distance for every set; writes the plot when asked."""
+    """Thinking gains (from `from_steps`, default the trained steps) and distance for every
+    set; writes the plot when asked."""
     from ebt.api import load_run
 
     run = load_run(run_path)
     if run.tokenizer is None or run.config.model.kind != "ebt":
         raise EbtError(f"{run_path}: thinking-shift needs a text EBT run")
     reference = load_run(baseline) if baseline else None
+    start = from_steps or trained_steps(run.config.think)
+    steps = sorted({*steps, start})
+    samples = sorted({*samples, 1})
     rows = []
     for name in sets or default_sets():
         data = _batches(run, name, batches)
-        row = _set_row(name, _curves(run, data, steps, samples), steps, samples)
+        row = _set_row(name, _curves(run, data, steps, samples), start, steps, samples)
         if reference is not None:
             row["baseline_loss"] = _curves(reference, data, [1], [1])[(1, 1)]["loss"]
         rows.append(row)
-    _add_distance(rows, "baseline_loss" if reference is not None else "loss_first")
+    _add_distance(rows, "baseline_loss" if reference is not None else "loss_start")
     result = {"run": run_path, "baseline": baseline, "steps": steps, "samples": samples}
+    result["from_steps"] = start
     result["sets"] = rows
     if plot:
         result["plot"] = str(plot_shift(result, Path(plot)))
@@ -104,7 +114,7 @@ def _add_distance(rows: list[dict[str, Any]], key: str) -> None:
     reference = rows[0][key]
     for row in rows:
         row["distance"] = math.exp(min(row[key] - reference, 700.0))
-        row["distance_measured_by"] = "baseline" if key == "baseline_loss" else "ebt, 1 step"
+        row["distance_measured_by"] = "baseline" if key == "baseline_loss" else "ebt, trained steps"
 
 
 def plot_shift(result: dict[str, Any], path: Path) -> Path:
@@ -117,11 +127,11 @@ def plot_shift(result: dict[str, Any], path: Path) -> Path:
     rows = sorted(result["sets"], key=lambda row: row["distance"])
     distance = [row["distance"] for row in rows]
     figure, axes = plt.subplots(figsize=(6, 4))
+    start, most = result["from_steps"], max(result["steps"])
     longer = [row["gain_longer_pct"] for row in rows]
-    if all(value is not None for value in longer):
-        axes.plot(distance, longer, "o-", label=f"EBT, 1 -> {max(result['steps'])} steps")
+    axes.plot(distance, longer, "o-", label=f"EBT, {start} -> {most} steps")
     verified = [row["gain_verified_pct"] for row in rows]
-    label = f"EBT, {max(result['steps'])} steps, best of {max(result['samples'])}"
+    label = f"EBT, {start} -> {most} steps, best of {max(result['samples'])}"
     axes.plot(distance, verified, "s-", label=label)
     axes.axhline(0.0, color="grey", linestyle="--", label="Transformer++ (cannot think)")
     for row in rows:
