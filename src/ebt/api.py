@@ -18,7 +18,7 @@ from torch import nn
 from ebt.checkpoint import load_newest_valid
 from ebt.config import Config, ConfigError, apply_overrides, config_from_dict, finalize
 from ebt.data import Tokenizer, load_tokenizer
-from ebt.models import build_model
+from ebt.models import build_model, frame_dim
 
 
 @dataclass
@@ -43,6 +43,7 @@ def _fixed_keys(config: Config) -> dict[str, Any]:
     keys["data.tokenizer"] = config.data.tokenizer
     if config.model.modality == "video":
         keys |= {"data.frame_size": config.data.frame_size, "data.frames": config.data.frames}
+        keys |= {"model.frame_dim": frame_dim(config)}  # the encoder's (pixels / VAE latents)
     return keys
 
 

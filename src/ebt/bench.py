@@ -1,8 +1,9 @@
 """`ebt bench train|generate`: median ms per training step / per token, and peak memory.
 
 Training: the configured model against its same-size baseline (`config.BASELINES`: the
-Transformer++ for text, the DiT twin for images), each on a fixed random batch of its modality
-(token ids; images in [-1, 1]) with the modality's training task, as `ebt train` steps.
+Transformer++ for text and video, the DiT twin for images), each on a fixed random batch of its
+modality (token ids; images in [-1, 1]; video: clips of random frame vectors of frame_dim numbers,
+as precomputed VAE latents would be) with the modality's training task, as `ebt train` steps.
 
 Both models are timed in the same process, interleaved step by step, so machine noise hits
 them alike and the ratio is meaningful on a shared machine. Peak memory is the peak CUDA
@@ -27,19 +28,22 @@ from ebt.config import BASELINES, Config, ConfigError
 from ebt.distributed import pick_device
 from ebt.generate import generate_ids
 from ebt.modalities import modality_for
-from ebt.models import CHANNELS, build_model, compile_for_training
+from ebt.models import CHANNELS, build_model, compile_for_training, frame_dim
 from ebt.objective import Objective
 from ebt.optim import build_optimizer
 from ebt.runtime import keep_freed_memory
 
 
 def example_batch(config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """A random training batch of the config's modality: token ids 1..V-1 (B, S + 1), or
-    images (B, 3, S, S) uniform in [-1, 1] (drawn from torch's global generator)."""
+    """A random training batch of the config's modality: token ids 1..V-1 (B, S + 1), images
+    (B, 3, S, S) uniform in [-1, 1], or clips of frame vectors (B, T, frame_dim) from N(0, 1)
+    (already-encoded frames, e.g. VAE latents; drawn from torch's global generator)."""
     batch = config.train.batch_size
     if config.model.modality == "image":
         size = config.data.image_size
         return torch.rand(batch, CHANNELS, size, size, device=device) * 2 - 1
+    if config.model.modality == "video":
+        return torch.randn(batch, config.data.frames, frame_dim(config), device=device)
     return torch.randint(1, vocab_size, (batch, config.data.seq_len + 1), device=device)
 
 
@@ -185,6 +189,8 @@ def _reported_config(config: Config) -> dict[str, Any]:
     if config.model.modality == "image":
         keys = ("image_size", "noise_level", "diffusion_steps")
         reported["data"] = {key: values["data"][key] for key in keys}
+    if config.model.modality == "video":
+        reported["data"] = {"frames": config.data.frames, "frame_dim": frame_dim(config)}
     return reported
 
 

@@ -28,6 +28,7 @@ from ebt.cli_args import (
 from ebt.config import ConfigError, load_config
 from ebt.denoise_cli import add_denoise_command
 from ebt.errors import EbtError
+from ebt.rollout_cli import add_rollout_command
 from ebt.runtime import keep_freed_memory
 from ebt.thinking import ThinkingError
 
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference(sub)
     _add_think(sub)
     add_denoise_command(sub)
+    add_rollout_command(sub)  # video rollout
     _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
     add_experiment_commands(sub)  # experiment scaling|thinking-shift, report

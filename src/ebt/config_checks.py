@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 KINDS = ("ebt", "transformer_pp", "dit")
 MODALITIES = ("text", "image", "video")
+VAE_DOWNSAMPLING, VAE_CHANNELS = 8, 4  # the SD VAEs' latent geometry (224 x 224 -> 4 x 28 x 28)
 # the like-for-like baseline of each modality
 BASELINES = {"text": "transformer_pp", "image": "dit", "video": "transformer_pp"}
 
@@ -85,6 +86,11 @@ RULES: dict[str, Rule] = {
     "data.frames": _ge(2),
     "data.frame_size": _ge(2),
     "data.frame_stride": _ge(1),
+    "data.frame_encoder": _choice("pixels", "vae"),
+    "data.frame_dim": _ge(0, "0 = the encoder's"),
+    "data.vae": NOT_EMPTY,
+    "data.vae_scaling": POSITIVE,
+    "data.cache_dir": (lambda value: "\n" not in value, 'a path ("" = $EBT_CACHE_DIR/frames)'),
     "train.batch_size": _ge(1),
     "train.grad_accum": _ge(1),
     "train.max_steps": _ge(1),
@@ -157,6 +163,12 @@ def _modality_checks(config: Config) -> list[str]:
         return ["train.compile: the image models have no compiled passes; set it to false"]
     if model.modality != "video" and config.think.init == "last_frame":
         return [f"think.init='last_frame' is for video; a {model.modality} model cannot use it"]
+    if model.modality == "video" and data.frame_encoder == "vae" and not data.frame_dim:
+        if data.frame_size % VAE_DOWNSAMPLING:
+            return [
+                f"data.frame_size={data.frame_size} is not a multiple of {VAE_DOWNSAMPLING}, the "
+                "VAE's downsampling factor (or set data.frame_dim for another VAE)"
+            ]
     if model.modality == "video" and data.source.strip() in ("stdlib", "pydoc"):
         return [
             f"data.source={data.source!r} is a text corpus; video comes from pan, faces, "

@@ -35,6 +35,7 @@ RESUMABLE_KEYS = frozenset(
         "think.step_size_lr_multiplier",
         "data.ood_source",
         "data.ood_noise_level",
+        "data.cache_dir",  # where encoded video frames are cached: content-addressed
         *(
             f"train.{key}"
             for key in (

@@ -8,19 +8,50 @@ command line reports as `ebt: error: ...` with exit status 2.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+
+def _import(args: argparse.Namespace) -> Path:
+    """The run's step dir: video checkpoints here, text and image ones in convert."""
+    from ebt.interop.convert import import_reference, read_reference_checkpoint
+    from ebt.interop.reference import InteropError
+    from ebt.interop.video_reference import import_video_reference, is_video_reference
+
+    loaded = read_reference_checkpoint(args.checkpoint)
+    if not is_video_reference(loaded["hyper_parameters"], loaded["state_dict"]):
+        del loaded
+        return import_reference(args.checkpoint, args.out_dir, args.tokenizer)
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InteropError(f"{out} exists and is not an empty directory; choose a new OUT_DIR")
+    if args.tokenizer is not None:
+        raise InteropError("--tokenizer is for text checkpoints; this one holds a video model")
+    return import_video_reference(loaded, args.checkpoint, out)
+
+
+def _video_summary(config: Any) -> tuple[str, str]:
+    model, data = config.model, config.data
+    kind = f"video EBT ({model.variant})" if model.kind == "ebt" else "video Transformer++"
+    scaling = f" x {data.vae_scaling}" if data.vae_scaling != 1 else ""
+    detail = (
+        f"frames of {data.frame_dim} latents ({data.frame_encoder} {data.vae}{scaling}, not in "
+        f"the checkpoint), clips of {data.frames} frames"
+    )
+    return kind, detail
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
     """`ebt import-reference CKPT OUT_DIR [--tokenizer SPEC]`."""
     from ebt.api import load_run
-    from ebt.interop.convert import import_reference
 
-    step_dir = import_reference(args.checkpoint, args.out_dir, args.tokenizer)
+    step_dir = _import(args)
     run = load_run(args.out_dir)  # proves the run loads as ebt.load / eval / generate load it
     model, data = run.config.model, run.config.data
     shape = f"dim {model.dim}, {model.layers} layers, {model.heads} heads"
-    if model.modality == "image":
+    if model.modality == "video":
+        kind, detail = _video_summary(run.config)
+    elif model.modality == "image":
         kind = "image EBT (denoising)" if model.kind == "ebt" else "DiT (denoising)"
         detail = (
             f"{data.image_size}x{data.image_size} images, patch {model.patch_size}, noise level "
@@ -36,10 +67,20 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def cmd_export_reference(args: argparse.Namespace) -> int:
     """`ebt export-reference RUN OUT.ckpt [--tokenizer-name NAME]`."""
     from ebt.interop.convert import export_reference, read_reference_checkpoint
+    from ebt.interop.video_reference import export_video_reference, is_video_run
 
-    path = export_reference(args.run, args.out, args.tokenizer_name)
+    if is_video_run(args.run):
+        path = export_video_reference(args.run, args.out)
+    else:
+        path = export_reference(args.run, args.out, args.tokenizer_name)
     hparams = read_reference_checkpoint(path)["hyper_parameters"]
     kind = hparams["model_name"]
+    if hparams.get("modality") == "VID":
+        print(
+            f"exported {args.run} -> {path}: video {kind} for the paper's code, without its "
+            "frozen VAE (the paper's code builds its own: load with strict=False)"
+        )
+        return 0
     if hparams.get("modality") == "IMG":
         print(f"exported {args.run} -> {path}: image {kind} (denoising) for the paper's code")
         return 0
@@ -72,7 +113,8 @@ def add_interop_commands(sub: Any) -> None:
         "import-reference", help="convert a checkpoint of the paper's code into an ebt run"
     )
     importer.add_argument(
-        "checkpoint", help="Lightning .ckpt written by the paper's code (text or image model)"
+        "checkpoint",
+        help="Lightning .ckpt written by the paper's code (text, image or video model)",
     )
     importer.add_argument("out_dir", help="new (or empty) run directory to write")
     importer.add_argument(

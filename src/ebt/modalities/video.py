@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ebt.config import Config, ThinkConfig
+from ebt.data.frame_encoders import encoded_dataset
 from ebt.data.images import EpochBatchIterator
 from ebt.data.video import build_video_dataset
 from ebt.modalities.text import initial_state
@@ -97,7 +98,7 @@ class VideoModality:
         """Clips of a split: "train" (new clips every epoch), "val", "test" or "ood" (held-out
         photographs / faces at twice the speed) of pan / faces; video files split in time."""
         data = self.config.data
-        return build_video_dataset(
+        clips = build_video_dataset(
             source or data.source,
             split,
             frames=data.frames,
@@ -105,6 +106,7 @@ class VideoModality:
             seed=self.config.train.seed,
             stride=data.frame_stride,
         )
+        return encoded_dataset(clips, self.config)  # frame_encoder=vae: cached latents
 
     def batches(self, dataset, **kwargs: Any) -> EpochBatchIterator:
         return EpochBatchIterator(dataset, self.config.train.batch_size, **kwargs)

@@ -53,8 +53,9 @@ class ContextCache:
     def length(self) -> int:
         return self.keys[0].shape[2]
 
-    def select(self, rows: slice, landscape: int) -> ContextCache:
-        """The batch rows `rows` of a stacked cache, as a cache of `landscape`."""
+    def select(self, rows: slice | torch.Tensor, landscape: int) -> ContextCache:
+        """The batch rows `rows` of a stacked cache, as a cache of `landscape`: a slice gives
+        views, an index tensor (A,) copies (rows may repeat, e.g. one per best-of-N start)."""
         condition = None if self.condition is None else self.condition[rows]
         keys = [k[rows] for k in self.keys]
         return ContextCache(keys, [v[rows] for v in self.values], landscape, condition)

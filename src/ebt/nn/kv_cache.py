@@ -12,15 +12,20 @@ class KeyValueBuffer:
     so a generated token costs a write of its own keys/values rather than a copy of the whole
     cache (torch.cat). Views handed out earlier stay valid: filled positions are never rewritten.
     Inference only: writes happen in place, so no gradient flows through the buffer.
+
+    The storage is always an ordinary tensor, also when made or grown under inference_mode (the
+    one-token context pass runs there): an inference tensor could not be appended to later
+    outside inference_mode (e.g. by a multi-token extension after one-token ones).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int = 0) -> None:
         batch, heads, length, head_dim = keys.shape  # (B, H, T, hd)
         capacity = max(capacity, length)
-        self.keys = keys.new_empty(batch, heads, capacity, head_dim)  # (B, H, C, hd)
-        self.values = values.new_empty(batch, heads, capacity, head_dim)  # (B, H, C, hd)
-        self.keys[:, :, :length] = keys
-        self.values[:, :, :length] = values
+        with torch.inference_mode(False), torch.no_grad():
+            self.keys = keys.new_empty(batch, heads, capacity, head_dim)  # (B, H, C, hd)
+            self.values = values.new_empty(batch, heads, capacity, head_dim)  # (B, H, C, hd)
+            self.keys[:, :, :length] = keys
+            self.values[:, :, :length] = values
         self.length = length
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:

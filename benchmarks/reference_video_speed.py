@@ -1,0 +1,309 @@
+"""Video training-step speed: our video EBT and Transformer++ vs the paper's own video code.
+
+How to run (CPU; the paper's code is imported at run time, never vendored here):
+
+    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference
+    EBT_REFERENCE_DIR=/tmp/ebt-reference python benchmarks/reference_video_speed.py --threads 1
+
+Setting (the issue's, `ebt bench train configs/video/tiny.toml ...`): dim 256, 4 layers, 4
+heads, `time_embed`, clips of 16 frames of 3136 numbers (the SD-VAE latents of 224 x 224
+frames), batch 8, 2 landscapes x 1 step, the tiny preset's recipe (step size learnable,
+candidates from zeros), float32. Both codes read the same precomputed random latents: the
+paper's VAE (which its code re-runs on every frame at every step) is left out of both, its
+`load_image_encoder` replaced by an empty module and its `get_encoded_images` by the identity,
+so only the models are timed. Entries:
+
+- reference_ebt: the paper's `EBT_VID.forward_loss_wrapper` (down-projection, the concatenated
+  two-stream sequence, the thinking steps with `create_graph`, SmoothL1), then backward and an
+  AdamW step with its parameter groups; reference_transformer_pp: its `Baseline_Transformer_VID`.
+- ours_ebt, ours_transformer_pp: `ebt.bench._Stepper`, i.e. what `ebt train` / `ebt bench
+  train` step.
+
+Both codes run the same weights (ours, drawn N(0, 0.02^2), exported with ebt's own video
+`export-reference` conversion and loaded strictly into the paper's modules); `parity` reports
+how far the paper's inference thinking and ours differ on them. Steps are timed interleaved in
+one process; medians, and each ratio also as the median of per-round ratios (`_paired`). Peak
+memory is the VmHWM of a spawned child per entry (two steps). The paper's modules import
+pytorch_lightning, torchmetrics, torchvision and diffusers at module level; inert stand-ins
+replace the absent ones (reference_speed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_speed import ENV_VAR, REFERENCE_HPARAMS, _missing_packages_stubbed  # noqa: E402
+
+from ebt.bench import (  # noqa: E402
+    _peak_rss_mb,
+    _reset_peak_rss,
+    _Stepper,
+    baseline_config,
+    interleaved_times,
+    run_in_child,
+)
+from ebt.config import Config, load_config  # noqa: E402
+from ebt.interop.video_reference import (  # noqa: E402
+    video_hparams_from_config,
+    video_reference_state_dict,
+)
+from ebt.models import build_model, frame_dim  # noqa: E402
+from ebt.runtime import keep_freed_memory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTING = [
+    "model.dim=256",
+    "model.layers=4",
+    "model.heads=4",
+    "model.variant=time_embed",
+    "data.frames=16",
+    "data.frame_encoder=vae",  # 224 x 224 frames through the SD VAE: 3136 numbers a frame
+    "data.frame_size=224",
+    "train.batch_size=8",
+    "think.landscapes=2",
+    "think.steps=1",
+]
+SEED = 33
+MODULES = {"ebt": "model.vid.ebt", "transformer_pp": "model.vid.baseline_transformer"}
+CLASSES = {"ebt": "EBT_VID", "transformer_pp": "Baseline_Transformer_VID"}
+MODEL_NAMES = {"ebt": "ebt", "transformer_pp": "baseline_transformer"}
+
+
+# --------------------------------------------------------------------------- the paper's code
+
+
+def reference_dir() -> str:
+    """The paper's work tree (EBT_REFERENCE_DIR), checked to hold its video models."""
+    path = os.environ.get(ENV_VAR, "")
+    if not path or not os.path.isfile(os.path.join(path, "model", "vid", "ebt.py")):
+        sys.exit(
+            f"{ENV_VAR} must point at a work tree of the paper's code (alexiglad/EBT), e.g.\n"
+            "    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference\n"
+            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/reference_video_speed.py"
+        )
+    return path
+
+
+def _no_frame_encoder(*args: Any, **kwargs: Any) -> nn.Module:
+    """Stands in for the paper's load_image_encoder: no VAE (the latents are precomputed)."""
+    return nn.Module()
+
+
+def _latents_as_they_are(batch: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stands in for the paper's get_encoded_images: the batch already holds the latents."""
+    return batch
+
+
+def import_reference(path: str) -> dict[str, Any]:
+    """The paper's video model classes, by kind, with its frame encoder left out."""
+    if importlib.util.find_spec("diffusers") is not None:  # before any stand-in: it probes
+        importlib.import_module("diffusers")  # the others' import specs when imported
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    with _missing_packages_stubbed():
+        modules = {kind: importlib.import_module(name) for kind, name in MODULES.items()}
+    for module in modules.values():  # `from model.model_utils import *` copied both names
+        module.load_image_encoder = _no_frame_encoder
+        module.get_encoded_images = _latents_as_they_are
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*sdp_kernel")
+    return {kind: getattr(modules[kind], CLASSES[kind]) for kind in MODULES}
+
+
+# --------------------------------------------------------------------------- both sides
+
+
+def our_config(kind: str) -> Config:
+    """configs/video/tiny.toml at the issue's shape (kind "transformer_pp": its twin)."""
+    config = load_config(ROOT / "configs" / "video" / "tiny.toml", SETTING)
+    assert frame_dim(config) == 3136
+    return baseline_config(config) if kind == "transformer_pp" else config
+
+
+def _weights(config: Config) -> dict[str, torch.Tensor]:
+    """Our model's state with every trained tensor redrawn N(0, 0.02^2), the step size kept."""
+    generator = torch.Generator().manual_seed(SEED)
+    state = build_model(config).state_dict()
+    for name, tensor in state.items():
+        if name not in ("step_size", "langevin_std"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    return state
+
+
+def _latents(config: Config) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(SEED)
+    shape = (config.train.batch_size, config.data.frames, frame_dim(config))
+    return torch.randn(shape, generator=generator)  # (B, T, 3136)
+
+
+def _adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
+    train, alpha = config.train, getattr(module, "alpha", None)
+    rest = [p for p in module.parameters() if p.requires_grad and p is not alpha]
+    groups: list[dict[str, Any]] = [
+        {"params": rest, "lr": train.lr, "weight_decay": train.weight_decay}
+    ]
+    if alpha is not None and alpha.requires_grad:
+        lr = train.lr * config.think.step_size_lr_multiplier
+        groups.append({"params": [alpha], "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(train.beta1, train.beta2))
+
+
+def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
+    """The paper's module built from ebt's exported hyper-parameters, our weights loaded."""
+    config = our_config(kind)
+    hparams = REFERENCE_HPARAMS | video_hparams_from_config(config)
+    hparams |= {"model_name": MODEL_NAMES[kind], "batch_size_per_device": config.train.batch_size}
+    torch.manual_seed(SEED)
+    module = import_reference(path)[kind](dict(hparams))
+    state = video_reference_state_dict(_weights(config), config.model.variant, prefix="")
+    module.load_state_dict(state, strict=True)
+    return module, config
+
+
+class _ReferenceStepper:
+    """The paper's LightningModule taking training steps on fixed latents."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        self.module, config = reference_module(path, kind)
+        self.module.train()
+        self.optimizer = _adamw(self.module, config)
+        self.batch = _latents(config)
+
+    def step(self) -> float:
+        """Seconds for forward + loss + backward + optimizer step."""
+        start = time.perf_counter()
+        self.module.forward_loss_wrapper(self.batch, "train")["loss"].backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def our_stepper(kind: str) -> _Stepper:
+    """ebt's training step with the same weights and latents."""
+    config = our_config(kind)
+    stepper = _Stepper(config, 0, torch.device("cpu"))
+    stepper.objective.model.load_state_dict(_weights(config))
+    stepper.batch = _latents(config)
+    return stepper
+
+
+BUILDERS: dict[str, Callable[[str], Any]] = {
+    "reference_ebt": lambda path: _ReferenceStepper(path, "ebt"),
+    "ours_ebt": lambda path: our_stepper("ebt"),
+    "reference_transformer_pp": lambda path: _ReferenceStepper(path, "transformer_pp"),
+    "ours_transformer_pp": lambda path: our_stepper("transformer_pp"),
+}
+RATIOS = {
+    "ebt_ours_over_reference": ("ours_ebt", "reference_ebt"),
+    "transformer_pp_ours_over_reference": ("ours_transformer_pp", "reference_transformer_pp"),
+    "ebt_over_transformer_pp_ours": ("ours_ebt", "ours_transformer_pp"),
+    "ebt_over_transformer_pp_reference": ("reference_ebt", "reference_transformer_pp"),
+}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    scale = theirs.detach().abs().max().clamp(min=1e-12)
+    return ((ours.detach() - theirs.detach()).abs().max() / scale).item()
+
+
+def parity(path: str) -> dict[str, float]:
+    """Worst relative difference, paper vs ours on the same weights and latents: the EBT's
+    inference thinking (every state and energy) and the Transformer++'s next frames."""
+    module, config = reference_module(path, "ebt")
+    ours = build_model(config)
+    ours.load_state_dict(_weights(config))
+    context = _latents(config)[:, :-1]  # (B, 15, 3136)
+    states, energies = module(context, learning=False, no_randomness=True)  # from zeros
+    trajectory = ours.think(context, init=torch.zeros_like(context))
+    batch, count = context.shape[:2]
+    result = {
+        "ebt_states": max(_relative(a, b) for a, b in zip(trajectory.states, states, strict=True)),
+        "ebt_energies": max(
+            _relative(a, b.view(batch, count))
+            for a, b in zip(trajectory.energies, energies, strict=True)
+        ),
+    }
+    module, config = reference_module(path, "transformer_pp")
+    ours = build_model(config)
+    ours.load_state_dict(_weights(config))
+    with torch.no_grad():
+        result["transformer_pp_frames"] = _relative(ours(context), module(context))
+    return {key: float(f"{value:.3g}") for key, value in result.items()}
+
+
+def _peak_child(name: str, path: str, queue: Any) -> None:
+    keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
+    _reset_peak_rss()
+    import_reference(path)  # every child holds the same imported modules
+    stepper = BUILDERS[name](path)
+    for _ in range(2):
+        stepper.step()
+    queue.put(_peak_rss_mb())
+
+
+def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
+    """Median / min / max ms per step and peak memory of every entry, and the ratios."""
+    entries = {
+        name: {
+            "ms_per_step": round(1000 * statistics.median(seconds), 2),
+            "ms_min": round(1000 * min(seconds), 2),
+            "ms_max": round(1000 * max(seconds), 2),
+            "peak_mem_mb": round(run_in_child(_peak_child, name, path), 1),
+        }
+        for name, seconds in times.items()
+    }
+    ratios = {}
+    for label, (first, second) in RATIOS.items():
+        ratios[label] = {
+            key: round(entries[first][key] / entries[second][key], 3)
+            for key in ("ms_per_step", "peak_mem_mb")
+        }
+        rounds = zip(times[first], times[second], strict=True)
+        ratios[label]["ms_per_step_paired"] = round(statistics.median(a / b for a, b in rounds), 3)
+    return {"entries": entries, "ratios": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    path = reference_dir()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the `ebt` CLI's allocator setting, applied to both codes alike
+    checked = parity(path)
+    steppers = {name: build(path) for name, build in BUILDERS.items()}
+    times = interleaved_times(steppers, args.repeats, args.warmup)
+    del steppers
+    result = {
+        "setting": "configs/video/tiny.toml " + " ".join(SETTING),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "parity": checked,
+    }
+    print(json.dumps(result | summarise(times, path), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""`ebt rollout`: autoregressive next-frame rollout of a video run on its KV cache (each frame
+predicted from the predictions before it), scored by PSNR and SSIM per horizon against the
+true frames, beside a baseline run (--compare) and the copy-the-last-frame anchor; the EBT's
+final energy of every predicted frame; a strip image, a GIF, an energy-over-time plot; and
+(--bench) milliseconds per frame with the KV cache against recomputing every frame."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ebt.cli_args import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    add_run_parser,
+    add_thinking_options,
+    print_json,
+    thinking_options,
+)
+from ebt.config import ConfigError
+
+if TYPE_CHECKING:
+    from ebt.api import LoadedRun
+    from ebt.config import Config
+    from ebt.rollout import FramePredictor
+    from ebt.video_inference import FrameThinking
+
+ANCHOR = "copy_last"
+
+
+def frame_thinking(args: argparse.Namespace, config: Config) -> FrameThinking:
+    """The FrameThinking of the flags (the run's think.init and init_scale)."""
+    from ebt.video_inference import FrameThinking
+
+    options = thinking_options(args)  # refuses --halt-tolerance with --accept-lower-energies
+    think = config.think
+    return FrameThinking(
+        args.steps,
+        args.samples,
+        args.perturbation,
+        args.halt_tolerance,
+        think.init,
+        think.init_scale,
+        options,
+    )
+
+
+def load_video_run(
+    path: str, overrides: list[str] | None = None, like: LoadedRun | None = None
+) -> LoadedRun:
+    """A video run (ConfigError, one line, otherwise); with `like`, one whose frames (size and
+    encoder) match that run's."""
+    from ebt.api import load_run
+
+    run = load_run(path, overrides)
+    config = run.config
+    if config.model.modality != "video":
+        modality = config.model.modality
+        raise ConfigError(f"{path} holds a {modality} model; ebt rollout needs a video run")
+    if like is not None and _frames_of(config) != _frames_of(like.config):
+        raise ConfigError(
+            f"--compare {path}: its frames ({_frames_of(config)}) must match the run's "
+            f"({_frames_of(like.config)})"
+        )
+    return run
+
+
+def _frames_of(config: Config) -> str:
+    """What a run's frames are: side, encoder, numbers per frame vector."""
+    from ebt.models import frame_dim
+
+    data = config.data
+    encoder = data.frame_encoder + (
+        f" {data.vae} x {data.vae_scaling:g}" if data.frame_encoder == "vae" else ""
+    )
+    return f"{data.frame_size} px, {encoder}, {frame_dim(config)} numbers"
+
+
+def _check_context(runs: dict[str, LoadedRun], paths: dict[str, str], context: int) -> None:
+    """ConfigError (one line) if a run reads fewer context frames than --context."""
+    for role, run in runs.items():
+        window = run.config.data.frames - 1
+        if context > window:
+            raise ConfigError(
+                f"--context {context}: {paths[role]} reads at most {window} context frames "
+                "(data.frames - 1 of its training)"
+            )
+
+
+def _clips(args: argparse.Namespace, config: Config) -> tuple[torch.Tensor, str, str]:
+    """(clips (B, L, 3, S, S), source, split) from --video or the run's data."""
+    from ebt import rollout as ro
+
+    length = args.context + args.frames
+    if args.video:
+        stride = args.stride or config.data.frame_stride
+        clips = ro.video_file_clips(
+            args.video, args.context, length, args.clips, config.data.frame_size, stride
+        )
+        if clips.shape[1] < length:
+            print(
+                f"ebt: warning: '{args.video}' has {clips.shape[1]} frames: rolling out "
+                f"{clips.shape[1] - args.context} instead of {args.frames}",
+                file=sys.stderr,
+            )
+        return clips, args.video, "file"
+    split = "ood" if args.ood else args.split
+    clips = ro.run_clips(config, split, length, args.clips)
+    return clips, config.data.source, split
+
+
+def _named(runs: dict[str, LoadedRun]) -> dict[str, LoadedRun]:
+    """The runs by their name in the report: their kind (ebt / transformer_pp); a second run of
+    the same kind is `compare`."""
+    named: dict[str, LoadedRun] = {}
+    for role, run in runs.items():
+        kind = run.config.model.kind
+        named["compare" if role == "compare" and kind in named else kind] = run
+    return named
+
+
+def _predictor(args: argparse.Namespace, run: LoadedRun, cached: bool = True) -> FramePredictor:
+    """A run's rollout predictor; an EBT thinks per the flags from its own think.init."""
+    from ebt import rollout as ro
+
+    return ro.predictor_for(run.model, frame_thinking(args, run.config), cached=cached)
+
+
+def rollout_report(args: argparse.Namespace, runs: dict[str, LoadedRun]) -> tuple:
+    """(the JSON report, the rollouts by model, the clips (B, L, 3, S, S), the FrameCodec)."""
+    from ebt import rollout as ro
+
+    config = runs["run"].config
+    clips, source, split = _clips(args, config)
+    codec = ro.FrameCodec(config)
+    vectors = codec.encode(clips)  # (B, L, F)
+    context, truth = vectors[:, : args.context], vectors[:, args.context :]
+    seed = config.train.seed if args.seed is None else args.seed
+    reports, rollouts = {}, {}
+    predictors = {name: _predictor(args, run) for name, run in _named(runs).items()}
+    for name, predictor in (predictors | {ANCHOR: ro.CopyLast()}).items():
+        torch.manual_seed(seed)
+        reports[name], rollouts[name] = ro.model_report(predictor, context, truth, clips, codec)
+    thinker = next((r for r in runs.values() if r.config.model.kind == "ebt"), runs["run"])
+    report: dict[str, Any] = {
+        "checkpoint": str(runs["run"].checkpoint),
+        "source": source,
+        "split": split,
+        "context": args.context,
+        "frames": truth.shape[1],
+        "clips": clips.shape[0],
+        "seed": seed,
+        "thinking": _thinking_summary(frame_thinking(args, thinker.config)),
+        "models": reports,
+    }
+    if "compare" in runs:
+        report["compare"] = str(runs["compare"].checkpoint)
+    if args.bench:
+        report["bench"] = {
+            name: ro.benchmark(
+                lambda cached, run=run: _predictor(args, run, cached),
+                context,
+                truth.shape[1],
+                args.repeats,
+                seed,
+            )
+            for name, run in _named(runs).items()
+        }
+    return report, rollouts, clips, codec
+
+
+def _thinking_summary(thinking: FrameThinking) -> dict[str, Any]:
+    summary = {key: value for key, value in vars(thinking).items() if key != "options"}
+    return summary | vars(thinking.options)
+
+
+def _pictures(args: argparse.Namespace, report: dict, outcome: tuple) -> None:
+    """The strip / GIF of the first clip and the energy plot the flags ask for."""
+    from ebt import rollout_figures as figures
+
+    _, rollouts, clips, codec = outcome
+    rows = {"truth": clips[0]}  # (L, 3, S, S)
+    for name, result in rollouts.items():
+        predicted = codec.decode(result.frames[:1])[0]  # (H, 3, S, S)
+        rows[name] = torch.cat((clips[0, : args.context], predicted))  # (L, 3, S, S)
+    if args.strip:
+        report["strip"] = str(figures.write_strip(rows, args.context, args.strip))
+    if args.gif:
+        report["gif"] = str(figures.write_gif(rows, args.gif))
+    if args.plot:
+        energies = next((r.energies for r in rollouts.values() if r.energies is not None), None)
+        report["plot"] = str(figures.plot_energy(report, args.plot, energies))
+
+
+def summary_lines(report: dict) -> str:
+    """A human-readable table: PSNR / SSIM at the reported horizons, ms per frame."""
+    horizons = list(next(iter(report["models"].values()))["horizons"])
+    head = "  ".join(f"PSNR@{h:<3} SSIM@{h:<3}" for h in horizons)
+    lines = [
+        f"{report['source']} ({report['split']}): {report['clips']} clips, "
+        f"{report['context']} context frames, {report['frames']} predicted",
+        f"{'model':<15} {head}  ms/frame  energy evals/frame",
+    ]
+    for name, result in report["models"].items():
+        cells = "  ".join(
+            f"{result['horizons'][h]['psnr']:8.2f} {result['horizons'][h]['ssim']:8.3f}"
+            for h in horizons
+        )
+        passes = result["forward_passes_per_frame"]
+        lines.append(f"{name:<15} {cells}  {result['ms_per_frame']:8.2f}  {passes:g}")
+    for name, bench in report.get("bench", {}).items():
+        lines.append(
+            f"bench {name}: {bench['cached_ms_per_frame']:.2f} ms/frame cached, "
+            f"{bench['recompute_ms_per_frame']:.2f} recompute "
+            f"(paired ratio {bench['speedup']:.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.ood and args.video:
+        raise ConfigError("--ood picks the run's held-out data; it does not combine with --video")
+    thinking_options(args)  # bad flag combinations fail before anything loads
+    run = load_video_run(args.run, args.overrides)
+    runs = {"run": run}
+    if args.compare:
+        runs["compare"] = load_video_run(args.compare, like=run)
+    _check_context(runs, {"run": args.run, "compare": args.compare}, args.context)
+    threads = torch.get_num_threads()
+    try:  # the run's train.num_threads, as ebt bench (tiny models: 1 is fastest)
+        torch.set_num_threads(run.config.train.num_threads or threads)
+        outcome = rollout_report(args, runs)
+        outcome[0]["threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    report = outcome[0]
+    _pictures(args, report, outcome)
+    print_json(report) if args.json else print(summary_lines(report))
+    return 0
+
+
+def add_rollout_command(sub: Any) -> None:
+    help_text = "video runs: autoregressive rollout, PSNR / SSIM per horizon, energy over time"
+    parser = add_run_parser(sub, "rollout", cmd_rollout, help_text)
+    parser.add_argument("--context", type=COUNT, default=4, help="real frames given (4)")
+    parser.add_argument("--frames", type=COUNT, default=12, help="frames to predict (12)")
+    parser.add_argument("--video", default="", help="a GIF / MP4 / folder of frames to roll out")
+    parser.add_argument("--split", default="val", choices=["val", "test", "ood"])
+    parser.add_argument("--ood", action="store_true", help="--split ood: held-out, 2x speed")
+    parser.add_argument("--clips", type=COUNT, default=8, help="clips to roll out (8)")
+    parser.add_argument("--stride", type=COUNT, default=None, help="--video: data.frame_stride")
+    parser.add_argument("--compare", default="", help="a baseline run (Transformer++)")
+    parser.add_argument("--steps", type=COUNT, default=None, help="EBT steps per landscape")
+    parser.add_argument("--samples", type=COUNT, default=1, help="best-of-N starts per frame")
+    parser.add_argument(
+        "--perturbation",
+        type=NON_NEGATIVE,
+        default=0.1,
+        help="best-of-N: per-pixel RMS of the extra starts' offsets (0.1)",
+    )
+    parser.add_argument(
+        "--halt-tolerance",
+        type=POSITIVE,
+        default=None,
+        help="adaptive halting: a start stops when its energy moves less than this",
+    )
+    add_thinking_options(parser)
+    parser.add_argument("--seed", type=SEED, default=None, help="default: the run's train.seed")
+    parser.add_argument("--strip", default="", help="write a PNG strip of the first clip")
+    parser.add_argument("--gif", default="", help="write an animated GIF of the first clip")
+    parser.add_argument("--plot", default="", help="write a PNG of the energy over time")
+    parser.add_argument("--bench", action="store_true", help="ms per frame: cached vs recompute")
+    parser.add_argument("--repeats", type=COUNT, default=3, help="--bench: timed rollouts (3)")
+    parser.add_argument("--json", action="store_true")

@@ -1,0 +1,189 @@
+"""Thinking about the next frame at inference (video): steps, step-size and Langevin-noise
+overrides, best-of-N from perturbed starts, adaptive halting per frame, and the final energy of
+every predicted frame (the model's uncertainty, frame by frame).
+
+The N starts of a frame share one context cache: the newest context row is repeated N times
+(`rows`), and since a candidate reads only the context and itself, the N copies never see each
+other (as text's best-of-N, `ebt.inference`). The start with the lowest final energy wins,
+independently per clip.
+
+Extra starts are offsets in the row space of the frame embedding W (D x frame_dim): the energy
+reads a frame x only through W x, and the candidate gradient W^T dE/dz lies in that space, so an
+offset outside it would be invisible to verification and never removed by thinking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ebt.inference import select_lowest
+from ebt.models import ContextCache, EnergyTransformer
+from ebt.thinking import InferenceOptions, StepOptions, step_schedule, take_step
+
+INITS = ("zeros", "random_noise", "last_frame")
+
+
+@dataclass
+class FrameThinking:
+    """How the video EBT thinks about each next frame.
+
+    steps: per landscape (None: the trained recipe's). samples: best-of-N starts. perturbation:
+    per-pixel RMS of the extra starts' offsets (frame values in [-1, 1]). halt_tolerance: a
+    start stops when its energy moves less than this (adaptive halting; steps is the budget).
+    init: the first start, "zeros", "random_noise" (times init_scale) or "last_frame".
+    """
+
+    steps: int | None = None
+    samples: int = 1
+    perturbation: float = 0.1
+    halt_tolerance: float | None = None
+    init: str = "zeros"
+    init_scale: float = 1.0
+    options: InferenceOptions = field(default_factory=InferenceOptions)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown init '{self.init}': use one of {', '.join(INITS)}")
+        if self.samples < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError(f"need samples >= 1 and steps >= 1, got {self.samples}, {self.steps}")
+        if self.perturbation < 0 or (self.halt_tolerance is not None and self.halt_tolerance <= 0):
+            raise ValueError("need perturbation >= 0 and a halt_tolerance > 0")
+        self.options.check_halting(self.halt_tolerance)
+
+
+@dataclass
+class FrameVerdict:
+    """The chosen next frames (B, F), their final energies (B,), the thinking steps the chosen
+    starts took (B,), and the energy evaluations spent per frame (forward passes: 1 and no
+    energies or steps for a model that does not think)."""
+
+    frames: torch.Tensor
+    energies: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+    passes: float = 1.0
+
+
+def landscapes_of(model: EnergyTransformer) -> list[int]:
+    """The landscapes whose context caches thinking reads (one for a landscape-free context)."""
+    return list(range(model.args.landscapes)) if model.context_depends_on_landscape else [0]
+
+
+def row_space_noise(weight: torch.Tensor, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """Gaussian offsets (*shape, F) in the row space of `weight` (D, F) with per-number RMS
+    `std` (in expectation)."""
+    basis, _ = torch.linalg.qr(weight.detach().t())  # (F, k), k = min(D, F), orthonormal
+    rank = basis.shape[1]
+    draws = torch.randn(*shape, rank, dtype=weight.dtype, device=weight.device)  # (..., k)
+    return draws @ basis.t() * (std * math.sqrt(weight.shape[1] / rank))  # (..., F)
+
+
+def initial_frames(
+    model: EnergyTransformer, last_frame: torch.Tensor, thinking: FrameThinking
+) -> torch.Tensor:
+    """Starts (B, N, F) for the frame after `last_frame` (B, F): the first per thinking.init,
+    the others offset from it in the frame embedding's row space."""
+    batch, size = last_frame.shape
+    if thinking.init == "last_frame":
+        base = last_frame.clone()  # (B, F)
+    elif thinking.init == "zeros":
+        base = torch.zeros_like(last_frame)  # (B, F)
+    else:
+        base = torch.randn_like(last_frame) * thinking.init_scale  # (B, F)
+    starts = base.unsqueeze(1).repeat(1, thinking.samples, 1)  # (B, N, F)
+    if thinking.samples > 1 and thinking.perturbation > 0:
+        weight = model.frame_embedding.weight.to(last_frame.dtype)  # (D, F)
+        offsets = row_space_noise(weight, (batch, thinking.samples - 1), thinking.perturbation)
+        starts[:, 1:] += offsets  # (B, N - 1, F)
+    return starts
+
+
+@torch.no_grad()
+def final_energies(
+    model: EnergyTransformer, caches: dict[int, ContextCache], frames: torch.Tensor, rows
+) -> torch.Tensor:
+    """Energies (B, N) of frames (B, N, F) on the last landscape, without Langevin noise."""
+    last = model.args.landscapes - 1
+    cache = caches[last if model.context_depends_on_landscape else 0]
+    return model.energies(cache, frames, rows, landscape=last)  # (B, N)
+
+
+def _fixed_steps(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, ...]:
+    """Every start thinks the same number of steps: (final states (B, N, F), steps (B, N),
+    energy evaluations per start)."""
+    arguments = thinking.options.think_arguments()
+    trajectory = model.think(
+        None, starts, steps=thinking.steps, rows=rows, caches=caches, **arguments
+    )
+    taken = len(trajectory.states)
+    steps = torch.full(starts.shape[:2], taken, device=starts.device)  # (B, N)
+    evaluations = float(taken * thinking.options.evaluations_per_step)
+    return trajectory.states[-1].detach(), steps, evaluations  # (B, N, F), (B, N), float
+
+
+def _step_options(model: EnergyTransformer, options: InferenceOptions) -> StepOptions:
+    """The steps EnergyTransformer.think would take with these inference options."""
+    noise = (
+        model.langevin_std.detach() if options.langevin_noise is None else options.langevin_noise
+    )
+    return StepOptions(step_size=model.resolve_step_size(options.step_size), langevin_std=noise)
+
+
+def _halting(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, ...]:
+    """Every start of every clip stops on its own within the budget (thinking.steps per
+    landscape): (final states (B, N, F), steps (B, N), mean energy evaluations per start).
+
+    As ebt.adaptive: a start halts at the step whose starting energy moved less than the
+    tolerance (that step is not kept). The active starts of all clips think as one batch, each
+    against its clip's rows of the context caches, so a step is one pass however many clips.
+    """
+    batch, samples, size = starts.shape
+    budget = thinking.steps or model.args.inference_steps
+    options = _step_options(model, thinking.options)
+    owner = torch.arange(batch, device=starts.device).repeat_interleave(samples)  # (B N,)
+    state = starts.reshape(batch * samples, 1, size).clone()  # (B N, 1, F)
+    active = torch.arange(batch * samples, device=starts.device)  # starts still thinking
+    previous = torch.full((batch * samples,), math.inf, dtype=starts.dtype, device=starts.device)
+    steps = torch.zeros(batch * samples, dtype=torch.long, device=starts.device)
+    evaluations = 0
+    for landscape in step_schedule(model.args.landscapes, budget):
+        cache = caches[landscape if model.context_depends_on_landscape else 0]
+        cache = cache.select(owner[active], landscape)  # (A, ...) rows of the active starts
+        current = state[active].requires_grad_()  # (A, 1, F)
+        with torch.enable_grad():
+            new, energies = take_step(
+                model, cache, current, options, False, rows[:1], landscape=landscape
+            )
+        energies = energies.reshape(-1)  # (A,)
+        evaluations += len(active)
+        moving = (previous[active] - energies).abs() >= thinking.halt_tolerance  # (A,)
+        state[active[moving]] = new.detach()[moving]
+        previous[active] = energies
+        steps[active[moving]] += 1
+        active = active[moving]
+        if not len(active):
+            break
+    shape = (batch, samples)
+    return state.view(batch, samples, size), steps.view(shape), evaluations / (batch * samples)
+
+
+def think_next_frame(
+    model: EnergyTransformer,
+    caches: dict[int, ContextCache],
+    starts: torch.Tensor,
+    row: int,
+    thinking: FrameThinking,
+) -> FrameVerdict:
+    """Think from starts (B, N, F) about the frame after context row `row` of `caches` (by
+    landscape, as landscapes_of); keep the lowest-energy start per clip."""
+    rows = torch.full((starts.shape[1],), row, device=starts.device)  # (N,)
+    think = _fixed_steps if thinking.halt_tolerance is None else _halting
+    states, steps, evaluations = think(model, caches, starts, rows, thinking)  # (B, N, F), (B, N)
+    energies = final_energies(model, caches, states, rows)  # (B, N)
+    chosen, lowest = select_lowest(states, energies, dim=1)  # (B, F), (B,)
+    taken, _ = select_lowest(steps.unsqueeze(-1).to(energies.dtype), energies, dim=1)  # (B, 1)
+    samples = thinking.samples
+    passes = evaluations * samples + (samples if samples > 1 else 0)  # as thinking_passes
+    return FrameVerdict(chosen, lowest, taken.squeeze(-1).long(), passes)

@@ -1,0 +1,180 @@
+"""Frame encoders (pixels, a frozen diffusers AutoencoderKL), their on-disk cache, and the wide
+frame Linear's written-out gradients. The VAE is a small random one saved to tmp: no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import four_step_run
+
+from ebt.config import ConfigError, load_config
+from ebt.data.corpus import DataError
+from ebt.data.frame_encoders import (
+    EncodedClips,
+    FrameCache,
+    PixelEncoder,
+    VaeEncoder,
+    build_frame_encoder,
+    encoded_dataset,
+)
+from ebt.data.video import build_video_dataset
+from ebt.modalities.video import VideoModality
+from ebt.models import frame_dim
+from ebt.train import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
+SIZE = 16  # frames of 16 x 16: latents 4 x 2 x 2
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A small randomly initialised AutoencoderKL (downsampling 8, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SIZE,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+def vae_config(vae_dir: Path, tmp_path: Path, *overrides: str):
+    values = [
+        "data.frame_encoder=vae",
+        f"data.vae={vae_dir}",
+        f"data.cache_dir={tmp_path / 'frames'}",
+        "data.frames=4",
+        f"data.frame_size={SIZE}",
+        "model.dim=16",
+        "model.layers=1",
+        "model.heads=2",
+        "train.batch_size=4",
+    ]
+    return load_config(CONFIGS / "tiny.toml", values + list(overrides))
+
+
+def frames(count: int = 5, size: int = SIZE) -> torch.Tensor:
+    return torch.rand(count, 3, size, size) * 2 - 1  # (N, 3, F, F)
+
+
+def test_pixels_are_the_flattened_frames():
+    encoder, x = PixelEncoder(), frames()
+    assert encoder.frame_dim(SIZE) == 3 * SIZE**2
+    assert torch.equal(encoder.encode(x), x.flatten(1))
+    assert torch.equal(encoder.decode(encoder.encode(x), SIZE), x)
+
+
+@pytest.mark.parametrize("size", [16, 32, 224])
+def test_vae_frame_dim_is_4_times_the_side_over_8_squared(vae_dir, tmp_path, size):
+    encoder = VaeEncoder(str(vae_dir))
+    assert encoder.frame_dim(size) == 4 * (size // 8) ** 2
+    config = vae_config(vae_dir, tmp_path, f"data.frame_size={size}")
+    assert frame_dim(config) == encoder.frame_dim(size)
+    if size <= 32:
+        assert encoder.encode(frames(2, size)).shape == (2, 4 * (size // 8) ** 2)
+
+
+def test_vae_latents_are_the_scaled_mean_and_decode_inverts_the_scaling(vae_dir):
+    encoder, x = VaeEncoder(str(vae_dir), scaling=0.18215), frames()
+    vae = encoder.vae
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean  # (N, 4, 2, 2)
+        decoded = vae.decode(mean).sample.clamp(-1, 1)  # (N, 3, F, F)
+    vectors = encoder.encode(x)
+    torch.testing.assert_close(vectors, mean.flatten(1) * 0.18215)
+    torch.testing.assert_close(encoder.decode(vectors, SIZE), decoded)
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
+@pytest.mark.parametrize("source", ["pan", "skimage-gif"])
+def test_cache_round_trip_reads_the_second_time(vae_dir, tmp_path, source):
+    config = vae_config(vae_dir, tmp_path, f"data.source={source}")
+    first = VideoModality(config).dataset("val")
+    assert isinstance(first, EncodedClips)
+    indices = torch.arange(min(4, len(first)))
+    encoded = first.batch(indices)  # (B, T, frame_dim)
+    assert encoded.shape == (len(indices), 4, 16)
+    assert first.cache.misses > 0 and first.cache.encoder.encoded_frames > 0
+    second = VideoModality(config).dataset("val")
+    again = second.batch(indices)
+    assert torch.equal(again, encoded)
+    assert second.cache.misses == 0 and second.cache.encoder.encoded_frames == 0
+    assert second.cache.hits > 0
+    fresh = second.cache.encoder.encode(second.clips.batch(indices).flatten(0, 1))
+    torch.testing.assert_close(again.flatten(0, 1), fresh)  # cached == recomputed
+
+
+def test_file_videos_are_encoded_once_per_video(vae_dir, tmp_path):
+    dataset = VideoModality(vae_config(vae_dir, tmp_path, "data.source=skimage-gif")).dataset("all")
+    dataset.batch(torch.arange(len(dataset)))  # every clip, overlapping frames
+    assert dataset.cache.misses == 1
+    assert dataset.cache.encoder.encoded_frames == dataset.clips.videos[0].shape[0]
+
+
+def test_cache_key_follows_the_frames_and_the_encoder(vae_dir, tmp_path):
+    plain = FrameCache(VaeEncoder(str(vae_dir)), tmp_path)
+    scaled = FrameCache(VaeEncoder(str(vae_dir), scaling=0.18215), tmp_path)
+    x = frames()
+    assert plain.directory != scaled.directory
+    assert plain.path(x) != plain.path(x + 1e-3) and plain.path(x) == plain.path(x.clone())
+    torch.testing.assert_close(scaled.encode(x), plain.encode(x) * 0.18215)
+
+
+def test_a_torn_cache_file_is_encoded_again(vae_dir, tmp_path):
+    cache, x = FrameCache(VaeEncoder(str(vae_dir)), tmp_path), frames()
+    expected = cache.encode(x)
+    cache.path(x).write_bytes(b"torn")
+    assert torch.equal(cache.encode(x), expected) and cache.misses == 2
+
+
+def test_a_frame_size_the_vae_cannot_take_is_one_line(vae_dir, tmp_path):
+    with pytest.raises(ConfigError, match="not a multiple of 8") as error:
+        vae_config(vae_dir, tmp_path, "data.frame_size=20")
+    assert len(str(error.value).splitlines()) == 1
+    config = vae_config(vae_dir, tmp_path, "data.frame_size=20", "data.frame_dim=20")
+    with pytest.raises(DataError, match="multiple of 8 pixels") as error:
+        VideoModality(config).dataset("val")
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_frame_dim_the_encoder_does_not_make_is_refused(tmp_path):
+    config = load_config(CONFIGS / "tiny.toml", ["data.frame_dim=3136"])
+    clips = build_video_dataset("pan", "val", frames=4, frame_size=16, num_clips=4)
+    with pytest.raises(DataError, match="pixels encoder makes 768 numbers") as error:
+        encoded_dataset(clips, config)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_an_unloadable_vae_is_one_line(tmp_path):
+    empty = tmp_path / "not-a-vae"
+    empty.mkdir()
+    config = load_config(CONFIGS / "tiny.toml", ["data.frame_encoder=vae", f"data.vae={empty}"])
+    with pytest.raises(DataError, match="cannot load the VAE") as error:
+        build_frame_encoder(config)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_pixels_need_no_wrapper():
+    config = load_config(CONFIGS / "tiny.toml", ["data.frames=4"])
+    clips = build_video_dataset("pan", "val", frames=4, frame_size=16, num_clips=4)
+    assert encoded_dataset(clips, config) is clips
+
+
+def test_the_video_ebt_trains_on_cached_vae_latents(vae_dir, tmp_path, restore_threads):
+    config = vae_config(vae_dir, tmp_path, *four_step_run(tmp_path / "run"))
+    result = train(config)
+    assert result["loss"] > 0 and result["frames"] == 4 * 3
+    assert any((tmp_path / "frames").rglob("*.safetensors"))
+    moved = [*four_step_run(tmp_path / "run"), "train.max_steps=6", f"data.cache_dir={tmp_path}/b"]
+    assert train(vae_config(vae_dir, tmp_path, *moved))["loss"] > 0  # resumes: the cache moved
+    assert any((tmp_path / "b").rglob("*.safetensors"))
