@@ -131,8 +131,16 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
     again.overrides += ["train.num_threads=2", "train.log_every=5"]  # how it runs, not what
     run_study(again, progress=lines.append)  # all done: nothing is trained again
     assert trained == []
+    more = run_study(_study(corpus, out, ["64", "192", "320"]), progress=lines.append)
+    assert [Path(run).name for run in trained] == ["ebt-data-320", "baseline-data-320"]
+    assert len(more["points"]) == 6 and more["fits"]["axis"]["ebt"]["slope"] != 0
+    fewer = run_study(_study(corpus, out, ["64", "192"]), progress=lines.append)
+    assert len(fewer["points"]) == 4 and len(trained) == 2  # fitted on the values asked for
+    assert fewer["fits"] == results["fits"]
+    changed = _study(corpus, out, ["64", "192"])
+    changed.overrides += ["model.dim=48"]
     with pytest.raises(ConfigError, match="different study"):
-        run_study(_study(corpus, out, ["64", "128"]))
+        run_study(changed)
 
 
 def test_scaling_command_line(corpus: Path, tmp_path: Path, capsys) -> None:

@@ -6,8 +6,10 @@ own run directory `OUT/runs/<model>-<axis>-<value>` through `ebt.train.train`, s
 after an interruption and runs data-parallel under torchrun. Finished points are recorded in
 `OUT/results.json` (written atomically after each point, by rank 0); running the same command
 again skips them and resumes the unfinished one from its checkpoint. Changing the study (its
-config, overrides, axis or metric) under the same OUT is refused: a results file never mixes two
-studies. After the last point the fits, `report.md` and the plots are written (report.py).
+config, overrides, axis, models or metric) under the same OUT is refused: a results file never
+mixes two studies. Values may change: new ones are trained, finished ones kept, and the fits
+and the report cover the values asked for. After the last point the fits, `report.md` and the
+plots are written (report.py).
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ class Study:
     metric: str = ""  # "" = the modality's default (DEFAULT_METRIC)
 
     def identity(self, base: Config) -> dict[str, Any]:
-        """What must match for a results file to belong to this study (RUNTIME_KEYS aside)."""
+        """What must match for a results file to belong to this study: everything but the
+        values (points are kept by name, so values may be added or dropped) and RUNTIME_KEYS."""
         config = base.to_dict()
         config["train"] = {k: v for k, v in config["train"].items() if k not in RUNTIME_KEYS}
         return {
             "axis": self.axis,
-            "values": self.values,
             "models": self.models,
             "metric": self.metric,
             "base_config": config,
@@ -187,7 +189,9 @@ def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
         if is_main_process():
             save_results(study, results)
         say(f"{label}: {study.metric} {row['metric']:.4g} in {row['seconds']:.0f} s")
-    if is_main_process():
-        results["report"] = str(write_report(study, results))
+    if is_main_process():  # fitted and reported: this study's values only
+        current = results | {"points": {n: results["points"][n] for n in configs}}
+        results["report"] = str(write_report(study, current))
+        results["fits"] = current["fits"]
         save_results(study, results)
-    return results
+    return results | {"points": {name: results["points"][name] for name in configs}}
