@@ -238,3 +238,17 @@ def test_an_image_study_fits_psnr_of_the_ebt_and_its_dit(tmp_path: Path) -> None
         "baseline-steps-1", "baseline-steps-2", "ebt-steps-1", "ebt-steps-2",
     ]  # fmt: skip
     assert study.metric == "psnr" and "rate_gain" in results["fits"]["axis"]
+
+
+def test_report_of_a_video_run_has_its_rollout_strip(tmp_path: Path) -> None:
+    config = TINY.parents[1] / "video" / "tiny.toml"
+    run = tmp_path / "video"
+    overrides = ["model.dim=32", "model.layers=1", "model.heads=2", "data.frame_size=8"]
+    overrides += ["train.batch_size=4", "train.max_steps=2", "train.eval_batches=1"]
+    overrides += ["train.progress=false", f"train.out_dir={run}"]
+    assert main(["train", str(config), *overrides]) == 0
+    output = tmp_path / "video.md"
+    assert main(["report", str(run), "-o", str(output)]) == 0
+    text = output.read_text()
+    assert "| ebt |" in text and "PSNR @1" in text and "copy" in text.lower()
+    assert (tmp_path / "video-0.png").stat().st_size > 0

@@ -150,14 +150,38 @@ def _image_grid(run_dir: Path, path: Path) -> list[str]:
     return [f"Denoising at noise {level} (validation crops):", "", f"![grid]({path.name})"]
 
 
+def _video_strip(run_dir: Path, config: dict[str, Any], path: Path) -> list[str]:
+    """A rollout of 4 validation clips (`ebt rollout`): the strip of the first, PSNR per
+    horizon of all."""
+    import contextlib
+    import io
+
+    from ebt.cli import main
+
+    context = max(1, min(4, config["data"]["frames"] - 1))
+    argv = ["rollout", str(run_dir), "--context", str(context), "--frames", "8", "--clips", "4"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main([*argv, "--strip", str(path), "--json"])
+    models = json.loads(printed.getvalue())["models"]
+    horizons = next(iter(models.values()))["horizons"]
+    header = "| model | " + " | ".join(f"PSNR @{h}" for h in horizons)
+    lines = [f"Rollout ({context} real frames, then 8 predicted; `{' '.join(argv)}`):", ""]
+    lines += [header + " |", "|---" * (header.count("|")) + "|"]
+    for name, report in models.items():
+        cells = " | ".join(f"{row['psnr']:.2f}" for row in report["horizons"].values())
+        lines.append(f"| {name} | {cells} |")
+    return [*lines, "", f"![strip]({path.name})"]
+
+
 def _showcase(run_dir: Path, config: dict[str, Any], path: Path) -> list[str]:
-    """What the model does, by modality (video: see `ebt rollout`)."""
+    """What the model does, by modality: a text sample, a denoising grid, a rollout strip."""
     modality = config["model"]["modality"]
     if modality == "text":
         return _text_sample(run_dir)
     if modality == "image":
         return _image_grid(run_dir, path)
-    return [f"Rollouts of video runs: `ebt rollout {run_dir} --strip strip.png`."]
+    return _video_strip(run_dir, config, path)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
