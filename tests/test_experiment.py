@@ -252,3 +252,25 @@ def test_report_of_a_video_run_has_its_rollout_strip(tmp_path: Path) -> None:
     text = output.read_text()
     assert "| ebt |" in text and "PSNR @1" in text and "copy" in text.lower()
     assert (tmp_path / "video-0.png").stat().st_size > 0
+
+
+def test_a_study_runs_data_parallel_under_torchrun(corpus: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m ebt experiment scaling ...`: every point trains on both
+    processes (gloo), rank 0 alone writes results and prints the summary."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp-study"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "ebt", "experiment", "scaling", str(TINY)]
+    command += [*tiny_overrides(corpus), "train.parallel=ddp", "--axis", "steps"]
+    command += ["--values", "1,2", "--models", "ebt", "--out", str(out), "--json"]
+    env = dict(os.environ, EBT_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["fits"]["axis"]["ebt"]["slope"] == pytest.approx(
+        json.loads((out / "results.json").read_text())["fits"]["axis"]["ebt"]["slope"]
+    )  # one summary on stdout, from rank 0 only
+    rows = [json.loads(line) for line in (out / "runs" / "ebt-steps-2" / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows if "split" not in row and "event" not in row] == [1, 2]

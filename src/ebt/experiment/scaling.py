@@ -164,12 +164,27 @@ def measure_point(study: Study, point: Point, config: Config, final: dict[str, A
 
 
 def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
-    """Train every unfinished point, record each as it finishes, then fit and report."""
+    """Train every unfinished point, record each as it finishes, then fit and report. Under
+    torchrun the study holds the process group from its first point to its end (each point's
+    training runs on every rank; rank 0 alone writes and reports)."""
+    from ebt.distributed import barrier, setup, teardown
+
+    base = base_config(study)
+    context = setup(base.train.device)
+    try:
+        results = _run_points(study, base, progress if context.is_main else lambda line: None)
+        barrier()  # rank 0 has written the report
+        return results
+    finally:
+        if context.owns_group:
+            teardown()
+
+
+def _run_points(study: Study, base: Config, progress: Any) -> dict[str, Any]:
     from ebt.distributed import is_main_process
     from ebt.experiment.report import write_report
     from ebt.train import train
 
-    base = base_config(study)
     points = plan(study, base)
     configs = {point.name: point_config(study, base, point) for point in points}
     results = load_results(study, base)
