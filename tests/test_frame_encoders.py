@@ -178,3 +178,23 @@ def test_the_video_ebt_trains_on_cached_vae_latents(vae_dir, tmp_path, restore_t
     moved = [*four_step_run(tmp_path / "run"), "train.max_steps=6", f"data.cache_dir={tmp_path}/b"]
     assert train(vae_config(vae_dir, tmp_path, *moved))["loss"] > 0  # resumes: the cache moved
     assert any((tmp_path / "b").rglob("*.safetensors"))
+
+
+def test_latent_runs_measure_psnr_on_decoded_frames(vae_dir, tmp_path):
+    from ebt.modalities import modality_for
+    from ebt.modalities.video import frame_psnr
+
+    config = vae_config(vae_dir, tmp_path, *four_step_run(tmp_path / "run"))
+    task = modality_for(config).task("val")
+    encoder = build_frame_encoder(config)
+    size = config.data.frame_size
+    frames = torch.rand(6, 3, size, size) * 2 - 1  # (B * S, 3, F, F)
+    latents = encoder.encode(frames).view(2, 3, -1)  # (B, S, F)
+    noisy = latents + 0.3 * torch.randn_like(latents)
+    quality = task.quality(noisy, latents)
+    decoded = [
+        encoder.decode(vectors.flatten(0, 1), size).flatten(1).view(2, 3, -1)  # (B, S, 3 F^2)
+        for vectors in (noisy, latents)
+    ]
+    assert quality["psnr"] == pytest.approx(float(frame_psnr(*decoded).mean()), rel=1e-5)
+    assert quality["psnr"] != pytest.approx(float(frame_psnr(noisy, latents).mean()), rel=1e-3)

@@ -7,6 +7,7 @@ trained with the same loss."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ class VideoTask:
     weight_name = "frames"  # what evaluation means are weighted by: predicted frames
     baseline_forward_passes = 1  # Transformer++: one forward per frame
     quality_keys = ("psnr", "mse")
+    # frame vectors (N, F) -> pixels (N, 3 S^2) in [-1, 1]: the VAE's decoder for latent runs,
+    # so PSNR and MSE are of frames a person sees, never of latents; None: already pixels
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(context (B, S, F), next-frame targets (B, S, F)) of clips (B, S + 1, ...)."""
@@ -77,12 +81,32 @@ class VideoTask:
         return torch.tensor(float(count), dtype=torch.float64, device=batch.device)
 
     def quality(self, state: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Means over the batch's predicted frames of the per-frame PSNR and 0-255 MSE."""
+        """Means over the batch's predicted frames of the per-frame PSNR and 0-255 MSE (of the
+        decoded frames for latent runs)."""
         state = state.detach()
+        if self.decode is not None:
+            shape = state.shape[:-1]  # (B, S)
+            state = self.decode(state.flatten(0, 1)).to(targets.device).view(*shape, -1)
+            targets = self.decode(targets.flatten(0, 1)).to(state.device).view(*shape, -1)
         return {"psnr": frame_psnr(state, targets).mean(), "mse": frame_mse(state, targets).mean()}
 
     def summarise(self, result: dict[str, Any]) -> dict[str, Any]:
         return result
+
+
+class _LazyDecoder:
+    """Frame vectors (N, F) -> pixels (N, 3 S^2) through the run's frame encoder, built once,
+    on first use."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, self.encoder = config, None
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        from ebt.data.frame_encoders import build_frame_encoder
+
+        if self.encoder is None:
+            self.encoder = build_frame_encoder(self.config)
+        return self.encoder.decode(vectors, self.config.data.frame_size).flatten(1)
 
 
 class VideoModality:
@@ -112,7 +136,11 @@ class VideoModality:
         return EpochBatchIterator(dataset, self.config.train.batch_size, **kwargs)
 
     def task(self, split: str = "val") -> VideoTask:
-        return VideoTask()
+        """The next-frame task; latent (VAE) runs measure quality on decoded frames (the VAE
+        loads at the first evaluation: training steps never need pixels)."""
+        if self.config.data.frame_encoder == "pixels":
+            return VideoTask()
+        return VideoTask(decode=_LazyDecoder(self.config))
 
     def save_assets(self, run_dir: Path) -> None:
         """Nothing besides the checkpoint: frames need no tokenizer."""
