@@ -136,7 +136,8 @@ def plot_shift(result: dict[str, Any], path: Path) -> Path:
     axes.axhline(0.0, color="grey", linestyle="--", label="Transformer++ (cannot think)")
     for row in rows:
         axes.annotate(row["set"], (row["distance"], row["gain_verified_pct"]), fontsize=8)
-    axes.set_xlabel("distance from training (perplexity ratio to validation)")
+    axes.set_xscale("log")
+    axes.set_xlabel("distance from training (perplexity ratio to validation, log scale)")
     axes.set_ylabel("perplexity improvement (%)")
     axes.set_title("thinking gains against distribution shift")
     axes.legend(fontsize=8)
