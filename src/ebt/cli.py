@@ -20,14 +20,17 @@ from ebt.cli_args import (
     STOP,
     TOP_P,
     add_run_parser,
+    add_selection_options,
     add_thinking_options,
     at_least,
     print_json,
+    selection_options,
     thinking_options,
 )
 from ebt.config import ConfigError, load_config
 from ebt.denoise_cli import add_denoise_command
 from ebt.errors import EbtError
+from ebt.probe_cli import add_probe_command
 from ebt.rollout_cli import add_rollout_command
 from ebt.runtime import keep_freed_memory
 from ebt.thinking import ThinkingError
@@ -141,6 +144,7 @@ def cmd_think(args: argparse.Namespace) -> int:
         args.seed,
         args.halt_tolerance,
         options,
+        selection_options(args),
     )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
@@ -250,6 +254,7 @@ def _add_think(sub: Any) -> None:
         help="also run adaptive thinking: a token stops when its energy moves less than this",
     )
     add_thinking_options(think)
+    add_selection_options(think)
     think.add_argument("--tokens", default="", help="write per-token records to this JSONL file")
     think.add_argument("--json", action="store_true")
 
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_think(sub)
     add_denoise_command(sub)
     add_rollout_command(sub)  # video rollout
+    add_probe_command(sub)  # reasoning probes: dyck, arithmetic
     _add_tools(sub)
     add_interop_commands(sub)  # import-reference, export-reference, push
     add_experiment_commands(sub)  # experiment scaling|thinking-shift, report

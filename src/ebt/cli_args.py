@@ -104,3 +104,29 @@ def add_run_parser(
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     parser.set_defaults(handler=handler)
     return parser
+
+
+def add_selection_options(parser: argparse.ArgumentParser) -> None:
+    """Best-of-N selection rule of `think` / `probe` (see ebt.inference.Selection)."""
+    from ebt.inference import SELECTION_RULES
+
+    parser.add_argument(
+        "--selection",
+        choices=SELECTION_RULES,
+        default="lowest",
+        help="best of N: lowest final energy per token (the paper's), weighted (probabilities "
+        "averaged with weights softmax(-E/T)), sequence (one candidate per sequence)",
+    )
+    parser.add_argument(
+        "--selection-temperature",
+        type=at_least(0, strict=True),
+        default=0.1,
+        help="T of --selection weighted, in energy units (large: the plain average)",
+    )
+
+
+def selection_options(args: argparse.Namespace) -> Any:
+    """The ebt.inference.Selection of the parsed --selection flags."""
+    from ebt.inference import Selection
+
+    return Selection(args.selection, args.selection_temperature)

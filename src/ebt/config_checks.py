@@ -140,6 +140,10 @@ def cross_checks(config: Config) -> list[str]:
         problems.append(
             f"model.dim / model.heads = {model.dim // model.heads} must be even (RoPE pairs)"
         )
+    from ebt.data.probes import source_problems  # dyck / arithmetic parameters
+
+    problems += source_problems(config.data.source, "data.source")
+    problems += source_problems(config.data.ood_source, "data.ood_source")
     if think.random_steps and think.random_steps_min > think.random_steps + 1:
         problems.append(
             f"think.random_steps_min={think.random_steps_min}: must be <= think.random_steps + 1"

@@ -331,11 +331,9 @@ def write_grid(galleries: list[tuple[str, Gallery]], path: str | Path) -> Path:
                 axis.set_title(name, fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=7)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path)
 
 
 def load_image_run(

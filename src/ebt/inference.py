@@ -2,7 +2,10 @@
 
 All N candidates of a position share one context cache: the candidate rows are simply repeated
 (`rows`), and since a candidate attends only to the context and itself, the N copies never see
-each other. The candidate with the lowest final energy wins, independently per token.
+each other. The candidate with the lowest final energy wins, independently per token (the
+paper's rule, the default); `Selection` offers two others: the candidates' probabilities averaged
+with weights softmax(-E / T) per token ("weighted"), and one candidate index for a whole sequence,
+the lowest summed energy ("sequence").
 """
 
 from __future__ import annotations
@@ -18,6 +21,26 @@ from torch.nn import functional as F
 from ebt.adaptive import adaptive_think
 from ebt.models import EnergyTransformer, TransformerPP
 from ebt.thinking import InferenceOptions
+
+SELECTION_RULES = ("lowest", "weighted", "sequence")
+
+
+@dataclass
+class Selection:
+    """How best-of-N picks among candidates. lowest: the lowest final energy per token (the
+    paper's rule). weighted: the mixture of the candidates' distributions with weights
+    softmax(-E / temperature) per token (temperature -> 0: lowest; -> inf: the plain average,
+    which by convexity never has a higher loss than the candidates' mean). sequence: the
+    candidate index with the lowest energy summed over the sequence's positions."""
+
+    rule: str = "lowest"
+    temperature: float = 0.1  # energy units; measured best on tiny-s2 (docs/verification.md)
+
+    def __post_init__(self) -> None:
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"selection {self.rule!r}: use one of {', '.join(SELECTION_RULES)}")
+        if not self.temperature > 0 or math.isinf(self.temperature):
+            raise ValueError(f"selection temperature {self.temperature}: must be > 0 and finite")
 
 
 @dataclass
@@ -50,6 +73,24 @@ def select_lowest(
     return chosen, energies.gather(dim, best).squeeze(dim)
 
 
+def select(
+    candidates: torch.Tensor, energies: torch.Tensor, selection: Selection
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text best-of-N by `selection`: candidates (B, N, S, V) raw logits, energies (B, N, S) ->
+    (logits (B, S, V), energies (B, S)). The weighted mixture comes back as log-probabilities
+    (valid logits) with the weighted mean energy."""
+    if selection.rule == "lowest":
+        return select_lowest(candidates, energies, dim=1)
+    if selection.rule == "sequence":
+        best = energies.sum(-1).argmin(1)  # (B,) one candidate index per sequence
+        rows = torch.arange(len(best), device=best.device)
+        return candidates[rows, best], energies[rows, best]  # (B, S, V), (B, S)
+    weights = torch.softmax(-energies.float() / selection.temperature, dim=1)  # (B, N, S)
+    log_probs = candidates.float().log_softmax(-1)  # (B, N, S, V)
+    mixture = torch.logsumexp(log_probs + weights.clamp_min(1e-30).log()[..., None], dim=1)
+    return mixture, (weights * energies).sum(1)  # (B, S, V), (B, S)
+
+
 def thinking_passes(steps: int, samples: int, evaluations_per_step: int) -> int:
     """Energy evaluations per prediction (token or image) of best-of-`samples` thinking: every
     step of every sample, plus the final-energy evaluation that verification needs to choose
@@ -64,8 +105,10 @@ def best_of_n(
     steps: int,
     samples: int,
     options: InferenceOptions | None = None,
+    selection: Selection | None = None,
 ) -> Verdict:
-    """Think `steps` per landscape from `samples` random starts; keep the lowest-energy one."""
+    """Think `steps` per landscape from `samples` random starts; keep the lowest-energy one
+    (or choose by another `selection` rule)."""
     options = options or InferenceOptions()
     batch, length = tokens.shape
     rows = torch.arange(length, device=tokens.device).repeat(samples)  # (N * S,)
@@ -76,7 +119,7 @@ def best_of_n(
     energies = _final_energies(model, tokens, final, rows, trajectory.landscapes[-1])
     energies = energies.view(batch, samples, length)  # (B, N, S)
     candidates = final.view(batch, samples, length, -1)  # (B, N, S, V)
-    chosen, lowest = select_lowest(candidates, energies, dim=1)  # (B, S, V), (B, S)
+    chosen, lowest = select(candidates, energies, selection or Selection())  # (B, S, V), (B, S)
     passes = thinking_passes(len(trajectory.states), samples, options.evaluations_per_step)
     return Verdict(chosen, lowest, float(passes))
 
@@ -88,6 +131,7 @@ def predict(
     samples: int,
     tolerance: float | None = None,
     options: InferenceOptions | None = None,
+    selection: Selection | None = None,
 ) -> Verdict:
     """Next-token logits for every position; Transformer++ ignores steps and samples.
 
@@ -108,7 +152,7 @@ def predict(
         )
         passes = result.forward_passes_per_token
         return Verdict(result.logits, result.energies, passes, result.steps)
-    return best_of_n(model, tokens, steps, samples, options)
+    return best_of_n(model, tokens, steps, samples, options, selection)
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -152,6 +196,7 @@ def thinking_curves(
     seed: int = 0,
     tolerance: float | None = None,
     options: InferenceOptions | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Loss / perplexity for every (steps, samples) pair, plus per-token energy and loss of the
     last pair (for energy-vs-loss plots and uncertainty metrics). With a tolerance, also an
@@ -161,7 +206,9 @@ def thinking_curves(
     for steps in steps_list:
         for samples in samples_list:
             torch.manual_seed(seed)
-            point, last_tokens = _evaluate_point(model, batches, steps, samples, pad_id, options)
+            point, last_tokens = _evaluate_point(
+                model, batches, steps, samples, pad_id, options, selection=selection
+            )
             curves.append(point)
     adaptive_tokens = {}
     if tolerance is not None and not isinstance(model, TransformerPP):
@@ -172,6 +219,7 @@ def thinking_curves(
             )
             curves.append(point | {"adaptive": True, "tolerance": tolerance})
     result: dict[str, Any] = {"curves": curves, "options": vars(options or InferenceOptions())}
+    result["selection"] = vars(selection or Selection())
     result["tokens"] = last_tokens
     if last_tokens.get("energy") is not None:
         measures = {key: last_tokens[key] for key in ("energy", "loss", "wrong")}
@@ -184,10 +232,12 @@ def thinking_curves(
     return result
 
 
-def _evaluate_point(model, batches, steps, samples, pad_id, options=None, tolerance=None):
+def _evaluate_point(
+    model, batches, steps, samples, pad_id, options=None, tolerance=None, selection=None
+):
     losses, energies, wrong, taken, passes = [], [], [], [], 0.0
     for batch in batches:
-        verdict = predict(model, batch[:, :-1], steps, samples, tolerance, options)
+        verdict = predict(model, batch[:, :-1], steps, samples, tolerance, options, selection)
         losses.append(_token_losses(verdict.logits, batch[:, 1:], pad_id).flatten())
         wrong.append((verdict.logits.argmax(-1) != batch[:, 1:]).flatten())
         if verdict.energies is not None:

@@ -11,6 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (120 dpi; parent folders made) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Left: loss per thinking steps, one line per best-of-N; right: energy vs token loss."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -60,8 +69,4 @@ def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> 
         right.set_axis_off()
     figure.suptitle(title)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

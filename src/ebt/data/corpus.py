@@ -299,14 +299,18 @@ def _resolve(source: str, text_field: str) -> Callable[[str, float], Iterator[st
         return _stdlib_documents
     if source == "pydoc":
         return _pydoc_documents
+    from ebt.data import probes  # generated reasoning probes: dyck, arithmetic
+
+    if probes.is_probe_source(source):
+        return probes.documents_function(source)
     if source.startswith(("hf-local:", "hf:")):
         rows = open_hf_dataset(source, streaming=True)
         return lambda split, frac: _hf_documents(_hf_rows(source, rows), text_field, split, frac)
     looks_like_path = any(char in source for char in "/\\,.*?[~") or os.path.exists(source)
     if not looks_like_path or "://" in source:
         raise DataError(
-            f"unknown data source '{source}': use stdlib, pydoc, a path/glob[,path...], "
-            "hf:NAME[:CONFIG] or hf-local:PATH"
+            f"unknown data source '{source}': use stdlib, pydoc, dyck[:...], arithmetic[:...], "
+            "a path/glob[,path...], hf:NAME[:CONFIG] or hf-local:PATH"
         )
     expand_paths(source)  # fail now if nothing matches
     return lambda split, frac: _local_documents(source, split, frac)
@@ -355,9 +359,13 @@ def source_fingerprint(source: str) -> str:
     """A string that changes when the files behind a local source change (for cache keys)."""
     import sys
 
+    from ebt.data import probes
+
     source = source.strip()
     if source in ("stdlib", "pydoc"):
         return f"{source}|{sys.version}|{stdlib_root()}"
+    if probes.is_probe_source(source):
+        return probes.fingerprint(source)
     path = source.split(":", 1)[1] if source.startswith("hf-local:") else source
     if source.startswith("hf:"):
         return source
