@@ -156,3 +156,23 @@ def test_the_selection_rule_is_a_knob_of_probe_and_think(runs, capsys):
     for bad in (["--selection", "best"], ["--selection-temperature", "0"]):
         with pytest.raises(SystemExit):
             main(think + bad)
+
+
+def test_the_runs_think_selection_is_the_default_and_a_flag_overrides_it(runs, capsys):
+    from ebt.config import ConfigError, load_config
+
+    think = ["think", str(runs["ebt"]), "think.selection=weighted"]
+    think += ["think.selection_temperature=0.5", "--steps", "1", "--samples", "2", "--batches", "1"]
+    capsys.readouterr()
+    assert main([*think, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"] == {
+        "rule": "weighted",
+        "temperature": 0.5,
+    }
+    assert main([*think, "--selection", "lowest", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"]["rule"] == "lowest"
+    probed = _probe(capsys, "dyck", str(runs["ebt"]), "think.selection=sequence", "--steps", "1")
+    assert probed["selection"]["rule"] == "sequence"
+    assert load_config(CONFIGS / "tiny-s2.toml").think.selection == "weighted"  # the S2 preset
+    with pytest.raises(ConfigError, match="think.selection"):
+        load_config(CONFIGS / "tiny-s2.toml", ["think.selection=best"])

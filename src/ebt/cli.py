@@ -144,7 +144,7 @@ def cmd_think(args: argparse.Namespace) -> int:
         args.seed,
         args.halt_tolerance,
         options,
-        selection_options(args),
+        selection_options(args, run.config.think),
     )
     if args.plot:
         plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")

@@ -113,20 +113,24 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--selection",
         choices=SELECTION_RULES,
-        default="lowest",
+        default=None,
         help="best of N: lowest final energy per token (the paper's), weighted (probabilities "
-        "averaged with weights softmax(-E/T)), sequence (one candidate per sequence)",
+        "averaged with weights softmax(-E/T)), sequence (one candidate per sequence); default: "
+        "the run's think.selection",
     )
     parser.add_argument(
         "--selection-temperature",
         type=at_least(0, strict=True),
-        default=0.1,
-        help="T of --selection weighted, in energy units (large: the plain average)",
+        default=None,
+        help="T of --selection weighted, in energy units (large: the plain average); default: "
+        "the run's think.selection_temperature",
     )
 
 
-def selection_options(args: argparse.Namespace) -> Any:
-    """The ebt.inference.Selection of the parsed --selection flags."""
+def selection_options(args: argparse.Namespace, think: Any) -> Any:
+    """The ebt.inference.Selection of the parsed --selection flags, else of the run's config."""
     from ebt.inference import Selection
 
-    return Selection(args.selection, args.selection_temperature)
+    rule = args.selection or think.selection
+    temperature = args.selection_temperature or think.selection_temperature
+    return Selection(rule, temperature)

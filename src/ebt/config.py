@@ -82,6 +82,11 @@ class ThinkConfig:
     init: str = "random_noise"  # initial candidate: random_noise | zeros | last_frame (video)
     init_scale: float = 1.0
     samples: int = 1  # candidates per token at inference (best-of-N by energy)
+    # best-of-N at inference: lowest (final energy per token, the paper's rule) | weighted
+    # (candidates' distributions averaged with weights softmax(-E / selection_temperature)) |
+    # sequence (one candidate per sequence); `ebt think` / `ebt probe --selection` override it
+    selection: str = "lowest"
+    selection_temperature: float = 0.1
 
 
 @dataclass

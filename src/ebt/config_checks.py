@@ -72,6 +72,8 @@ RULES: dict[str, Rule] = {
     "think.init": _choice("random_noise", "zeros", "last_frame"),
     "think.init_scale": POSITIVE,
     "think.samples": _ge(1),
+    "think.selection": _choice("lowest", "weighted", "sequence"),
+    "think.selection_temperature": POSITIVE,
     "data.source": NOT_EMPTY,
     "data.text_field": NOT_EMPTY,
     "data.tokenizer": NOT_EMPTY,

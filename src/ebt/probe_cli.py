@@ -53,8 +53,9 @@ def probe_run(path: str, overrides: list[str], args: argparse.Namespace) -> dict
     request = ProbeRequest(
         args.steps, args.samples, args.problems, args.batch_size, args.seed, args.options
     )
-    request.selection = selection_options(args)
-    return run_probe(run.model, sets, request) | {"checkpoint": str(run.checkpoint)}
+    request.selection = selection_options(args, run.config.think)
+    result = run_probe(run.model, sets, request) | {"checkpoint": str(run.checkpoint)}
+    return result | {"selection": vars(request.selection)}
 
 
 def plot_probe(result: dict[str, Any], path: str | Path) -> Path:
@@ -111,7 +112,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     args.options = thinking_options(args)
     result = {"probe": args.probe} | probe_run(args.run, args.overrides, args)
     result["options"] = vars(args.options)
-    result["selection"] = vars(selection_options(args))
     if args.baseline:  # the same problems
         args.source = result["sources"]["in"]
         result["baseline"] = probe_run(args.baseline, [], args)

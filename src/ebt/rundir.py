@@ -32,6 +32,8 @@ LOCK_FILE = ".lock"
 RESUMABLE_KEYS = frozenset(
     {
         "think.samples",
+        "think.selection",  # inference-only: how best-of-N picks
+        "think.selection_temperature",
         "think.step_size_lr_multiplier",
         "data.ood_source",
         "data.ood_noise_level",

@@ -52,6 +52,7 @@ def cmd_thinking_shift(args: argparse.Namespace) -> int:
         args.baseline,
         args.plot,
         args.from_steps,
+        args.overrides,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -80,6 +81,7 @@ def add_experiment_commands(sub: Any) -> None:
 
     shift = kinds.add_parser("thinking-shift", help="thinking gains against distribution shift")
     shift.add_argument("run")
+    shift.add_argument("overrides", nargs="*", help="section.key=value, e.g. think.selection=...")
     shift.add_argument("--data", nargs="*", default=[], help="sets: val, pydoc, files/globs")
     shift.add_argument("--baseline", default="", help="a Transformer++ run: its flat line")
     shift.add_argument("--steps", type=STEPS_LIST, default=[1, 2, 4, 8])

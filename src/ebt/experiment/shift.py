@@ -46,9 +46,13 @@ def _gain(before: float, after: float) -> float:
 
 
 def _curves(run: Any, batches: list, steps: list[int], samples: list[int]) -> dict[str, Any]:
-    from ebt.inference import thinking_curves
+    from ebt.inference import Selection, thinking_curves
 
-    result = thinking_curves(run.model, batches, steps, samples, run.tokenizer.pad_id)
+    think = run.config.think  # best-of-N by the run's rule (think.selection)
+    selection = Selection(think.selection, think.selection_temperature)
+    result = thinking_curves(
+        run.model, batches, steps, samples, run.tokenizer.pad_id, selection=selection
+    )
     return {(point["steps"], point["samples"]): point for point in result["curves"]}
 
 
@@ -81,12 +85,13 @@ def thinking_shift(
     baseline: str = "",
     plot: str = "",
     from_steps: int = 0,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Thinking gains (from `from_steps`, default the trained steps) and distance for every
     set; writes the plot when asked."""
     from ebt.api import load_run
 
-    run = load_run(run_path)
+    run = load_run(run_path, overrides or [])
     if run.tokenizer is None or run.config.model.kind != "ebt":
         raise EbtError(f"{run_path}: thinking-shift needs a text EBT run")
     reference = load_run(baseline) if baseline else None
@@ -102,7 +107,8 @@ def thinking_shift(
         rows.append(row)
     _add_distance(rows, "baseline_loss" if reference is not None else "loss_start")
     result = {"run": run_path, "baseline": baseline, "steps": steps, "samples": samples}
-    result["from_steps"] = start
+    think = run.config.think
+    result |= {"from_steps": start, "selection": think.selection}
     result["sets"] = rows
     if plot:
         result["plot"] = str(plot_shift(result, Path(plot)))
@@ -131,7 +137,8 @@ def plot_shift(result: dict[str, Any], path: Path) -> Path:
     longer = [row["gain_longer_pct"] for row in rows]
     axes.plot(distance, longer, "o-", label=f"EBT, {start} -> {most} steps")
     verified = [row["gain_verified_pct"] for row in rows]
-    label = f"EBT, {start} -> {most} steps, best of {max(result['samples'])}"
+    rule = result.get("selection", "lowest")
+    label = f"EBT, {start} -> {most} steps, best of {max(result['samples'])}, {rule}"
     axes.plot(distance, verified, "s-", label=label)
     axes.axhline(0.0, color="grey", linestyle="--", label="Transformer++ (cannot think)")
     for row in rows:
