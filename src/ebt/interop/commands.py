@@ -67,12 +67,8 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def cmd_export_reference(args: argparse.Namespace) -> int:
     """`ebt export-reference RUN OUT.ckpt [--tokenizer-name NAME]`."""
     from ebt.interop.convert import export_reference, read_reference_checkpoint
-    from ebt.interop.video_reference import export_video_reference, is_video_run
 
-    if is_video_run(args.run):
-        path = export_video_reference(args.run, args.out)
-    else:
-        path = export_reference(args.run, args.out, args.tokenizer_name)
+    path = export_reference(args.run, args.out, args.tokenizer_name)
     hparams = read_reference_checkpoint(path)["hyper_parameters"]
     kind = hparams["model_name"]
     if hparams.get("modality") == "VID":

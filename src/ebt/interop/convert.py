@@ -270,8 +270,9 @@ def export_reference(
 ) -> Path:
     """Write a `.ckpt` the paper's code loads (state_dict under `model.`, hyper_parameters).
 
-    The hyper-parameters of an imported run are restored, then every flag ebt models is set
-    from the run's config. tokenizer_name (text) overrides what the paper's code will load.
+    Text, image and video runs. The hyper-parameters of an imported run are restored, then every
+    flag ebt models is set from the run's config. tokenizer_name (text) overrides what the
+    paper's code will load.
     """
     step_dir = resolve_checkpoint(run)
     state, config_dict = load_model_state(step_dir)
@@ -283,6 +284,10 @@ def export_reference(
     original = (train_state.get("extra") or {}).get("reference_hyper_parameters") or {}
     if config.model.modality == "image":
         hparams, reference = _image_export(config, state, original)
+    elif config.model.modality == "video":  # its frozen VAE is not in it: the paper loads its own
+        from ebt.interop.video_reference import video_reference_checkpoint
+
+        hparams, reference = video_reference_checkpoint(config, state, original)
     else:
         hparams, reference = _text_export(config, state, original, tokenizer_name)
     checkpoint = {

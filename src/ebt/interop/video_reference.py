@@ -9,16 +9,12 @@ embeds real frames and candidate frames alike; ours is the same EnergyTransforme
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ebt.checkpoint import (
-    load_model_state,
-    load_train_state,
-    resolve_checkpoint,
     save_checkpoint,
     write_run_config,
 )
@@ -326,35 +322,3 @@ def video_reference_checkpoint(
         hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
     state = _model_order(config, state, 0)
     return hparams, video_reference_state_dict(state, config.model.variant)
-
-
-def is_video_run(run: str | Path) -> bool:
-    """Whether a run directory (or step dir) holds a video model."""
-    _, config = load_model_state(resolve_checkpoint(run))
-    return config_from_dict(config).model.modality == "video"
-
-
-def export_video_reference(run: str | Path, out_file: str | Path) -> Path:
-    """Write a video run as a `.ckpt` the paper's video code loads (its frozen VAE is not in
-    it: the paper's code loads its own). An imported run's other flags are restored."""
-    step_dir = resolve_checkpoint(run)
-    state, values = load_model_state(step_dir)
-    config = config_from_dict(values)
-    try:
-        train_state = load_train_state(step_dir)
-    except FileNotFoundError:
-        train_state = {}
-    original = (train_state.get("extra") or {}).get("reference_hyper_parameters") or {}
-    hparams, reference = video_reference_checkpoint(config, state, original)
-    checkpoint = {
-        "state_dict": reference,
-        "hyper_parameters": hparams,
-        "global_step": int(train_state.get("step", 0)),
-        "epoch": 0,
-    }
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
-    return out
