@@ -31,13 +31,11 @@ beside this repository, where the project keeps one).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
 import os
 import runpy
-import statistics
 import sys
 import time
 import warnings
@@ -49,7 +47,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_speed import ENV_VAR, _missing_packages_stubbed  # noqa: E402
+from reference_speed import (  # noqa: E402
+    _missing_packages_stubbed,
+    entry_summaries,
+    ratio_summaries,
+    side_by_side_arguments,
+)
+from reference_speed import reference_dir as shared_reference_dir  # noqa: E402
 
 from ebt.bench import (  # noqa: E402
     _peak_rss_mb,
@@ -87,14 +91,7 @@ CLASSES = {"ebt": "EBT_IMG_Denoise", "dit": "Diffusion_Transformer_IMG_Denoise"}
 
 def reference_dir() -> str:
     """The paper's work tree (EBT_REFERENCE_DIR), checked to hold its image models."""
-    path = os.environ.get(ENV_VAR, "")
-    if not path or not os.path.isfile(os.path.join(path, "model", "img", "ebt_denoise.py")):
-        sys.exit(
-            f"{ENV_VAR} must point at a work tree of the paper's code (alexiglad/EBT), e.g.\n"
-            "    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference\n"
-            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/reference_image_speed.py"
-        )
-    return path
+    return shared_reference_dir("img/ebt_denoise.py", "reference_image_speed.py")
 
 
 def _torchvision_stand_in() -> None:
@@ -278,36 +275,13 @@ def _peak_child(name: str, path: str, queue: Any) -> None:
 
 def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
     """Median / min / max ms per step and peak memory of every entry, and the ratios."""
-    entries = {
-        name: {
-            "ms_per_step": round(1000 * statistics.median(seconds), 2),
-            "ms_min": round(1000 * min(seconds), 2),
-            "ms_max": round(1000 * max(seconds), 2),
-            "peak_mem_mb": round(run_in_child(_peak_child, name, path), 1),
-        }
-        for name, seconds in times.items()
-    }
-    ratios = {}
-    for label, (first, second) in RATIOS.items():
-        ratios[label] = {
-            key: round(entries[first][key] / entries[second][key], 3)
-            for key in ("ms_per_step", "peak_mem_mb")
-        }
-        rounds = zip(times[first], times[second], strict=True)
-        ratios[label]["ms_per_step_paired"] = round(statistics.median(a / b for a, b in rounds), 3)
-    return {"entries": entries, "ratios": ratios}
+    entries = entry_summaries(times, lambda name: run_in_child(_peak_child, name, path))
+    return {"entries": entries, "ratios": ratio_summaries(times, entries, RATIOS)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+    args = side_by_side_arguments(__doc__)
     path = reference_dir()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    keep_freed_memory()  # the `ebt` CLI's allocator setting, applied to both codes alike
     checked = parity(path)
     steppers = {name: build(path) for name, build in BUILDERS.items()}
     times = interleaved_times(steppers, args.repeats, args.warmup)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -161,6 +162,9 @@ class _ByteTokenizer:
 
 def _stub_module(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
+    # a spec, so that installed packages probing for this one (diffusers asks find_spec of
+    # "transformers") get an answer instead of ValueError
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
 
     def __getattr__(attr: str) -> Any:  # PEP 562 module attribute hook
         if attr.startswith("__"):
@@ -195,13 +199,14 @@ def _missing_packages_stubbed() -> Iterator[None]:
 # --------------------------------------------------------------------------- the paper's code
 
 
-def reference_dir() -> str:
+def reference_dir(model_file: str = "nlp/ebt.py", script: str = "reference_speed.py") -> str:
+    """The paper's work tree (EBT_REFERENCE_DIR), checked to hold `model/<model_file>`."""
     path = os.environ.get(ENV_VAR, "")
-    if not path or not os.path.isfile(os.path.join(path, "model", "nlp", "ebt.py")):
+    if not path or not os.path.isfile(os.path.join(path, "model", model_file)):
         sys.exit(
             f"{ENV_VAR} must point at a work tree of the paper's code (alexiglad/EBT), e.g.\n"
             "    git clone https://github.com/alexiglad/EBT /tmp/ebt-reference\n"
-            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/reference_speed.py"
+            f"    {ENV_VAR}=/tmp/ebt-reference python benchmarks/{script}"
         )
     return path
 
@@ -324,41 +329,63 @@ def peak_memory_mb(name: str, path: str) -> float:
     return run_in_child(_peak_child, name, path)
 
 
-def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
-    entries = {}
-    for name, seconds in times.items():
-        entries[name] = {
+def entry_summaries(
+    times: dict[str, list[float]], peak_mb: Callable[[str], float]
+) -> dict[str, dict[str, float]]:
+    """Median / min / max ms per step of every entry, and its peak memory (peak_mb(name))."""
+    return {
+        name: {
             "ms_per_step": round(1000 * statistics.median(seconds), 2),
             "ms_min": round(1000 * min(seconds), 2),
             "ms_max": round(1000 * max(seconds), 2),
-            "peak_mem_mb": round(peak_memory_mb(name, path), 1),
+            "peak_mem_mb": round(peak_mb(name), 1),
         }
+        for name, seconds in times.items()
+    }
+
+
+def ratio_summaries(
+    times: dict[str, list[float]], entries: dict[str, dict], pairs: dict[str, tuple[str, str]]
+) -> dict[str, dict[str, float]]:
+    """first / second of each named pair: ratios of medians, and the median per-round ratio."""
     ratios = {}
-    for label, (ours, ref) in RATIOS.items():
+    for label, (first, second) in pairs.items():
         ratios[label] = {
-            key: round(entries[ours][key] / entries[ref][key], 3)
+            key: round(entries[first][key] / entries[second][key], 3)
             for key in ("ms_per_step", "peak_mem_mb")
         }
-        paired = [mine / theirs for mine, theirs in zip(times[ours], times[ref], strict=True)]
-        ratios[label]["ms_per_step_paired"] = round(statistics.median(paired), 3)
+        rounds = zip(times[first], times[second], strict=True)
+        ratios[label]["ms_per_step_paired"] = round(statistics.median(a / b for a, b in rounds), 3)
+    return ratios
+
+
+def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
+    entries = entry_summaries(times, lambda name: peak_memory_mb(name, path))
     baseline = round(peak_memory_mb("process_baseline", path), 1)
     return {
         "entries": entries,
         "process_baseline_peak_mem_mb": baseline,
-        "ratios_ours_over_reference": ratios,
+        "ratios_ours_over_reference": ratio_summaries(times, entries, RATIOS),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def side_by_side_arguments(description: str) -> argparse.Namespace:
+    """--repeats, --warmup, --threads of a side-by-side script, with the threads applied and
+    the `ebt` CLI's allocator setting (applied to both codes alike)."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
-    path = reference_dir()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # the `ebt` CLI's allocator setting, applied to both codes alike
+    keep_freed_memory()
+    return args
+
+
+def main() -> None:
+    args = side_by_side_arguments(__doc__)
+    path = reference_dir()
     times = time_interleaved(path, args.repeats, args.warmup)
     setting = {"dim": DIM, "layers": LAYERS, "heads": HEADS, "context": CONTEXT}
     setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": "float32", "device": "cpu"}
