@@ -59,6 +59,7 @@ def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD)
     try:
         fn(rank, *args)
+        dist.barrier()  # both ranks done with every collective before the group goes away
     finally:
         dist.destroy_process_group()
 
