@@ -200,6 +200,15 @@ def import_reference(
         config, state = _image_run(raw_state, hparams, tokenizer)
     else:
         config, state = _text_run(raw_state, hparams, tokenizer, out)
+    return write_imported_run(out, config, state, loaded, checkpoint)
+
+
+def write_imported_run(
+    out: Path, config: Config, state: dict[str, torch.Tensor], loaded: dict, checkpoint: Any
+) -> Path:
+    """The run directory of an imported checkpoint (text, image or video): its config, the
+    weights as step `global_step`, and the paper's flags kept for a later export."""
+    hparams = loaded["hyper_parameters"]
     out.mkdir(parents=True, exist_ok=True)
     config.train.out_dir = str(out)
     write_run_config(out, config.to_dict())

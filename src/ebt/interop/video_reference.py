@@ -14,10 +14,6 @@ from typing import Any
 
 import torch
 
-from ebt.checkpoint import (
-    save_checkpoint,
-    write_run_config,
-)
 from ebt.config import Config, ThinkConfig, config_from_dict
 from ebt.interop.reference import (
     InteropError,
@@ -288,7 +284,7 @@ def video_hparams_from_config(config: Config) -> dict[str, Any]:
 def import_video_reference(loaded: dict[str, Any], checkpoint: str | Path, out: Path) -> Path:
     """Write an ebt run from a read video checkpoint of the paper's code; returns its step dir.
     The frozen frame encoder is not in the checkpoint: the run names the paper's VAE."""
-    from ebt.interop.convert import _check_loads, _plain  # the text/image import's own checks
+    from ebt.interop.convert import _check_loads, write_imported_run  # shared with text/image
 
     raw, hparams = loaded["state_dict"], loaded["hyper_parameters"]
     try:
@@ -298,15 +294,7 @@ def import_video_reference(loaded: dict[str, Any], checkpoint: str | Path, out: 
         what = "(not a video EBT or Transformer++ of the paper)"
         raise InteropError(f"{error.args[0]} {what}") from None
     _check_loads(config, state, 0)
-    out.mkdir(parents=True, exist_ok=True)
-    config.train.out_dir = str(out)
-    write_run_config(out, config.to_dict())
-    extra = {
-        "reference_checkpoint": str(Path(checkpoint).resolve()),
-        "reference_hyper_parameters": {k: v for k, v in hparams.items() if _plain(v)},
-    }
-    step = int(loaded.get("global_step") or 0)
-    return save_checkpoint(out, step, state, config.to_dict(), None, None, extra=extra)
+    return write_imported_run(out, config, state, loaded, checkpoint)
 
 
 def video_reference_checkpoint(
