@@ -37,7 +37,6 @@ import json
 import os
 import runpy
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_speed import (  # noqa: E402
+    PaperStepper,
     _missing_packages_stubbed,
     entry_summaries,
     ratio_summaries,
@@ -192,7 +192,7 @@ def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
     return module, config
 
 
-class _ReferenceStepper:
+class _ReferenceStepper(PaperStepper):
     """The paper's LightningModule taking training steps on fixed clean images."""
 
     def __init__(self, path: str, kind: str) -> None:
@@ -200,14 +200,6 @@ class _ReferenceStepper:
         self.module.train()
         self.optimizer = _adamw(self.module, config)
         self.batch = {"image": _clean_images(config)}
-
-    def step(self) -> float:
-        """Seconds for noising + forward + loss + backward + optimizer step."""
-        start = time.perf_counter()
-        self.module.forward_loss_wrapper(self.batch, "train")["loss"].backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
 
 
 def our_stepper(kind: str) -> _Stepper:

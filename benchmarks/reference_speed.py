@@ -235,15 +235,13 @@ def _reference_optimizer(module: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, betas=(0.9, 0.999))
 
 
-class _ReferenceStepper:
-    """The paper's LightningModule taking training steps on a fixed random batch."""
+class PaperStepper:
+    """Training steps of one of the paper's LightningModules on a fixed batch (`module`,
+    `optimizer` and `batch` are set by each script's constructor)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module.train()
-        self.optimizer = _reference_optimizer(module)
-        generator = torch.Generator().manual_seed(SEED)
-        tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
-        self.batch = {"input_ids": tokens}
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Any
 
     def step(self) -> float:
         """Seconds for forward + loss + backward + optimizer step."""
@@ -252,6 +250,17 @@ class _ReferenceStepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
+
+
+class _ReferenceStepper(PaperStepper):
+    """The paper's LightningModule taking training steps on a fixed random batch."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.train()
+        self.optimizer = _reference_optimizer(module)
+        generator = torch.Generator().manual_seed(SEED)
+        tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
+        self.batch = {"input_ids": tokens}
 
 
 def _reference_stepper(path: str, module_name: str, class_name: str) -> _ReferenceStepper:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ebt.cli_args import COUNT, STEPS_LIST
+from ebt.cli_args import COUNT, INT_0, STEPS_LIST
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
@@ -89,7 +89,7 @@ def add_experiment_commands(sub: Any) -> None:
     shift.add_argument("--batches", type=COUNT, default=8)
     shift.add_argument("--plot", default="", help="write the plot to this PNG")
     shift.add_argument(
-        "--from-steps", type=int, default=0, help="gains from this many steps (0: the trained)"
+        "--from-steps", type=INT_0, default=0, help="gains from this many steps (0: the trained)"
     )
     shift.set_defaults(handler=cmd_thinking_shift)
 
