@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train
 
 import ebt.train
 from ebt.cli import main
@@ -21,22 +22,9 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
 
 def tiny_overrides(corpus: Path) -> list[str]:
-    """configs/text/tiny.toml as a 1-layer width-32 model on `corpus` (4 x 16 tokens a step)."""
-    return [
-        f"data.source={corpus}",
-        "data.seq_len=16",
-        "data.val_fraction=0.1",
-        "model.dim=32",
-        "model.layers=1",
-        "model.heads=2",
-        "train.batch_size=4",
-        "train.warmup_steps=1",
-        "train.eval_batches=2",
-        "train.log_every=1",
-        "train.progress=false",
-        "train.num_threads=1",
-        "train.device=cpu",
-    ]
+    """test_train's tiny text run on `corpus` (each study point or command sets its own steps
+    and run directory after these)."""
+    return test_train.tiny_overrides(corpus.parent / "unused-run", corpus)
 
 
 @pytest.mark.parametrize(

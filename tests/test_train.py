@@ -34,7 +34,12 @@ RECIPES = {"s1": ["model.variant=pred_step"], "s2": SYSTEM2}
 
 def tiny_config(run_dir: Path, corpus: Path, *overrides: str) -> Config:
     """configs/text/tiny.toml shrunk to a 1-layer width-32 model on `corpus`, CPU, 6 steps."""
-    base = [
+    return load_config(TINY, tiny_overrides(run_dir, corpus) + list(overrides))
+
+
+def tiny_overrides(run_dir: Path, corpus: Path) -> list[str]:
+    """The overrides of tiny_config (for commands that take them as arguments)."""
+    return [
         f"data.source={corpus}",
         "data.seq_len=16",
         "data.val_fraction=0.1",
@@ -53,7 +58,6 @@ def tiny_config(run_dir: Path, corpus: Path, *overrides: str) -> Config:
         "train.device=cpu",
         f"train.out_dir={run_dir}",
     ]
-    return load_config(TINY, base + list(overrides))
 
 
 def training_rows(run_dir: Path) -> list[dict]:
