@@ -117,3 +117,40 @@ def test_scheduler_state_round_trip() -> None:
     optimizer.step()
     scheduler.step()
     assert lr_report(fresh_opt) == pytest.approx(lr_report(optimizer))
+
+
+def test_plain_parameters_take_the_fused_kernel_with_the_same_update(monkeypatch) -> None:
+    """Ordinary CPU parameters get PyTorch's fused AdamW; it takes the foreach update's steps
+    (two groups, weight decay, the step size's own lr) to float rounding."""
+    train, think = TrainConfig(lr=1e-2, weight_decay=0.1), ThinkConfig()
+    torch.manual_seed(0)
+    fused_model, reference = Energy(), Energy()
+    reference.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, train, think)
+    monkeypatch.setattr("ebt.optim.fused_supported", lambda params: False)
+    foreach = build_optimizer(reference, train, think)
+    assert fused.defaults["fused"] and not foreach.defaults["fused"]
+    initial = fused_model.head.weight.detach().clone()
+    for step in range(3):
+        for model, optimizer in ((fused_model, fused), (reference, foreach)):
+            torch.manual_seed(step)
+            loss = model.head(model.norm(model.embed(torch.arange(10)))).sum() * model.step_size
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for ours, theirs in zip(fused_model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fused_model.head.weight, initial)
+
+
+def test_sharded_or_integer_parameters_keep_the_foreach_update() -> None:
+    from ebt.optim import fused_supported
+
+    assert fused_supported([nn.Parameter(torch.ones(2))])
+    assert not fused_supported([nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.int64)])
+    subclass = torch.ones(2).as_subclass(Subclass)  # as FSDP2's DTensor parameters are
+    assert not fused_supported([nn.Parameter(torch.ones(2)), subclass])
+
+
+class Subclass(torch.Tensor):
+    pass

@@ -244,3 +244,44 @@ def test_last_frame_initial_state_is_video_only():
     batch = clips()
     context, targets = VideoTask().split(batch)
     assert torch.equal(VideoTask().initial_state(config.think, context, targets), context)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_landscapes_encoded_in_one_stacked_pass_equal_separate_encodings(variant):
+    model, frames = make_model(variant), clips().flatten(2)
+    caches = model.encode_landscapes(frames, [0, 1])
+    expected_keys = [0, 1] if model.context_depends_on_landscape else [0]
+    assert sorted(caches) == expected_keys
+    for landscape, cache in caches.items():
+        alone = model.encode_context(frames, landscape)
+        assert cache.landscape == landscape
+        for ours, theirs in zip(cache.keys + cache.values, alone.keys + alone.values, strict=True):
+            assert relative(ours, theirs) < 1e-12
+        if alone.condition is not None:
+            assert relative(cache.condition, alone.condition) < 1e-12
+
+
+def test_zero_candidates_embed_as_the_bias_with_unchanged_gradients(monkeypatch):
+    """A leaf of zeros (think.init = "zeros") skips the frame Linear: the same energies, dE/dx
+    and second-order parameter gradients as embedding the zeros."""
+    model, frames = make_model("time_embed"), clips().flatten(2)
+    context, targets = frames[:, :-1], frames[:, 1:]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(EnergyTransformer, "_zero_frames", lambda self, c: False)
+        calls = []
+        hook = model.frame_embedding.register_forward_hook(lambda *args, seen=calls: seen.append(1))
+        zeros = torch.zeros(BATCH, FRAMES - 1, FRAME_DIM, dtype=torch.float64).requires_grad_()
+        cache = model.encode_context(context, 0)  # one frame_embedding call
+        energies, gradient = model.energies_and_gradient(cache, zeros, None, 0, True)
+        hook.remove()
+        assert len(calls) == (1 if skip else 2)
+        loss = VideoTask().loss(zeros - model.step_size * gradient, targets)
+        grads = torch.autograd.grad(loss, parameters)
+        results.append((energies.detach(), gradient.detach(), grads))
+    (energies, gradient, grads), (energies_0, gradient_0, grads_0) = results
+    assert relative(energies, energies_0) < 1e-12 and relative(gradient, gradient_0) < 1e-12
+    for ours, theirs in zip(grads, grads_0, strict=True):
+        assert relative(ours, theirs) < 1e-12

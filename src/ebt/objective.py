@@ -196,9 +196,10 @@ class Objective(nn.Module):
         When landscapewise(): with detached steps a landscape depends on the earlier ones only
         through a detached state, so its part of the loss is back-propagated as soon as its
         steps are done, freeing its second-order graph before the next landscape builds one
-        (peak activation memory of one landscape, not all). A context shared by every landscape
-        (pred_step, default) is cut into leaf keys/values; what the landscapes send it is
-        back-propagated through the context stream once, at the end. The gradients equal those of
+        (peak activation memory of one landscape, not all). The context stream runs once for
+        every landscape (stacked rows; one shared context for pred_step and default) and is
+        cut into leaf keys/values; what the landscapes send it is back-propagated through the
+        context stream once, at the end. The gradients equal those of
         the one-backward path up to summation order. Single process only: DDP and FSDP need one
         backward per forward.
         """
@@ -214,11 +215,10 @@ class Objective(nn.Module):
         inputs, targets = self.task.split(batch)
         init, schedule, options = self._setup(inputs, targets, replay_states)
         options, cuts = _cut_options(options)
-        caches = None
-        if not self.model.context_depends_on_landscape:
-            context, leaf_cache = self._leaf_context(inputs)
-            cuts += list(zip(context, leaf_cache.keys + leaf_cache.values, strict=True))
-            caches = {0: leaf_cache}
+        caches = self.model.encode_landscapes(inputs, sorted(set(schedule)))
+        for landscape, cache in caches.items():
+            caches[landscape], cache_cuts = _leaf_cache(cache)
+            cuts += cache_cuts
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         leaves = [leaf for _, leaf in cuts]
         state, losses, energies = init, [], []
@@ -238,14 +238,20 @@ class Objective(nn.Module):
         loss = torch.stack([item.detach() for item in losses]).mean()
         return self._output(loss, losses, energies, state)
 
-    def _leaf_context(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], ContextCache]:
-        """(the context's keys + values with their graph, a cache of the same tensors as leaves
-        that collect the landscapes' gradients)."""
-        cache = self.model.encode_context(inputs, 0)
-        keys = [k.detach().requires_grad_() for k in cache.keys]
-        values = [v.detach().requires_grad_() for v in cache.values]
-        leaves = ContextCache(keys, values, cache.landscape, cache.condition)
-        return cache.keys + cache.values, leaves
+
+def _leaf_cache(cache: ContextCache) -> tuple[ContextCache, list[tuple[torch.Tensor, ...]]]:
+    """The cache with its keys, values and condition as leaves that collect the landscapes'
+    gradients, and the (original, leaf) pairs."""
+    originals = cache.keys + cache.values
+    if cache.condition is not None:
+        originals.append(cache.condition)
+    leaves = [tensor.detach().requires_grad_() for tensor in originals]
+    layers = len(cache.keys)
+    condition = leaves[2 * layers] if cache.condition is not None else None
+    leaf_cache = ContextCache(
+        leaves[:layers], leaves[layers : 2 * layers], cache.landscape, condition
+    )
+    return leaf_cache, list(zip(originals, leaves, strict=True))
 
 
 def _cut_options(options: StepOptions) -> tuple[StepOptions, list[tuple[torch.Tensor, ...]]]:

@@ -56,7 +56,24 @@ def build_optimizer(model: nn.Module, train: TrainConfig, think: ThinkConfig) ->
     if not any(group["params"] for group in groups):
         raise ValueError("the model has no parameters that require grad")
     groups = [group for group in groups if group["params"]]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
+    fused = fused_supported([p for group in groups for p in group["params"]])
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), fused=fused)
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether PyTorch's fused AdamW kernel takes these parameters: plain (not FSDP-sharded
+    DTensor) floating tensors on CPU or CUDA.
+
+    The fused kernel updates each parameter in one pass over its memory; the default (foreach)
+    implementation runs a dozen. Measured on the video bench setting (2.6M parameters, one
+    CPU thread): 1.9 against 10.4 ms per optimizer step. Same update rule, rounding aside.
+    """
+    return all(
+        type(p) in (nn.Parameter, torch.Tensor)  # not a subclass such as FSDP's DTensor
+        and p.device.type in ("cpu", "cuda")
+        and p.is_floating_point()
+        for p in params
+    )
 
 
 def lr_multiplier(train: TrainConfig) -> Callable[[int], float]:

@@ -236,6 +236,9 @@ def think(
     trajectory = Trajectory()
     cache = None
     state = init
+    if caches is None and tokens is not None and hasattr(model, "encode_landscapes"):
+        with torch.set_grad_enabled(options.create_graph):  # every landscape in one pass
+            caches = model.encode_landscapes(tokens, sorted(set(schedule)))
     last = len(schedule) - 1
     with torch.enable_grad():
         for index, landscape in enumerate(schedule):

@@ -289,7 +289,8 @@ def energies_and_gradient(
         rows = torch.arange(count, device=probabilities.device)
     landscape = cache.landscape if landscape is None else landscape
     shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
-    z = model.embed_candidates(probabilities, landscape, noise).flatten(0, 1)  # (N, D)
+    z = model.embed_candidates(probabilities, landscape, noise, zero_leaf_as_bias=True)
+    z = z.flatten(0, 1)  # (N, D)
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
     pieces = [  # per layer, per chunk of rows: (rows, mask, keys (B*H, k, hd), values)

@@ -167,8 +167,38 @@ class EnergyTransformer(nn.Module):
         encodes several landscapes in one pass; split it with ContextCache.select). capacity > 0
         keeps the keys/values in KeyValueBuffers of that many positions for extend_context.
         """
-        x = self.embed_context(tokens)  # (B, S, D)
+        return self._encode_embedded(self.embed_context(tokens), landscape, capacity)
+
+    def encode_landscapes(self, tokens: torch.Tensor, landscapes: list[int]) -> dict:
+        """{landscape: ContextCache} for each of `landscapes` over tokens (B, S) (frames
+        (B, S, frame_dim)): the inputs are embedded once and every landscape's context stream
+        runs in one pass over the landscapes' rows stacked (larger matmuls, fewer kernels). The
+        caches are pieces of one split, whose backward is a single concatenation."""
+        if not self.context_depends_on_landscape:
+            return {0: self.encode_context(tokens, 0)}
+        if len(landscapes) == 1:
+            return {landscapes[0]: self.encode_context(tokens, landscapes[0])}
         batch = tokens.shape[0]
+        x = self.embed_context(tokens).repeat(len(landscapes), 1, 1)  # (L * B, S, D)
+        labels = torch.tensor(landscapes, device=x.device).repeat_interleave(batch)  # (L * B,)
+        stacked = self._encode_embedded(x, labels)
+        keys = [k.split(batch) for k in stacked.keys]  # per layer, L x (B, H, T, hd)
+        values = [v.split(batch) for v in stacked.values]
+        conditions = [None] * len(landscapes)
+        if stacked.condition is not None:
+            conditions = stacked.condition.split(batch)  # L x (B, D)
+        return {
+            landscape: ContextCache(
+                [k[index] for k in keys], [v[index] for v in values], landscape, conditions[index]
+            )
+            for index, landscape in enumerate(landscapes)
+        }
+
+    def _encode_embedded(
+        self, x: torch.Tensor, landscape: int | torch.Tensor, capacity: int = 0
+    ) -> ContextCache:
+        """encode_context on embedded inputs x (B, S, D)."""
+        batch = x.shape[0]
         condition = self._condition(landscape, batch) if self.variant == "adaln" else None
         if self.variant == "time_embed":
             step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
@@ -252,16 +282,37 @@ class EnergyTransformer(nn.Module):
         return state.softmax(dim=-1)
 
     def embed_candidates(
-        self, probabilities: torch.Tensor, landscape: int, noise: torch.Tensor | None = None
+        self,
+        probabilities: torch.Tensor,
+        landscape: int,
+        noise: torch.Tensor | None = None,
+        zero_leaf_as_bias: bool = False,
     ) -> torch.Tensor:
         """Candidates (B, R, V or frame_dim) -> prediction-stream inputs (B, R, D), plus the
-        Langevin `noise` (B, R, D) drawn after the embedding (video), if any."""
-        z = self.candidate_layer(probabilities)  # (B, R, D)
+        Langevin `noise` (B, R, D) drawn after the embedding (video), if any.
+
+        zero_leaf_as_bias (the hand-written passes, which never ask autograd for dE/dp): frame
+        candidates that are a leaf of zeros (think.init = "zeros") embed as the bias alone,
+        skipping a (B*R, F) x (F, D) matmul and a weight gradient that is exactly zero
+        (grad^T 0). Checked on CPU only, where it saves ~3% of a video training step; on GPU
+        the check would make the host wait for the device.
+        """
+        if zero_leaf_as_bias and self._zero_frames(probabilities):
+            bias = self.frame_embedding.bias  # (D,)
+            z = bias.expand(*probabilities.shape[:2], -1)  # (B, R, D)
+        else:
+            z = self.candidate_layer(probabilities)  # (B, R, D)
         if noise is not None:
             z = z + noise
         if self.variant == "pred_step":
             z = z + self.step_embedding.weight[landscape]
         return z
+
+    def _zero_frames(self, candidates: torch.Tensor) -> bool:
+        """Whether candidates are frame vectors, a leaf (no history a gradient must reach)
+        on CPU, and all zero."""
+        eligible = self.args.frame_dim and candidates.is_leaf and candidates.device.type == "cpu"
+        return bool(eligible) and not torch.compiler.is_compiling() and not candidates.any()
 
     def energies(
         self,

@@ -46,8 +46,8 @@ GELU_CUBIC = 0.044715
 class Folded(NamedTuple):
     """One block's weights with its modulation folded in (see the module docstring)."""
 
-    qkv: torch.Tensor  # (3D, D): columns scaled by 1 + scale1
-    qkv_bias: torch.Tensor  # (3D,): added (and the queries scaled) by _Attention
+    qkv: torch.Tensor  # (3D, D): columns scaled by 1 + scale1, query rows by 1/sqrt(hd)
+    qkv_bias: torch.Tensor  # (3D,): query part scaled by 1/sqrt(hd); added by _Attention
     qkv_centred: torch.Tensor  # (3D, D): qkv, each row minus its mean (for the LN backward)
     out: torch.Tensor  # (D, D): rows scaled by gate1
     out_bias: torch.Tensor  # (D,)
@@ -64,12 +64,15 @@ def _centred(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fold(block: DiTBlock, condition: torch.Tensor) -> Folded:
-    """The block's weights with its six adaLN vectors (from condition (1, D)) folded in."""
+    """The block's weights with its six adaLN vectors (from condition (1, D)) folded in, and
+    the attention scale 1/sqrt(hd) folded into the query rows (so that the attention's layout
+    passes are plain copies)."""
     mod = block.modulation(condition)[0].chunk(6)  # 6 x (D,)
     shift1, scale1, gate1, shift2, scale2, gate2 = mod
     attention, mlp = block.attention, block.feed_forward
-    qkv = attention.qkv.weight * (1 + scale1)  # (3D, D)
-    qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1)  # (3D,)
+    queries = _query_scale(attention.qkv.weight, block.attention.heads)  # (3D, 1)
+    qkv = attention.qkv.weight * (1 + scale1) * queries  # (3D, D)
+    qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1) * queries[:, 0]
     fc1 = mlp.fc1.weight * (1 + scale2)  # (F, D)
     fc1_bias = torch.addmv(mlp.fc1.bias, mlp.fc1.weight, shift2)  # (F,)
     out = attention.out.weight * gate1.unsqueeze(1)  # (D, D)
@@ -172,35 +175,35 @@ def _gelu(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _Gelu.apply(u)
 
 
-def _factor(x: torch.Tensor, width: int) -> torch.Tensor:
-    """(3, 1, 1, 1, 1): the attention scale 1/sqrt(hd) for queries, 1 for keys and values."""
-    return x.new_tensor([width**-0.5, 1.0, 1.0]).view(3, 1, 1, 1, 1)
+def _query_scale(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """(3D, 1): 1/sqrt(hd) for the query rows of a qkv weight (3D, D), 1 for the others."""
+    dim = qkv.shape[1]
+    scale = qkv.new_ones(3 * dim, 1)
+    scale[:dim] = (dim // heads) ** -0.5
+    return scale
 
 
 def _to_heads(rows: Tensor, shape: Shape, count: int, bias: Tensor | None = None) -> Tensor:
     """Rows (M, count * D) -> (count, B*H, N, hd) contiguous (one pass); count 3: q, k, v
-    with the queries scaled by 1/sqrt(hd), after adding bias (3D,) if given."""
+    after adding bias (3D,) if given."""
     batch, patches, heads, width = shape
     x = rows.view(batch, patches, count, heads, width).permute(2, 0, 3, 1, 4)  # (c, B, H, N, hd)
-    if count == 1:
+    if count == 1 and bias is None:
         return x.reshape(1, batch * heads, patches, width)
     parts = rows.new_empty(count, batch * heads, patches, width)
-    factor = _factor(rows, width)  # (3, 1, 1, 1, 1)
-    shift = rows.new_zeros(()) if bias is None else bias.view(3, 1, heads, 1, -1)
-    torch.addcmul(shift * factor, x, factor, out=parts.view(x.shape))
+    if bias is None:
+        parts.view(x.shape).copy_(x)
+    else:
+        torch.add(x, bias.view(count, 1, heads, 1, width), out=parts.view(x.shape))
     return parts
 
 
 def _to_rows(x: torch.Tensor, shape: Shape) -> torch.Tensor:
     """(count, B*H, N, hd) -> rows (M, count * D) (one pass); inverse of _to_heads without its
-    bias (and so, for count 3, the queries' part also scaled by 1/sqrt(hd): a gradient)."""
+    bias."""
     batch, patches, heads, width = shape
     x = x.view(-1, batch, heads, patches, width).permute(1, 3, 0, 2, 4)  # (B, N, c, H, hd)
-    if x.shape[2] == 1:
-        return x.reshape(batch * patches, -1)
-    rows = x.new_empty(x.shape)  # (B, N, 3, H, hd)
-    torch.mul(x, _factor(x, width).view(1, 1, 3, 1, 1), out=rows)
-    return rows.view(batch * patches, -1)
+    return x.reshape(batch * patches, -1)
 
 
 def _softmax_backward(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -210,9 +213,9 @@ def _softmax_backward(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 class _Attention(torch.autograd.Function):
-    """Softmax attention of rows qkv (M, 3D) + bias (3D,): (output rows (M, D), q (scaled by
-    1/sqrt(hd)), k, v as (3, B*H, N, hd), weights (B*H, N, N)), the last two for
-    _AttentionGradient."""
+    """Softmax attention of rows qkv (M, 3D) + bias (3D,), the queries already scaled by
+    1/sqrt(hd) (see _fold): (output rows (M, D), q, k, v as (3, B*H, N, hd), weights
+    (B*H, N, N)), the last two for _AttentionGradient."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, bias: Tensor, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,7 +270,7 @@ class _AttentionGradient(torch.autograd.Function):
         grad, output, parts, weights, heads_grad, centred, scores = ctx.saved_tensors
         batch, patches, heads, width = ctx.shape
         q, k, v = parts  # (B*H, N, hd) each
-        gq, gk, gv = _to_heads(grad_total, ctx.shape, 3)  # (B*H, N, hd) each, gq scaled
+        gq, gk, gv = _to_heads(grad_total, ctx.shape, 3)  # (B*H, N, hd) each
         grad_scores = torch.baddbmm(torch.bmm(gq, k.transpose(1, 2)), q, gk.transpose(1, 2))
         grad_parts = torch.empty_like(parts)  # (3, B*H, N, hd)
         torch.bmm(scores, gk, out=grad_parts[0])
