@@ -145,7 +145,9 @@ def _encode(model: EnergyModel, tokens: torch.Tensor | None, landscape: int, wit
 
 
 def _check_finite(gradient: torch.Tensor, index: int, landscape: int) -> None:
-    if not torch.isfinite(gradient).all():
+    # One reduction first (NaN and Inf propagate through a sum); the element-wise test only
+    # when the sum is not finite, which a finite gradient reaches only by overflowing.
+    if not torch.isfinite(gradient.sum()) and not torch.isfinite(gradient).all():
         raise ThinkingError(
             f"NaN or Inf in the candidate gradient dE/dp at thinking step {index} "
             f"(landscape {landscape}); the energy has diverged: lower train.lr or "
@@ -186,7 +188,8 @@ def take_step(
     if options.grad_clamp:
         limit = options.grad_clamp / model.step_size
         gradient = torch.clamp(gradient, min=-limit, max=limit)
-    new_state = candidates - options.step_size * gradient  # the state's shape
+    step_size = torch.as_tensor(options.step_size, dtype=gradient.dtype, device=gradient.device)
+    new_state = torch.addcmul(candidates, step_size, gradient, value=-1.0)  # x - alpha dE/dx
     if options.absolute_clamp:
         new_state = new_state.clamp(-options.absolute_clamp, options.absolute_clamp)
     if options.accept_lower_energies and not keep_graph:
