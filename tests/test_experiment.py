@@ -15,7 +15,7 @@ from ebt.cli import main
 from ebt.config import ConfigError, load_config
 from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
-from ebt.experiment.scaling import Study, run_study
+from ebt.experiment.scaling import Study, metric_names, run_study
 from ebt.experiment.shift import thinking_shift, trained_steps
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
@@ -110,6 +110,8 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
     points = results["points"]
     assert {point["x"] for point in points.values()} == {64, 192}
     assert all(point["flops"] > 0 and point["metric"] > 1 for point in points.values())
+    for point in points.values():  # every metric a study accepts is in the real rows
+        assert set(metric_names("text", [point["model"]])) <= set(point["final_eval"])
     assert points["ebt-data-64"]["flops_per_step"] > points["baseline-data-64"]["flops_per_step"]
     assert set(results["fits"]["axis"]) >= {"ebt", "baseline", "rate_gain"}
     report = (out / "report.md").read_text()
@@ -226,6 +228,24 @@ def test_an_image_study_fits_psnr_of_the_ebt_and_its_dit(tmp_path: Path) -> None
         "baseline-steps-1", "baseline-steps-2", "ebt-steps-1", "ebt-steps-2",
     ]  # fmt: skip
     assert study.metric == "psnr" and "rate_gain" in results["fits"]["axis"]
+    for point in results["points"].values():
+        assert set(metric_names("image", [point["model"]])) <= set(point["final_eval"])
+
+
+def test_an_unknown_metric_is_refused_before_any_point_trains(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ebt.train, "train", lambda config: pytest.fail("trained"))
+    study = _study(corpus, tmp_path / "study", ["64", "192"])
+    study.metric = "accuracy"
+    with pytest.raises(ConfigError, match="'accuracy'.*loss, ppl, forward_passes"):
+        run_study(study)
+    study.metric = "energy_gap"  # the baseline's rows have none
+    with pytest.raises(ConfigError, match="energy_gap"):
+        run_study(study)
+    study.models, study.metric = ["ebt"], "energy_gap"
+    with pytest.raises(pytest.fail.Exception, match="trained"):
+        run_study(study)  # accepted: it gets as far as training
 
 
 def test_report_of_a_video_run_has_its_rollout_strip(tmp_path: Path) -> None:

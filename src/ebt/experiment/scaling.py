@@ -29,6 +29,13 @@ from ebt.experiment.flops import parameter_counts, training_flops_per_step
 RESULTS_FILE = "results.json"
 MODELS = ("ebt", "baseline")
 DEFAULT_METRIC = {"text": "ppl", "image": "psnr", "video": "loss"}
+# The scalar keys of a final evaluation row (ebt.evaluate) that every model of a study has, by
+# modality; the EBT's rows also have energy_gap (tests/test_experiment.py checks real rows).
+METRICS = {
+    "text": ("loss", "ppl", "forward_passes"),
+    "image": ("loss", "psnr", "mse", "forward_passes"),
+    "video": ("loss", "psnr", "mse", "forward_passes"),
+}
 # How a point runs, not what it computes: a study may resume with these changed.
 RUNTIME_KEYS = ("num_threads", "progress", "device", "log_every", "tensorboard", "wandb")
 
@@ -73,7 +80,18 @@ def base_config(study: Study) -> Config:
         raise ConfigError(f"{study.config}: a scaling study's config is the EBT (model.kind=ebt)")
     if not study.metric:
         study.metric = DEFAULT_METRIC[config.model.modality]
+    known = metric_names(config.model.modality, study.models)
+    if study.metric not in known:
+        raise ConfigError(
+            f"--metric {study.metric!r}: a {config.model.modality} study's evaluation rows "
+            f"have {', '.join(known)}"
+        )
     return config
+
+
+def metric_names(modality: str, models: list[str]) -> tuple[str, ...]:
+    """The metrics a study of these models can fit (see METRICS)."""
+    return METRICS[modality] + (("energy_gap",) if models == ["ebt"] else ())
 
 
 def plan(study: Study, base: Config) -> list[Point]:
