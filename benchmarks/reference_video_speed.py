@@ -21,11 +21,12 @@ so only the models are timed. Entries:
 
 Both codes run the same weights (ours, drawn N(0, 0.02^2), exported with ebt's own video
 `export-reference` conversion and loaded strictly into the paper's modules); `parity` reports
-how far the paper's inference thinking and ours differ on them. Steps are timed interleaved in
-one process; medians, and each ratio also as the median of per-round ratios (`_paired`). Peak
-memory is the VmHWM of a spawned child per entry (two steps). The paper's modules import
-pytorch_lightning, torchmetrics, torchvision and diffusers at module level; inert stand-ins
-replace the absent ones (reference_speed.py).
+how far the paper's inference thinking and ours differ on them; `gflop_per_step` counts each
+entry's step (torch.utils.flop_counter). Steps are timed interleaved in one process; medians,
+and each ratio also as the median of per-round ratios (`_paired`). Peak memory is the VmHWM of
+a spawned child per entry (two steps). The paper's modules import pytorch_lightning,
+torchmetrics, torchvision and diffusers at module level; inert stand-ins replace the absent ones
+(reference_speed.py).
 """
 
 from __future__ import annotations
@@ -248,6 +249,19 @@ def _peak_child(name: str, path: str, queue: Any) -> None:
     queue.put(_peak_rss_mb())
 
 
+def flops_per_step(steppers: dict[str, Any]) -> dict[str, float]:
+    """GFLOP of one training step of every entry, by torch.utils.flop_counter (matrix products
+    and convolutions: what bounds a step's time at equal efficiency)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for name, stepper in steppers.items():
+        with FlopCounterMode(display=False) as counter:
+            stepper.step()
+        counts[name] = round(counter.get_total_flops() / 1e9, 2)
+    return counts
+
+
 def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
     """Median / min / max ms per step and peak memory of every entry, and the ratios."""
     entries = entry_summaries(times, lambda name: run_in_child(_peak_child, name, path))
@@ -260,6 +274,7 @@ def main() -> None:
     checked = parity(path)
     steppers = {name: build(path) for name, build in BUILDERS.items()}
     times = interleaved_times(steppers, args.repeats, args.warmup)
+    gflop = flops_per_step(steppers)
     del steppers
     result = {
         "setting": "configs/video/tiny.toml " + " ".join(SETTING),
@@ -267,6 +282,7 @@ def main() -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "parity": checked,
+        "gflop_per_step": gflop,
     }
     print(json.dumps(result | summarise(times, path), indent=2))
 
