@@ -166,6 +166,9 @@ def test_bench_train_vs_baseline(workspace, capsys, monkeypatch):
     assert result["ratio_vs_baseline_paired"] == pytest.approx(
         result["ms_per_step"] / result["baseline_ms_per_step"]
     )  # one round: the two ratios agree
+    # counted work: the EBT's second-order step does more than the Transformer++'s
+    assert result["gflop_per_step"] > result["baseline_gflop_per_step"] > 0
+    assert result["gflops"] == pytest.approx(result["gflop_per_step"] / result["ms_per_step"] * 1e3)
 
 
 def test_tokenizer_train_then_train_with_it(workspace, capsys):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ebt.config import BASELINES, Config, ConfigError
 from ebt.distributed import pick_device
@@ -162,6 +163,8 @@ def bench_train(
     configs = {"": config} | ({"baseline_": baseline_config(config)} if vs_baseline else {})
     steppers = {p: _Stepper(cfg, vocab_size, device, task) for p, cfg in configs.items()}
     times = interleaved_times(steppers, repeats, warmup)
+    compiled = config.train.compile
+    gflop = {prefix: step_gflop(stepper, compiled) for prefix, stepper in steppers.items()}
     del steppers
     result: dict[str, Any] = {
         "device": str(device),
@@ -172,6 +175,9 @@ def bench_train(
     for prefix, cfg in configs.items():
         result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])
         result[f"{prefix}peak_mem_mb"] = peak_memory_mb(cfg, vocab_size, device)
+        result[f"{prefix}gflop_per_step"] = gflop[prefix]
+        if gflop[prefix] is not None:  # achieved: counted work over the median step time
+            result[f"{prefix}gflops"] = gflop[prefix] / statistics.median(times[prefix])
     if vs_baseline:
         result["ratio_vs_baseline"] = result["ms_per_step"] / result["baseline_ms_per_step"]
         # the median of per-round ratios: each round times both steps back to back, so a slow
@@ -180,6 +186,16 @@ def bench_train(
         result["ratio_vs_baseline_paired"] = statistics.median(a / b for a, b in rounds)
     result["config"] = _reported_config(config)
     return result
+
+
+def step_gflop(stepper: _Stepper, compiled: bool) -> float | None:
+    """GFLOP of one more training step, counted by torch.utils.flop_counter (matrix products
+    and convolutions); None for compiled models, whose graphs the counter does not see."""
+    if compiled:
+        return None
+    with FlopCounterMode(display=False) as counter:
+        stepper.step()
+    return counter.get_total_flops() / 1e9
 
 
 def _reported_config(config: Config) -> dict[str, Any]:
