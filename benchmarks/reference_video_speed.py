@@ -61,6 +61,7 @@ from ebt.bench import (  # noqa: E402
     baseline_config,
     interleaved_times,
     run_in_child,
+    step_gflop,
 )
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.interop.video_reference import (  # noqa: E402
@@ -249,19 +250,6 @@ def _peak_child(name: str, path: str, queue: Any) -> None:
     queue.put(_peak_rss_mb())
 
 
-def flops_per_step(steppers: dict[str, Any]) -> dict[str, float]:
-    """GFLOP of one training step of every entry, by torch.utils.flop_counter (matrix products
-    and convolutions: what bounds a step's time at equal efficiency)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counts = {}
-    for name, stepper in steppers.items():
-        with FlopCounterMode(display=False) as counter:
-            stepper.step()
-        counts[name] = round(counter.get_total_flops() / 1e9, 2)
-    return counts
-
-
 def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
     """Median / min / max ms per step and peak memory of every entry, and the ratios."""
     entries = entry_summaries(times, lambda name: run_in_child(_peak_child, name, path))
@@ -274,7 +262,7 @@ def main() -> None:
     checked = parity(path)
     steppers = {name: build(path) for name, build in BUILDERS.items()}
     times = interleaved_times(steppers, args.repeats, args.warmup)
-    gflop = flops_per_step(steppers)
+    gflop = {name: round(step_gflop(stepper, False), 2) for name, stepper in steppers.items()}
     del steppers
     result = {
         "setting": "configs/video/tiny.toml " + " ".join(SETTING),

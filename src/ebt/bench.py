@@ -188,9 +188,10 @@ def bench_train(
     return result
 
 
-def step_gflop(stepper: _Stepper, compiled: bool) -> float | None:
-    """GFLOP of one more training step, counted by torch.utils.flop_counter (matrix products
-    and convolutions); None for compiled models, whose graphs the counter does not see."""
+def step_gflop(stepper: Any, compiled: bool) -> float | None:
+    """GFLOP of one more `stepper.step()` (a _Stepper, or the benchmarks' steppers of the
+    paper's code), counted by torch.utils.flop_counter (matrix products and convolutions);
+    None for compiled models, whose graphs the counter does not see."""
     if compiled:
         return None
     with FlopCounterMode(display=False) as counter:
