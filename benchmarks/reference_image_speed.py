@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import runpy
 import sys
@@ -49,25 +48,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_speed import (  # noqa: E402
     PaperStepper,
     _missing_packages_stubbed,
-    entry_summaries,
-    ratio_summaries,
-    side_by_side_arguments,
+    config_adamw,
+    redrawn_state,
+    relative,
+    run_modality_side_by_side,
 )
 from reference_speed import reference_dir as shared_reference_dir  # noqa: E402
 
-from ebt.bench import (  # noqa: E402
-    _peak_rss_mb,
-    _reset_peak_rss,
-    _Stepper,
-    baseline_config,
-    interleaved_times,
-    run_in_child,
-)
+from ebt.bench import _Stepper, baseline_config  # noqa: E402
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.interop.image_config import image_export_defaults, image_hparams_from_config  # noqa: E402
 from ebt.interop.image_reference import image_reference_state_dict  # noqa: E402
 from ebt.models import build_model  # noqa: E402
-from ebt.runtime import keep_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING = [
@@ -149,34 +141,10 @@ def our_config(kind: str) -> Config:
     return baseline_config(config) if kind == "dit" else config
 
 
-def _weights(config: Config) -> dict[str, torch.Tensor]:
-    """Our model's state with every trained tensor redrawn N(0, 0.02^2) (adaLN-Zero would
-    otherwise make the energy constant), the step size kept."""
-    generator = torch.Generator().manual_seed(SEED)
-    state = build_model(config).state_dict()
-    for name, tensor in state.items():
-        if name not in ("step_size", "langevin_std"):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
-    return state
-
-
 def _clean_images(config: Config) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED)
     size, batch = config.data.image_size, config.train.batch_size
     return torch.rand(batch, 3, size, size, generator=generator) * 2 - 1  # (B, 3, S, S)
-
-
-def _adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
-    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
-    train, alpha = config.train, getattr(module, "alpha", None)
-    rest = [p for p in module.parameters() if p.requires_grad and p is not alpha]
-    groups: list[dict[str, Any]] = [
-        {"params": rest, "lr": train.lr, "weight_decay": train.weight_decay}
-    ]
-    if alpha is not None and alpha.requires_grad:
-        lr = train.lr * config.think.step_size_lr_multiplier
-        groups.append({"params": [alpha], "lr": lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, betas=(train.beta1, train.beta2))
 
 
 def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
@@ -186,7 +154,9 @@ def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
     torch.manual_seed(SEED)
     module = import_reference(path)[kind](dict(hparams))
     patches = (config.data.image_size // config.model.patch_size) ** 2
-    state = image_reference_state_dict(_weights(config), kind == "dit", patches, prefix="")
+    state = image_reference_state_dict(
+        redrawn_state(config, SEED), kind == "dit", patches, prefix=""
+    )
     module.load_state_dict(state, strict=True)
     module.trainer = _TrainerStandIn()
     return module, config
@@ -198,7 +168,7 @@ class _ReferenceStepper(PaperStepper):
     def __init__(self, path: str, kind: str) -> None:
         self.module, config = reference_module(path, kind)
         self.module.train()
-        self.optimizer = _adamw(self.module, config)
+        self.optimizer = config_adamw(self.module, config)
         self.batch = {"image": _clean_images(config)}
 
 
@@ -206,7 +176,7 @@ def our_stepper(kind: str) -> _Stepper:
     """ebt's training step with the same weights and clean images."""
     config = our_config(kind)
     stepper = _Stepper(config, 0, torch.device("cpu"))
-    stepper.objective.model.load_state_dict(_weights(config))
+    stepper.objective.model.load_state_dict(redrawn_state(config, SEED))
     stepper.batch = _clean_images(config)
     return stepper
 
@@ -228,64 +198,30 @@ RATIOS = {
 # --------------------------------------------------------------------------- measuring
 
 
-def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    scale = theirs.detach().abs().max().clamp(min=1e-12)
-    return ((ours.detach() - theirs.detach()).abs().max() / scale).item()
-
-
 @torch.no_grad()
 def parity(path: str) -> dict[str, float]:
     """Worst relative difference, paper vs ours on the same weights and images: the EBT's
     inference step (state and energy) and the DiT's output at timestep 50."""
     module, config = reference_module(path, "ebt")
     ours = build_model(config)
-    ours.load_state_dict(_weights(config))
+    ours.load_state_dict(redrawn_state(config, SEED))
     noisy = _clean_images(config)
     states, energies = module(noisy, learning=False, no_randomness=True)
     trajectory = ours.think(noisy, steps=1)
     result = {
-        "ebt_state": _relative(trajectory.states[0], states[0]),
-        "ebt_energy": _relative(trajectory.energies[0], energies[0]),
+        "ebt_state": relative(trajectory.states[0], states[0]),
+        "ebt_energy": relative(trajectory.energies[0], energies[0]),
     }
     module, config = reference_module(path, "dit")
     ours = build_model(config)
-    ours.load_state_dict(_weights(config))
+    ours.load_state_dict(redrawn_state(config, SEED))
     t = torch.full((noisy.shape[0],), 50)
-    result["dit_output"] = _relative(ours(noisy, t), module(noisy, t))
+    result["dit_output"] = relative(ours(noisy, t), module(noisy, t))
     return {key: float(f"{value:.3g}") for key, value in result.items()}
 
 
-def _peak_child(name: str, path: str, queue: Any) -> None:
-    keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
-    _reset_peak_rss()
-    import_reference(path)  # every child holds the same imported modules
-    stepper = BUILDERS[name](path)
-    for _ in range(2):
-        stepper.step()
-    queue.put(_peak_rss_mb())
-
-
-def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
-    """Median / min / max ms per step and peak memory of every entry, and the ratios."""
-    entries = entry_summaries(times, lambda name: run_in_child(_peak_child, name, path))
-    return {"entries": entries, "ratios": ratio_summaries(times, entries, RATIOS)}
-
-
 def main() -> None:
-    args = side_by_side_arguments(__doc__)
-    path = reference_dir()
-    checked = parity(path)
-    steppers = {name: build(path) for name, build in BUILDERS.items()}
-    times = interleaved_times(steppers, args.repeats, args.warmup)
-    del steppers
-    result = {
-        "setting": "configs/image/tiny.toml " + " ".join(SETTING),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "parity": checked,
-    }
-    print(json.dumps(result | summarise(times, path), indent=2))
+    run_modality_side_by_side(sys.modules[__name__], "configs/image/tiny.toml", False)
 
 
 if __name__ == "__main__":

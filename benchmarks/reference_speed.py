@@ -44,6 +44,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -224,15 +225,27 @@ def import_reference(path: str) -> dict[str, types.ModuleType]:
     return modules
 
 
-def _reference_optimizer(module: nn.Module) -> torch.optim.AdamW:
-    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
+def paper_adamw(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    alpha_lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: alpha (its own lr, no decay) and the rest."""
     alpha = getattr(module, "alpha", None)
     params = [p for p in module.parameters() if p.requires_grad and p is not alpha]
-    groups: list[dict[str, Any]] = [{"params": params, "lr": LR, "weight_decay": WEIGHT_DECAY}]
+    groups: list[dict[str, Any]] = [{"params": params, "lr": lr, "weight_decay": weight_decay}]
     if alpha is not None and alpha.requires_grad:
-        alpha_lr = LR * STEP_SIZE_LR_MULTIPLIER
         groups.append({"params": [alpha], "lr": alpha_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, betas=betas)
+
+
+def config_adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
+    """paper_adamw with the lr, decay, betas and alpha multiplier of one of our configs."""
+    train = config.train
+    alpha_lr = train.lr * config.think.step_size_lr_multiplier
+    return paper_adamw(module, train.lr, train.weight_decay, alpha_lr, (train.beta1, train.beta2))
 
 
 class PaperStepper:
@@ -257,7 +270,7 @@ class _ReferenceStepper(PaperStepper):
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module.train()
-        self.optimizer = _reference_optimizer(module)
+        self.optimizer = paper_adamw(module, LR, WEIGHT_DECAY, LR * STEP_SIZE_LR_MULTIPLIER)
         generator = torch.Generator().manual_seed(SEED)
         tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
         self.batch = {"input_ids": tokens}
@@ -323,19 +336,23 @@ def time_interleaved(path: str, repeats: int, warmup: int) -> dict[str, list[flo
     return interleaved_times(steppers, repeats, warmup)
 
 
-def _peak_child(name: str, path: str, queue: Any) -> None:
+def _peak_child(script: str, name: str, path: str, queue: Any) -> None:
+    """In a spawned child: the peak RSS of entry `name` of benchmark module `script` (its
+    BUILDERS or MEMORY_ONLY) over two steps, with the paper's modules imported."""
     keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
     _reset_peak_rss()
-    import_reference(path)  # every child holds the same imported modules
-    stepper = (BUILDERS | MEMORY_ONLY)[name](path)
+    module = importlib.import_module(script)
+    module.import_reference(path)  # every child holds the same imported modules
+    stepper = (module.BUILDERS | getattr(module, "MEMORY_ONLY", {}))[name](path)
     for _ in range(2):
         stepper.step()
     queue.put(_peak_rss_mb())
 
 
-def peak_memory_mb(name: str, path: str) -> float:
-    """Peak RSS of a fresh spawned child that builds entry `name` and takes two steps."""
-    return run_in_child(_peak_child, name, path)
+def peak_memory_mb(name: str, path: str, script: str = "reference_speed") -> float:
+    """Peak RSS of a fresh spawned child that builds entry `name` of `script` and takes two
+    steps."""
+    return run_in_child(_peak_child, script, name, path)
 
 
 def entry_summaries(
@@ -376,6 +393,53 @@ def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
         "process_baseline_peak_mem_mb": baseline,
         "ratios_ours_over_reference": ratio_summaries(times, entries, RATIOS),
     }
+
+
+def redrawn_state(config: Config, seed: int) -> dict[str, torch.Tensor]:
+    """Our model's state with every trained tensor redrawn N(0, 0.02^2) (adaLN-Zero would
+    otherwise make an image energy constant), the step size and noise level kept."""
+    from ebt.models import build_model
+
+    generator = torch.Generator().manual_seed(seed)
+    state = build_model(config).state_dict()
+    for name, tensor in state.items():
+        if name not in ("step_size", "langevin_std"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    return state
+
+
+def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Worst difference between two results relative to the largest magnitude of the second."""
+    scale = theirs.detach().abs().max().clamp(min=1e-12)
+    return ((ours.detach() - theirs.detach()).abs().max() / scale).item()
+
+
+def run_modality_side_by_side(script: types.ModuleType, config: str, count_flops: bool) -> None:
+    """The image and video scripts' main: arguments, parity, interleaved timing, FLOPs per step
+    (count_flops), peak memory and ratios, printed as JSON. `script` is the benchmark module
+    (its reference_dir, parity, import_reference, BUILDERS, RATIOS, SETTING)."""
+    from ebt.bench import step_gflop
+
+    args = side_by_side_arguments(script.__doc__ or "")
+    path = script.reference_dir()
+    result: dict[str, Any] = {
+        "setting": f"{config} " + " ".join(script.SETTING),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "parity": script.parity(path),
+    }
+    steppers = {name: build(path) for name, build in script.BUILDERS.items()}
+    times = interleaved_times(steppers, args.repeats, args.warmup)
+    if count_flops:
+        result["gflop_per_step"] = {
+            name: round(step_gflop(stepper, False), 2) for name, stepper in steppers.items()
+        }
+    del steppers
+    name = Path(script.__file__).stem  # what a spawned child imports (the script may be __main__)
+    entries = entry_summaries(times, lambda entry: peak_memory_mb(entry, path, name))
+    result |= {"entries": entries, "ratios": ratio_summaries(times, entries, script.RATIOS)}
+    print(json.dumps(result, indent=2))
 
 
 def side_by_side_arguments(description: str) -> argparse.Namespace:

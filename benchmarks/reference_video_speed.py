@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -48,28 +47,20 @@ from reference_speed import (  # noqa: E402
     REFERENCE_HPARAMS,
     PaperStepper,
     _missing_packages_stubbed,
-    entry_summaries,
-    ratio_summaries,
-    side_by_side_arguments,
+    config_adamw,
+    redrawn_state,
+    relative,
+    run_modality_side_by_side,
 )
 from reference_speed import reference_dir as shared_reference_dir  # noqa: E402
 
-from ebt.bench import (  # noqa: E402
-    _peak_rss_mb,
-    _reset_peak_rss,
-    _Stepper,
-    baseline_config,
-    interleaved_times,
-    run_in_child,
-    step_gflop,
-)
+from ebt.bench import _Stepper, baseline_config  # noqa: E402
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.interop.video_reference import (  # noqa: E402
     video_hparams_from_config,
     video_reference_state_dict,
 )
 from ebt.models import build_model, frame_dim  # noqa: E402
-from ebt.runtime import keep_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING = [
@@ -133,33 +124,10 @@ def our_config(kind: str) -> Config:
     return baseline_config(config) if kind == "transformer_pp" else config
 
 
-def _weights(config: Config) -> dict[str, torch.Tensor]:
-    """Our model's state with every trained tensor redrawn N(0, 0.02^2), the step size kept."""
-    generator = torch.Generator().manual_seed(SEED)
-    state = build_model(config).state_dict()
-    for name, tensor in state.items():
-        if name not in ("step_size", "langevin_std"):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
-    return state
-
-
 def _latents(config: Config) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED)
     shape = (config.train.batch_size, config.data.frames, frame_dim(config))
     return torch.randn(shape, generator=generator)  # (B, T, 3136)
-
-
-def _adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
-    """AdamW with the paper's groups: alpha (lr x multiplier, no decay) and the rest."""
-    train, alpha = config.train, getattr(module, "alpha", None)
-    rest = [p for p in module.parameters() if p.requires_grad and p is not alpha]
-    groups: list[dict[str, Any]] = [
-        {"params": rest, "lr": train.lr, "weight_decay": train.weight_decay}
-    ]
-    if alpha is not None and alpha.requires_grad:
-        lr = train.lr * config.think.step_size_lr_multiplier
-        groups.append({"params": [alpha], "lr": lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, betas=(train.beta1, train.beta2))
 
 
 def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
@@ -169,7 +137,7 @@ def reference_module(path: str, kind: str) -> tuple[nn.Module, Config]:
     hparams |= {"model_name": MODEL_NAMES[kind], "batch_size_per_device": config.train.batch_size}
     torch.manual_seed(SEED)
     module = import_reference(path)[kind](dict(hparams))
-    state = video_reference_state_dict(_weights(config), config.model.variant, prefix="")
+    state = video_reference_state_dict(redrawn_state(config, SEED), config.model.variant, prefix="")
     module.load_state_dict(state, strict=True)
     return module, config
 
@@ -180,7 +148,7 @@ class _ReferenceStepper(PaperStepper):
     def __init__(self, path: str, kind: str) -> None:
         self.module, config = reference_module(path, kind)
         self.module.train()
-        self.optimizer = _adamw(self.module, config)
+        self.optimizer = config_adamw(self.module, config)
         self.batch = _latents(config)
 
 
@@ -188,7 +156,7 @@ def our_stepper(kind: str) -> _Stepper:
     """ebt's training step with the same weights and latents."""
     config = our_config(kind)
     stepper = _Stepper(config, 0, torch.device("cpu"))
-    stepper.objective.model.load_state_dict(_weights(config))
+    stepper.objective.model.load_state_dict(redrawn_state(config, SEED))
     stepper.batch = _latents(config)
     return stepper
 
@@ -210,69 +178,33 @@ RATIOS = {
 # --------------------------------------------------------------------------- measuring
 
 
-def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    scale = theirs.detach().abs().max().clamp(min=1e-12)
-    return ((ours.detach() - theirs.detach()).abs().max() / scale).item()
-
-
 def parity(path: str) -> dict[str, float]:
     """Worst relative difference, paper vs ours on the same weights and latents: the EBT's
     inference thinking (every state and energy) and the Transformer++'s next frames."""
     module, config = reference_module(path, "ebt")
     ours = build_model(config)
-    ours.load_state_dict(_weights(config))
+    ours.load_state_dict(redrawn_state(config, SEED))
     context = _latents(config)[:, :-1]  # (B, 15, 3136)
     states, energies = module(context, learning=False, no_randomness=True)  # from zeros
     trajectory = ours.think(context, init=torch.zeros_like(context))
     batch, count = context.shape[:2]
     result = {
-        "ebt_states": max(_relative(a, b) for a, b in zip(trajectory.states, states, strict=True)),
+        "ebt_states": max(relative(a, b) for a, b in zip(trajectory.states, states, strict=True)),
         "ebt_energies": max(
-            _relative(a, b.view(batch, count))
+            relative(a, b.view(batch, count))
             for a, b in zip(trajectory.energies, energies, strict=True)
         ),
     }
     module, config = reference_module(path, "transformer_pp")
     ours = build_model(config)
-    ours.load_state_dict(_weights(config))
+    ours.load_state_dict(redrawn_state(config, SEED))
     with torch.no_grad():
-        result["transformer_pp_frames"] = _relative(ours(context), module(context))
+        result["transformer_pp_frames"] = relative(ours(context), module(context))
     return {key: float(f"{value:.3g}") for key, value in result.items()}
 
 
-def _peak_child(name: str, path: str, queue: Any) -> None:
-    keep_freed_memory()  # as in the parent: every entry, ours and the paper's, alike
-    _reset_peak_rss()
-    import_reference(path)  # every child holds the same imported modules
-    stepper = BUILDERS[name](path)
-    for _ in range(2):
-        stepper.step()
-    queue.put(_peak_rss_mb())
-
-
-def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
-    """Median / min / max ms per step and peak memory of every entry, and the ratios."""
-    entries = entry_summaries(times, lambda name: run_in_child(_peak_child, name, path))
-    return {"entries": entries, "ratios": ratio_summaries(times, entries, RATIOS)}
-
-
 def main() -> None:
-    args = side_by_side_arguments(__doc__)
-    path = reference_dir()
-    checked = parity(path)
-    steppers = {name: build(path) for name, build in BUILDERS.items()}
-    times = interleaved_times(steppers, args.repeats, args.warmup)
-    gflop = {name: round(step_gflop(stepper, False), 2) for name, stepper in steppers.items()}
-    del steppers
-    result = {
-        "setting": "configs/video/tiny.toml " + " ".join(SETTING),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "parity": checked,
-        "gflop_per_step": gflop,
-    }
-    print(json.dumps(result | summarise(times, path), indent=2))
+    run_modality_side_by_side(sys.modules[__name__], "configs/video/tiny.toml", True)
 
 
 if __name__ == "__main__":
