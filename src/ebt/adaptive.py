@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ebt.models import EnergyTransformer
-from ebt.thinking import StepOptions, step_schedule, take_step
+from ebt.thinking import StepOptions, encode_caches, step_schedule, take_step
 
 
 @dataclass
@@ -24,12 +24,6 @@ class AdaptiveResult:
     energies: torch.Tensor  # (B, S) last energy each token saw
     steps: torch.Tensor  # (B, S) steps each token took
     forward_passes_per_token: float  # mean energy evaluations per token
-
-
-def _caches(model: EnergyTransformer, tokens: torch.Tensor, schedule: list[int]) -> dict:
-    landscapes = sorted(set(schedule)) if model.context_depends_on_landscape else [0]
-    with torch.no_grad():
-        return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
 
 
 def _think_row(
@@ -98,7 +92,7 @@ def adaptive_think(
     shape = (batch, length, model.vocab_size)
     state = init.clone() if init is not None else torch.randn(shape, device=tokens.device)
     schedule = step_schedule(model.args.landscapes, max_steps)
-    caches = _caches(model, tokens, schedule)
+    caches = encode_caches(model, tokens, schedule, with_graph=False)
     options = _options(model, step_size, langevin_noise)
     energies = torch.zeros(batch, length, dtype=state.dtype, device=tokens.device)
     steps = torch.zeros(batch, length, dtype=torch.long, device=tokens.device)

@@ -137,11 +137,18 @@ def step_schedule(
     return schedule
 
 
-def _encode(model: EnergyModel, tokens: torch.Tensor | None, landscape: int, with_graph: bool):
-    if with_graph:
-        return model.encode_context(tokens, landscape)
-    with torch.no_grad():
-        return model.encode_context(tokens, landscape)
+def encode_caches(
+    model: EnergyModel, tokens: torch.Tensor | None, schedule: list[int], with_graph: bool
+) -> dict:
+    """Context caches by landscape for the landscapes of `schedule` (one, keyed 0, when the
+    context does not depend on the landscape), with their graph if with_graph. A model with
+    `encode_landscapes` encodes them together (the energy transformer: one stacked pass)."""
+    landscapes = sorted(set(schedule)) if model.context_depends_on_landscape else [0]
+    together = getattr(model, "encode_landscapes", None)
+    with torch.set_grad_enabled(with_graph):
+        if together is not None:
+            return together(tokens, landscapes)
+        return {landscape: model.encode_context(tokens, landscape) for landscape in landscapes}
 
 
 def _check_finite(gradient: torch.Tensor, index: int, landscape: int) -> None:
@@ -237,21 +244,13 @@ def think(
     not read. For models whose context does not depend on the landscape, caches[0] serves all.
     """
     trajectory = Trajectory()
-    cache = None
     state = init
-    if caches is None and tokens is not None and hasattr(model, "encode_landscapes"):
-        with torch.set_grad_enabled(options.create_graph):  # every landscape in one pass
-            caches = model.encode_landscapes(tokens, sorted(set(schedule)))
+    if caches is None:
+        caches = encode_caches(model, tokens, schedule, options.create_graph)
     last = len(schedule) - 1
     with torch.enable_grad():
         for index, landscape in enumerate(schedule):
-            stale = cache is None or (
-                model.context_depends_on_landscape and cache.landscape != landscape
-            )
-            if stale and caches is not None:
-                cache = caches[landscape if model.context_depends_on_landscape else 0]
-            elif stale:
-                cache = _encode(model, tokens, landscape, options.create_graph)
+            cache = caches[landscape if model.context_depends_on_landscape else 0]
             if options.detach or not options.create_graph or not state.requires_grad:
                 state = state.detach().requires_grad_()
             keep_graph = options.create_graph and (not options.truncate or index == last)
