@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import relative
 
 from ebt.config import ThinkConfig
 from ebt.diffusion import GaussianDiffusion
@@ -40,7 +41,7 @@ def _model(scale: float = 0.3, **shape) -> ImageEnergyTransformer:
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+    return relative(actual, expected, floor=1e-30)
 
 
 def _both_paths(model: ImageEnergyTransformer, images: torch.Tensor, create_graph: bool):

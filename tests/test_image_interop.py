@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VECTORS
+from tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -34,11 +35,6 @@ TINY_IMAGE = [
     "train.device=cpu",
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
 
 
 def expected_of(name: str) -> dict:

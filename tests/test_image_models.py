@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import relative
 from torch.func import functional_call
 
 from ebt.config import ThinkConfig
@@ -32,11 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 
 
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
-
-
 def _load(vectors_dir, name: str, dtype: torch.dtype):
     checkpoint = torch.load(vectors_dir / name / "ref.ckpt", weights_only=True)
     expected = torch.load(vectors_dir / name / "expected.pt", weights_only=True)
@@ -50,7 +46,7 @@ def _check_gradients(model, expected_grads: dict) -> None:
     assert {image_our_key(key) for key in expected_grads} == trained
     for key, expected in expected_grads.items():
         actual = parameters[image_our_key(key)].grad
-        assert _relative(actual, expected) <= TOLERANCE, key
+        assert relative(actual, expected) <= TOLERANCE, key
 
 
 @DTYPES
@@ -60,11 +56,11 @@ def test_image_ebt_thinking_matches_paper(vectors_dir, dtype):
     schedule = GaussianDiffusion.for_noise_level(100, 0.1)
     clean, noise = expected["clean"].to(dtype), expected["noise"].to(dtype)
     noisy = schedule.q_sample(clean, expected["timestep"], noise)  # (B, C, H, W)
-    assert _relative(noisy, expected["noisy"]) <= TOLERANCE
+    assert relative(noisy, expected["noisy"]) <= TOLERANCE
     trajectory = model.think(expected["noisy"].to(dtype), steps=2)
     for k in range(2):
-        assert _relative(trajectory.energies[k], expected["energies"][k]) <= TOLERANCE
-        assert _relative(trajectory.states[k], expected["states"][k]) <= TOLERANCE
+        assert relative(trajectory.energies[k], expected["energies"][k]) <= TOLERANCE
+        assert relative(trajectory.states[k], expected["states"][k]) <= TOLERANCE
 
 
 @DTYPES
@@ -76,9 +72,9 @@ def test_image_ebt_training_gradients_match_paper(vectors_dir, dtype, monkeypatc
     monkeypatch.setattr(task, "initial_state", lambda *args: noisy.clone())
     think = ThinkConfig(landscapes=1, steps=2, step_size=60.0)
     output = Objective(model, think, task=task).train()(expected["clean"].to(dtype))
-    assert _relative(output.loss, expected["train_loss"]) <= TOLERANCE
-    assert _relative(output.metrics["initial_loss"], expected["train_initial_loss"]) <= TOLERANCE
-    assert _relative(output.metrics["final_step_loss"], expected["train_final_loss"]) <= TOLERANCE
+    assert relative(output.loss, expected["train_loss"]) <= TOLERANCE
+    assert relative(output.metrics["initial_loss"], expected["train_initial_loss"]) <= TOLERANCE
+    assert relative(output.metrics["final_step_loss"], expected["train_final_loss"]) <= TOLERANCE
     output.loss.backward()
     _check_gradients(model, expected["train_grads"])
 
@@ -88,7 +84,7 @@ def test_schedule_matches_paper(vectors_dir):
     assert schedule.steps == 1000
     for name in ("image_ebt", "image_dit"):
         expected = torch.load(vectors_dir / name / "expected.pt", weights_only=True)
-        assert _relative(schedule.alphas_cumprod, expected["alphas_cumprod"]) <= 1e-12
+        assert relative(schedule.alphas_cumprod, expected["alphas_cumprod"]) <= 1e-12
     assert schedule.timestep_for_level(0.1) == 99 and schedule.timestep_for_level(0.2) == 199
     assert schedule.alphas_cumprod[99].item() == pytest.approx(0.897, abs=5e-4)
     assert schedule.alphas_cumprod[199].item() == pytest.approx(0.659, abs=5e-4)
@@ -99,12 +95,12 @@ def test_dit_output_loss_and_gradients_match_paper(vectors_dir, dtype):
     model, _, expected = _load(vectors_dir, "image_dit", dtype)
     clean, noise = expected["clean"].to(dtype), expected["noise"].to(dtype)
     timesteps = expected["train_timesteps"]
-    assert _relative(model(clean, timesteps), expected["output"]) <= TOLERANCE
+    assert relative(model(clean, timesteps), expected["output"]) <= TOLERANCE
     schedule = GaussianDiffusion.for_noise_level(100, 0.1)
     terms = schedule.training_losses(model, clean, timesteps, noise)
-    assert _relative(terms.loss.mean(), expected["train_loss"]) <= TOLERANCE
-    assert _relative(terms.mse.mean(), expected["train_mse"]) <= TOLERANCE
-    assert _relative(terms.vb.mean(), expected["train_vb"]) <= TOLERANCE
+    assert relative(terms.loss.mean(), expected["train_loss"]) <= TOLERANCE
+    assert relative(terms.mse.mean(), expected["train_mse"]) <= TOLERANCE
+    assert relative(terms.vb.mean(), expected["train_vb"]) <= TOLERANCE
     terms.loss.mean().backward()
     _check_gradients(model, expected["train_grads"])
 
@@ -116,9 +112,9 @@ def test_dit_ddim_chain_matches_paper(vectors_dir, dtype):
     start = int(expected["ddim_start_timestep"])
     t = torch.full((2,), start)
     noisy = schedule.q_sample(expected["clean"].to(dtype), t, expected["noise"].to(dtype))
-    assert _relative(noisy, expected["ddim_noisy"]) <= TOLERANCE
+    assert relative(noisy, expected["ddim_noisy"]) <= TOLERANCE
     denoised = schedule.ddim(model, expected["ddim_noisy"].to(dtype), start)
-    assert _relative(denoised, expected["ddim_denoised"]) <= TOLERANCE
+    assert relative(denoised, expected["ddim_denoised"]) <= TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["image_ebt", "image_dit"])
@@ -273,10 +269,10 @@ def test_schedule_and_ddim_agree_with_diffusers():
     theirs = schedulers.DDIMScheduler(
         num_train_timesteps=5000, clip_sample=True, set_alpha_to_one=True, **settings
     )
-    assert _relative(ours.alphas_cumprod, theirs.alphas_cumprod) <= 1e-5
+    assert relative(ours.alphas_cumprod, theirs.alphas_cumprod) <= 1e-5
     theirs.set_timesteps(5000)
     x, output = torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)
     for step in (4000, 999, 0):
         expected = theirs.step(output[:, :3], step, x, eta=0.0, use_clipped_model_output=True)
         actual = ours.ddim_step(output, x, torch.full((2,), step))
-        assert _relative(actual, expected.prev_sample) <= 1e-4
+        assert relative(actual, expected.prev_sample) <= 1e-4

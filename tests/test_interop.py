@@ -20,6 +20,7 @@ from reference_layout import (
     write_paper_checkpoint,
     write_word_tokenizer,
 )
+from tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -33,10 +34,6 @@ from ebt.objective import Objective
 
 EBT_VARIANTS = ["ebt_time_embed", "ebt_default", "ebt_adaln"]
 ALL_VECTORS = [*EBT_VARIANTS, "transformer_pp"]
-
-
-def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from naive_reference import cross_entropy, naive_energies, naive_step, naive_transformer_pp_logits
+from tolerances import relative
 from torch.nn import functional as F
 
 import ebt.models.candidate_gradient as candidate_gradient
@@ -57,9 +58,7 @@ def make_distributions(rows: int = SEQ) -> torch.Tensor:
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|."""
-    scale = expected.abs().max().clamp(min=1e-30)
-    return ((actual - expected).abs().max() / scale).item()
+    return relative(actual, expected, floor=1e-30)
 
 
 def our_energies(model: EnergyTransformer, tokens, probabilities, landscape=0, rows=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import relative
 
 from ebt.interop.reference import config_from_hparams, convert_state_dict, our_key
 from ebt.models import build_model
@@ -30,10 +31,6 @@ def _load(vectors_dir, name, dtype=torch.float32):
     return model.to(dtype), config, expected
 
 
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
-
-
 @DTYPES
 @pytest.mark.parametrize("name", EBT_VARIANTS)
 def test_inference_trajectory_matches_paper(vectors_dir, name, dtype):
@@ -42,9 +39,9 @@ def test_inference_trajectory_matches_paper(vectors_dir, name, dtype):
     trajectory = model.think(tokens, init=expected["init"].to(dtype))
     assert len(trajectory.states) == len(expected["states"])
     for ours, theirs in zip(trajectory.states, expected["states"], strict=True):
-        assert _relative(ours, theirs.to(dtype)) < TOLERANCE[dtype]
+        assert relative(ours, theirs.to(dtype)) < TOLERANCE[dtype]
     for ours, theirs in zip(trajectory.energies, expected["energies"], strict=True):
-        assert _relative(ours, theirs.to(dtype)) < TOLERANCE[dtype]
+        assert relative(ours, theirs.to(dtype)) < TOLERANCE[dtype]
 
 
 def _parameter_gradients_match(model, expected, tolerance: float = 1e-4) -> None:
@@ -53,7 +50,7 @@ def _parameter_gradients_match(model, expected, tolerance: float = 1e-4) -> None
     for name, gradient in expected["train_grads"].items():
         ours = parameters[our_key(name)].grad
         assert ours is not None, name
-        assert _relative(ours, gradient.to(ours.dtype)) < tolerance, name
+        assert relative(ours, gradient.to(ours.dtype)) < tolerance, name
 
 
 @DTYPES

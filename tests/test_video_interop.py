@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VECTORS
+from tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -43,11 +44,6 @@ S2 = [
     "data.vae_scaling=0.18215",
 ]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
 
 
 @pytest.fixture(scope="module")
