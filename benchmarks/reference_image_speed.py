@@ -37,7 +37,6 @@ import os
 import runpy
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,9 @@ from reference_speed import (  # noqa: E402
     PaperStepper,
     _missing_packages_stubbed,
     config_adamw,
+    paired_entries,
     redrawn_state,
+    redrawn_stepper,
     relative,
     run_modality_side_by_side,
 )
@@ -175,24 +176,10 @@ class _ReferenceStepper(PaperStepper):
 def our_stepper(kind: str) -> _Stepper:
     """ebt's training step with the same weights and clean images."""
     config = our_config(kind)
-    stepper = _Stepper(config, 0, torch.device("cpu"))
-    stepper.objective.model.load_state_dict(redrawn_state(config, SEED))
-    stepper.batch = _clean_images(config)
-    return stepper
+    return redrawn_stepper(config, _clean_images(config), SEED)
 
 
-BUILDERS: dict[str, Callable[[str], Any]] = {
-    "reference_ebt": lambda path: _ReferenceStepper(path, "ebt"),
-    "ours_ebt": lambda path: our_stepper("ebt"),
-    "reference_dit": lambda path: _ReferenceStepper(path, "dit"),
-    "ours_dit": lambda path: our_stepper("dit"),
-}
-RATIOS = {
-    "ebt_ours_over_reference": ("ours_ebt", "reference_ebt"),
-    "dit_ours_over_reference": ("ours_dit", "reference_dit"),
-    "ebt_over_dit_ours": ("ours_ebt", "ours_dit"),
-    "ebt_over_dit_reference": ("reference_ebt", "reference_dit"),
-}
+BUILDERS, RATIOS = paired_entries(_ReferenceStepper, our_stepper, "dit")
 
 
 # --------------------------------------------------------------------------- measuring

@@ -408,6 +408,33 @@ def redrawn_state(config: Config, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def redrawn_stepper(config: Config, batch: Any, seed: int) -> _Stepper:
+    """ebt's training step (what `ebt train` steps) on `config` with redrawn_state's weights
+    and a fixed batch."""
+    stepper = _Stepper(config, 0, torch.device("cpu"))
+    stepper.objective.model.load_state_dict(redrawn_state(config, seed))
+    stepper.batch = batch
+    return stepper
+
+
+def paired_entries(
+    paper: Callable[[str, str], Any], ours: Callable[[str], Any], baseline: str
+) -> tuple[dict[str, Callable[[str], Any]], dict[str, tuple[str, str]]]:
+    """(BUILDERS, RATIOS) of a modality's side-by-side: the paper's and our EBT and `baseline`
+    (paper(path, kind), ours(kind)), ours over the paper's for each, EBT over baseline in each."""
+    builders: dict[str, Callable[[str], Any]] = {}
+    for kind in ("ebt", baseline):
+        builders[f"reference_{kind}"] = lambda path, kind=kind: paper(path, kind)
+        builders[f"ours_{kind}"] = lambda path, kind=kind: ours(kind)
+    ratios = {
+        "ebt_ours_over_reference": ("ours_ebt", "reference_ebt"),
+        f"{baseline}_ours_over_reference": (f"ours_{baseline}", f"reference_{baseline}"),
+        f"ebt_over_{baseline}_ours": ("ours_ebt", f"ours_{baseline}"),
+        f"ebt_over_{baseline}_reference": ("reference_ebt", f"reference_{baseline}"),
+    }
+    return builders, ratios
+
+
 def relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """Worst difference between two results relative to the largest magnitude of the second."""
     scale = theirs.detach().abs().max().clamp(min=1e-12)

@@ -35,7 +35,6 @@ import importlib
 import importlib.util
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,9 @@ from reference_speed import (  # noqa: E402
     PaperStepper,
     _missing_packages_stubbed,
     config_adamw,
+    paired_entries,
     redrawn_state,
+    redrawn_stepper,
     relative,
     run_modality_side_by_side,
 )
@@ -155,24 +156,10 @@ class _ReferenceStepper(PaperStepper):
 def our_stepper(kind: str) -> _Stepper:
     """ebt's training step with the same weights and latents."""
     config = our_config(kind)
-    stepper = _Stepper(config, 0, torch.device("cpu"))
-    stepper.objective.model.load_state_dict(redrawn_state(config, SEED))
-    stepper.batch = _latents(config)
-    return stepper
+    return redrawn_stepper(config, _latents(config), SEED)
 
 
-BUILDERS: dict[str, Callable[[str], Any]] = {
-    "reference_ebt": lambda path: _ReferenceStepper(path, "ebt"),
-    "ours_ebt": lambda path: our_stepper("ebt"),
-    "reference_transformer_pp": lambda path: _ReferenceStepper(path, "transformer_pp"),
-    "ours_transformer_pp": lambda path: our_stepper("transformer_pp"),
-}
-RATIOS = {
-    "ebt_ours_over_reference": ("ours_ebt", "reference_ebt"),
-    "transformer_pp_ours_over_reference": ("ours_transformer_pp", "reference_transformer_pp"),
-    "ebt_over_transformer_pp_ours": ("ours_ebt", "ours_transformer_pp"),
-    "ebt_over_transformer_pp_reference": ("reference_ebt", "reference_transformer_pp"),
-}
+BUILDERS, RATIOS = paired_entries(_ReferenceStepper, our_stepper, "transformer_pp")
 
 
 # --------------------------------------------------------------------------- measuring
