@@ -1,17 +1,27 @@
-"""Shared fixtures: deterministic torch, small thread count, paths to the paper's parity vectors."""
+"""Shared fixtures: deterministic torch, small thread count, the paper's parity vectors.
+
+The parity vectors (tests/vectors, or EBT_VECTORS) are mandatory: a run that collects a test
+needing them while one is missing stops before any test runs, with one line naming what is missing.
+"""
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from support import VECTORS, missing_vectors
+from support.text import write_corpus
 
-VECTORS = Path(
-    os.environ.get("EBT_VECTORS", Path(__file__).resolve().parents[2] / "shared" / "vectors")
-)
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any("vectors_dir" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    missing = missing_vectors()
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        pytest.exit(f"parity vectors missing under {VECTORS}: {shown} (set EBT_VECTORS)", 1)
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +30,9 @@ def _deterministic() -> None:
     torch.set_default_dtype(torch.float32)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def vectors_dir() -> Path:
-    if not VECTORS.is_dir():
-        pytest.skip(f"parity vectors not found at {VECTORS} (set EBT_VECTORS)")
+    """The parity vectors; their presence was checked at collection (never a skip)."""
     return VECTORS
 
 
@@ -36,22 +45,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_corpus(path: Path, paragraphs: int = 60) -> Path:
-    """Short sentences from a tiny grammar: learnable structure with some entropy left."""
-    rng = random.Random(0)
-    parts = (
-        ["the cat", "a dog", "my bird", "one fox"],
-        ["sat on", "ran to", "looked at"],
-        ["the mat.", "a log.", "the hill.", "my hat."],
-    )
-    text = "\n\n".join(
-        " ".join(" ".join(rng.choice(words) for words in parts) for _ in range(4))
-        for _ in range(paragraphs)
-    )
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tmp corpus file; token caches go to tmp; torch threads are restored afterwards."""
@@ -59,22 +52,6 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     threads = torch.get_num_threads()
     yield write_corpus(tmp_path / "corpus.txt")
     torch.set_num_threads(threads)
-
-
-def four_step_run(run_dir: Path) -> list[str]:
-    """train.* overrides of a 4-step CPU run that logs every step and evaluates every 2."""
-    return [
-        "train.max_steps=4",
-        "train.warmup_steps=1",
-        "train.eval_every=2",
-        "train.eval_batches=1",
-        "train.log_every=1",
-        "train.save_every=0",
-        "train.progress=false",
-        "train.num_threads=1",
-        "train.device=cpu",
-        f"train.out_dir={run_dir}",
-    ]
 
 
 @pytest.fixture

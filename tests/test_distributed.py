@@ -22,8 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import write_corpus
-from test_train import SYSTEM2, TINY, training_rows
+from support.text import SYSTEM2, TINY, training_rows, write_corpus
 
 import ebt.thinking
 from ebt.checkpoint import load_model_state, load_train_state

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_train
+from support.text import tiny_overrides as text_overrides
+from support.vision import image_config
 
 import ebt.train
 from ebt.cli import main
@@ -17,14 +18,15 @@ from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
 from ebt.experiment.scaling import Study, metric_names, run_study
 from ebt.experiment.shift import thinking_shift, trained_steps
+from ebt.train import train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
 
 def tiny_overrides(corpus: Path) -> list[str]:
-    """test_train's tiny text run on `corpus` (each study point or command sets its own steps
+    """The tiny text run (support.text) on `corpus` (each study point or command sets its own steps
     and run directory after these)."""
-    return test_train.tiny_overrides(corpus.parent / "unused-run", corpus)
+    return text_overrides(corpus.parent / "unused-run", corpus)
 
 
 @pytest.mark.parametrize(
@@ -197,10 +199,6 @@ def test_study_presets_load_and_flags_replace_their_settings(tmp_path: Path) -> 
 
 
 def test_report_compares_an_image_ebt_with_its_dit(tmp_path: Path) -> None:
-    from test_image_train import image_config
-
-    from ebt.train import train
-
     runs = [tmp_path / "ebt", tmp_path / "dit"]
     train(image_config(runs[0], "tiny.toml", "train.num_threads=1"))
     train(image_config(runs[1], "dit-tiny.toml", "train.num_threads=1"))

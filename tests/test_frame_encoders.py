@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import four_step_run
+from support.text import four_step_run
 
 from ebt.config import ConfigError, load_config
 from ebt.data.corpus import DataError

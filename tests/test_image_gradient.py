@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import relative
+from support.tolerances import relative
 
 from ebt.config import ThinkConfig
 from ebt.diffusion import GaussianDiffusion

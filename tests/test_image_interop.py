@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VECTORS
-from tolerances import relative
+from support import VECTORS
+from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -42,10 +42,8 @@ def expected_of(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def imported(tmp_path_factory: pytest.TempPathFactory, vectors_dir: Path) -> dict[str, Path]:
     """image_ebt and image_dit's ref.ckpt imported through `ebt import-reference`."""
-    if not VECTORS.is_dir():
-        pytest.skip(f"parity vectors not found at {VECTORS} (set EBT_VECTORS)")
     root = tmp_path_factory.mktemp("image-interop")
     runs = {}
     for name in ("image_ebt", "image_dit"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import relative
+from support.tolerances import relative
 from torch.func import functional_call
 
 from ebt.config import ThinkConfig

@@ -4,42 +4,19 @@ twin train, evaluate and resume exactly through the same trainer as text."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import four_step_run
+from support import CONFIGS as ALL_CONFIGS
+from support.vision import IMAGE_SYSTEM2 as SYSTEM2
+from support.vision import image_config
 
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.cli import main
-from ebt.config import load_config
 from ebt.tracking import read_metrics
 from ebt.train import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "image"
-SYSTEM2 = [
-    "think.step_size_learnable=false",
-    "think.step_size_random_scale=2",
-    "think.random_steps=1",
-    "think.random_steps_min=2",
-    "think.langevin_noise=0.01",
-    "think.replay_buffer=true",
-    "think.truncate=true",
-    "think.detach=false",
-]
-
-
-def image_config(run_dir: Path, name: str = "tiny.toml", *overrides: str):
-    """A configs/image preset shrunk to 8 x 8 crops, width 16, one block, 4 steps."""
-    base = [
-        "data.image_size=8",
-        "model.dim=16",
-        "model.layers=1",
-        "model.heads=2",
-        "model.patch_size=4",
-        "train.batch_size=4",
-    ]
-    return load_config(CONFIGS / name, base + four_step_run(run_dir) + list(overrides))
+CONFIGS = ALL_CONFIGS / "image"
 
 
 @pytest.fixture(autouse=True)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VECTORS
-from reference_layout import (
+from support import VECTORS
+from support.reference_layout import (
     WORDS,
     paper_hparams,
     paper_state_dict,
     write_paper_checkpoint,
     write_word_tokenizer,
 )
-from tolerances import relative
+from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -46,10 +46,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def imported(workspace: Path) -> dict[str, Path]:
+def imported(workspace: Path, vectors_dir: Path) -> dict[str, Path]:
     """Every parity vector's ref.ckpt imported through `ebt import-reference`."""
-    if not VECTORS.is_dir():
-        pytest.skip(f"parity vectors not found at {VECTORS} (set EBT_VECTORS)")
     runs = {}
     for name in ALL_VECTORS:
         out = workspace / "imported" / name

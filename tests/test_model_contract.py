@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_reference import cross_entropy, naive_energies, naive_step, naive_transformer_pp_logits
-from tolerances import relative
+from support.naive_reference import (
+    cross_entropy,
+    naive_energies,
+    naive_step,
+    naive_transformer_pp_logits,
+)
+from support.tolerances import relative
 from torch.nn import functional as F
 
 import ebt.models.candidate_gradient as candidate_gradient

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import four_step_run
+from support.text import four_step_run
 
 from ebt.cli import main
 from ebt.inference import thinking_passes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import relative
+from support.tolerances import relative
 
 from ebt.interop.reference import config_from_hparams, convert_state_dict, our_key
 from ebt.models import build_model

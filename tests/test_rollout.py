@@ -13,7 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import four_step_run
+from support.text import four_step_run
 
 from ebt.cli import main
 from ebt.config import config_from_dict, load_config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, tiny_config, training_rows
+from support.text import TINY, tiny_config, training_rows
 
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.config import ConfigError

@@ -3,67 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from support.text import RECIPES, SYSTEM2, VOCAB, tiny_config, training_rows
 
 import ebt
 from ebt.checkpoint import load_model_state, load_train_state
-from ebt.config import Config, load_config
 from ebt.distributed import setup
 from ebt.tracking import MetricsLogger, read_metrics
 from ebt.train import Trainer, train
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
-VOCAB = 257
-SYSTEM2 = [
-    "think.landscapes=1",
-    "think.step_size=5",
-    "think.step_size_learnable=false",
-    "think.step_size_random_scale=2",
-    "think.random_steps=2",
-    "think.random_steps_min=2",
-    "think.langevin_noise=3",
-    "think.replay_buffer=true",
-    "think.truncate=true",
-    "think.detach=false",
-]
-RECIPES = {"s1": ["model.variant=pred_step"], "s2": SYSTEM2}
-
-
-def tiny_config(run_dir: Path, corpus: Path, *overrides: str) -> Config:
-    """configs/text/tiny.toml shrunk to a 1-layer width-32 model on `corpus`, CPU, 6 steps."""
-    return load_config(TINY, tiny_overrides(run_dir, corpus) + list(overrides))
-
-
-def tiny_overrides(run_dir: Path, corpus: Path) -> list[str]:
-    """The overrides of tiny_config (for commands that take them as arguments)."""
-    return [
-        f"data.source={corpus}",
-        "data.seq_len=16",
-        "data.val_fraction=0.1",
-        "model.dim=32",
-        "model.layers=1",
-        "model.heads=2",
-        "train.batch_size=4",
-        "train.max_steps=6",
-        "train.warmup_steps=2",
-        "train.eval_every=0",
-        "train.eval_batches=2",
-        "train.log_every=1",
-        "train.save_every=0",
-        "train.progress=false",
-        "train.num_threads=1",
-        "train.device=cpu",
-        f"train.out_dir={run_dir}",
-    ]
-
-
-def training_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl training rows (not evaluation or event rows) without the wall clock."""
-    rows = [row for row in read_metrics(run_dir) if "split" not in row and "event" not in row]
-    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
 
 
 @pytest.mark.parametrize(

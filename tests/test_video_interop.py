@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VECTORS
-from tolerances import relative
+from support import VECTORS
+from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -47,9 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def paper_video() -> dict:
-    if not VECTORS.is_dir():
-        pytest.skip(f"parity vectors not found at {VECTORS} (set EBT_VECTORS)")
+def paper_video(vectors_dir: Path) -> dict:
     folder = VECTORS / "video_ebt_time_embed"
     return {
         "checkpoint": torch.load(folder / "ref.ckpt", weights_only=True),

@@ -10,9 +10,9 @@ with a worst relative error of about 1.2e-6 (the tolerance below is the issue's 
 from __future__ import annotations
 
 import pytest
-import tolerances
 import torch
-from naive_reference import linear, naive_energies_of_embeddings
+from support import tolerances
+from support.naive_reference import linear, naive_energies_of_embeddings
 
 from ebt.config import ConfigError, config_from_dict
 from ebt.interop.video_reference import (

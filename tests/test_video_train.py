@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import four_step_run
+from support.text import four_step_run
 
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.cli import main
