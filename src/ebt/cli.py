@@ -183,6 +183,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ebt.configs import PRESET_ROOT, preset_names, preset_summary
+
+    names = preset_names()
+    if args.json:
+        print_json({name: str(PRESET_ROOT / f"{name}.toml") for name in names})
+        return 0
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_summary(name)}")
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from ebt.data import tokenizer_train_command
 
@@ -192,7 +205,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def _add_train_and_eval(sub: Any) -> None:
     train = sub.add_parser("train", help="train (or resume) a run")
-    train.add_argument("config", help="TOML config file, e.g. configs/text/tiny.toml")
+    train.add_argument("config", help="a preset name (text/tiny; `ebt presets`) or a TOML file")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
     train.set_defaults(handler=cmd_train)
@@ -270,6 +283,10 @@ def _add_tools(sub: Any) -> None:
     bench.add_argument("--warmup", type=INT_0, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)
+
+    presets = sub.add_parser("presets", help="list the shipped config presets (ebt train NAME)")
+    presets.add_argument("--json", action="store_true", help="name -> file path")
+    presets.set_defaults(handler=cmd_presets)
 
     tokenizer = sub.add_parser("tokenizer", help="tokenizer tools")
     tokenizer.add_argument("action", choices=["train"])

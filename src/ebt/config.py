@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ebt.config_checks import BASELINES, KINDS, MODALITIES, VARIANTS, check_value, cross_checks
+from ebt.configs import find_config
 from ebt.errors import EbtError
 
 __all__ = ["BASELINES", "KINDS", "MODALITIES", "VARIANTS", "Config", "ConfigError", "load_config"]
@@ -287,10 +288,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the TOML or JSON file at `path`, then `overrides`; presets resolved last."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        apply_dict(config, _parse_file(path))
+        found = find_config(path)
+        if found is None:
+            hint = "nor a shipped preset; `ebt presets` lists them"
+            raise ConfigError(f"config file not found: {path} ({hint})")
+        apply_dict(config, _parse_file(found))
     apply_overrides(config, overrides or [])
     return finalize(config)
 

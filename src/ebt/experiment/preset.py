@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from ebt.config import ConfigError
+from ebt.configs import find_config
 
 FIELDS = ("config", "axis", "values", "models", "metric", "out", "overrides")
 
 
 def read_preset(path: str | Path) -> dict[str, Any] | None:
     """The `[study]` table of a preset, its config path made absolute; None for a plain config."""
-    path = Path(path)
-    if path.suffix != ".toml" or not path.is_file():
+    found = find_config(path)
+    if found is None or found.suffix != ".toml":
         return None
+    path = found
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8")).get("study")
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
