@@ -7,7 +7,7 @@ How to run (CPU; the paper's code is imported at run time, never vendored here):
 
 Cases, each for the variants time_embed, default and adaln (and Transformer++ logits):
 
-- vectors: the parity vectors' `ref.ckpt` (../shared/vectors, or EBT_VECTORS) imported with
+- vectors: the parity vectors' `ref.ckpt` (tests/vectors, or EBT_VECTORS) imported with
   `ebt.interop.import_reference`; the paper's `EBT_NLP` is built from the same checkpoint.
 - random: the paper's `EBT_NLP` (and Transformer++) built with its own random initialisation at
   the size given by --dim/--layers/--heads/--vocab/--context (System-1 flags, 2 landscapes, step
@@ -69,7 +69,7 @@ from ebt.models import build_model  # noqa: E402
 
 VARIANTS = ("time_embed", "default", "adaln")
 VECTORS = Path(
-    os.environ.get("EBT_VECTORS", Path(__file__).resolve().parents[2] / "shared/vectors")
+    os.environ.get("EBT_VECTORS", Path(__file__).resolve().parents[1] / "tests" / "vectors")
 )
 
 
