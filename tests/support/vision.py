@@ -3,7 +3,9 @@ float64 video models, a small random VAE, and a signal delivered at a known trai
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,20 @@ def _psnr_of_batch(model, config: Config, task, batch: torch.Tensor) -> torch.Te
         mse = error.square().mean()  # the batch's mean 0-255 MSE
         return (10 * torch.log10(255.0**2 / mse)).expand(targets.shape[0])  # (B,)
     return (10 * torch.log10(255.0**2 / error.square().mean(dim=-1))).flatten()  # (B * S,)
+
+
+@contextlib.contextmanager
+def count_calls(owner: object, name: str) -> Iterator[list[int]]:
+    """Count the calls of `owner.name` (a module function or a method) while inside: yields a
+    list that grows by one per call; the original is put back afterwards."""
+    original, calls = getattr(owner, name), []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, original)
