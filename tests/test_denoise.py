@@ -4,38 +4,26 @@ photographs of any size by tiles, and its one-line errors (tiny runs, 8 x 8 crop
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from support import CONFIGS
+from support.vision import image_config
 
 from ebt.api import load_run
 from ebt.cli import main
 from ebt.config import load_config
 from ebt.denoise import DenoiseOptions, ImageVerdict, halt_images, think_images
 from ebt.inference import thinking_passes
-from ebt.tiling import blend_window, denoise_tiled, tile_starts, tile_weights
+from ebt.tiling import denoise_tiled, tile_starts
 from ebt.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=8",
-    "data.diffusion_steps=10",  # a 100-step schedule: DDIM from 0.1 is 10 DiT evaluations
-    "model.dim=16",
-    "model.layers=1",
-    "model.heads=2",
-    "model.patch_size=4",
-    "train.batch_size=4",
-    "train.max_steps=2",
-    "train.warmup_steps=1",
-    "train.eval_every=0",
-    "train.save_every=0",
-    "train.progress=false",
-    "train.num_threads=1",
-    "train.device=cpu",
-]
+TINY = ["data.diffusion_steps=10", "train.max_steps=2", "train.eval_every=0"]  # DDIM from 0.1:
+# a 100-step schedule's 10 DiT evaluations; two steps, no evaluation
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +40,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny image EBT, its DiT twin and a tiny text run, each trained for two steps."""
     root = tmp_path_factory.mktemp("denoise")
     threads = torch.get_num_threads()
-    for name, config in (("ebt", "image/tiny.toml"), ("dit", "image/dit-tiny.toml")):
-        train(load_config(ROOT / "configs" / config, [*TINY, f"train.out_dir={root / name}"]))
+    for name, config in (("ebt", "tiny.toml"), ("dit", "dit-tiny.toml")):
+        train(image_config(root / name, config, *TINY))
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(f"the cat sat on mat {n}." for n in range(40)))
     text = [f"data.source={corpus}", "data.seq_len=8", "model.dim=16", "model.layers=1"]
     text += ["model.heads=2", "train.batch_size=2", "train.max_steps=1", "train.eval_every=0"]
     text += ["train.progress=false", "train.num_threads=1", f"train.out_dir={root / 'text'}"]
-    train(load_config(ROOT / "configs" / "text" / "tiny.toml", text))
+    train(load_config(CONFIGS / "text" / "tiny.toml", text))
     torch.set_num_threads(threads)
     return {"ebt": root / "ebt", "dit": root / "dit", "text": root / "text"}
 
@@ -172,21 +160,45 @@ def test_adaptive_halting_stops_images_within_the_budget(model):
     torch.testing.assert_close(exact.images, fixed.images, atol=1e-6, rtol=1e-6)
 
 
-def test_tiles_cover_the_image_and_blend_exactly():
+def flat_colours(tiles: torch.Tensor) -> ImageVerdict:
+    """A denoiser that is not the identity: each tile (n, C, t, t) comes back as its mean
+    colour, so a blended pixel depends on how the overlapping tiles are weighted."""
+    flat = tiles.mean(dim=(2, 3), keepdim=True).expand_as(tiles).clone()  # (n, C, t, t)
+    return ImageVerdict(flat, None, 2.0)
+
+
+def sin2_blend(image: torch.Tensor, tile: int, stride: int) -> torch.Tensor:
+    """flat_colours' tiles blended, written out pixel by pixel in float64: each pixel's mean of
+    the colours of the tiles covering it, weighted by sin^2(pi (i + 1/2) / tile) sin^2(pi (j +
+    1/2) / tile) at its place (i, j) in each tile."""
+    image = image.double()
+    ramp = [math.sin(math.pi * (i + 0.5) / tile) ** 2 for i in range(tile)]
+    total = torch.zeros(image.shape, dtype=torch.float64)  # (C, H, W)
+    weights = torch.zeros(image.shape[1:], dtype=torch.float64)  # (H, W)
+    for top in tile_starts(image.shape[1], tile, stride):
+        for left in tile_starts(image.shape[2], tile, stride):
+            colour = image[:, top : top + tile, left : left + tile].mean(dim=(1, 2))  # (C,)
+            for i in range(tile):
+                for j in range(tile):
+                    total[:, top + i, left + j] += ramp[i] * ramp[j] * colour
+                    weights[top + i, left + j] += ramp[i] * ramp[j]
+    return total / weights
+
+
+def test_tiles_cover_the_image_and_blend_with_the_sin2_window():
+    """denoise_tiled (what `ebt denoise --input` runs) with a denoiser that is not the identity
+    equals the sin^2 blend written out (float64, 1e-12)."""
     assert tile_starts(37, 8, 4) == [0, 4, 8, 12, 16, 20, 24, 28, 29]
+    assert tile_starts(50, 8, 4) == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 42]
     assert tile_starts(8, 8, 4) == [0]
-    weights = tile_weights(32, 32, 8, 4)  # (H, W)
-    assert bool((weights > 0).all())
-    inner = weights[4:28, 4:28]  # sin^2 windows half a tile apart sum to exactly 1
-    torch.testing.assert_close(inner, torch.ones_like(inner), atol=1e-12, rtol=0)
-    assert float(blend_window(8).min()) > 0
-    image = torch.rand(3, 37, 50) * 2 - 1  # (C, H, W): not a multiple of the tile
+    image = torch.rand(3, 37, 50, dtype=torch.float64) * 2 - 1  # (C, H, W): not a multiple
+    out, passes, count = denoise_tiled(image, flat_colours, tile=8, stride=4, batch_size=7)
+    assert count == 9 * 12 and passes == 2.0
+    torch.testing.assert_close(out, sin2_blend(image, 8, 4), atol=1e-12, rtol=0)
+    assert (out - image).abs().max() > 0.1  # the denoiser changed the image
     identity = lambda tiles: ImageVerdict(tiles, None, 1.0)  # noqa: E731
-    out, passes, tiles = denoise_tiled(image, identity, tile=8, stride=4, batch_size=7)
-    assert tiles == 9 * 12 and passes == 1.0
-    torch.testing.assert_close(out, image, atol=1e-6, rtol=0)
     small, _, _ = denoise_tiled(image[:, :5, :6], identity, tile=8, stride=4)  # padded
-    torch.testing.assert_close(small, image[:, :5, :6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(small, image[:, :5, :6], atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgba"])
@@ -205,6 +217,12 @@ def test_a_photograph_round_trips(runs, capsys, tmp_path, monkeypatch, kind):
     denoise(capsys, runs["ebt"], "--input", photo, "--output", out)
     rgb = np.repeat(pixels[..., None], 3, axis=-1) if kind == "gray" else pixels[..., :3]
     assert np.array_equal(iio.imread(out), rgb)
+    monkeypatch.setattr("ebt.tiling.make_denoiser", lambda *args, **kwargs: flat_colours)
+    denoise(capsys, runs["ebt"], "--input", photo, "--output", out)  # tiles of 8, stride 4
+    image = torch.from_numpy(rgb).permute(2, 0, 1).double() / 127.5 - 1  # (3, H, W)
+    expected = ((sin2_blend(image, 8, 4) + 1) * 127.5).permute(1, 2, 0).numpy()  # (H, W, 3)
+    difference = np.abs(iio.imread(out).astype(np.float64) - expected)
+    assert difference.max() <= 0.5 + 1e-4  # the written PNG is the blend, rounded to uint8
 
 
 def test_one_line_errors(runs, capsys, tmp_path):

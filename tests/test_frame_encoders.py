@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.text import four_step_run
+from support.text import training_rows
+from support.vision import evaluation_rows, events, same_weights, video_config, write_tiny_vae
 
 from ebt.config import ConfigError, load_config
 from ebt.data.corpus import DataError
@@ -26,41 +27,21 @@ from ebt.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
 SIZE = 16  # frames of 16 x 16: latents 4 x 2 x 2
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only spin
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """A small randomly initialised AutoencoderKL (downsampling 8, 4 latent channels)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+    return write_tiny_vae(tmp_path_factory.mktemp("vae"), blocks=4, size=SIZE)
 
 
 def vae_config(vae_dir: Path, tmp_path: Path, *overrides: str):
-    values = [
-        "data.frame_encoder=vae",
-        f"data.vae={vae_dir}",
-        f"data.cache_dir={tmp_path / 'frames'}",
-        "data.frames=4",
-        f"data.frame_size={SIZE}",
-        "model.dim=16",
-        "model.layers=1",
-        "model.heads=2",
-        "train.batch_size=4",
-    ]
-    return load_config(CONFIGS / "tiny.toml", values + list(overrides))
+    """The tiny video preset on `vae_dir`'s latents of SIZE x SIZE frames, cached under
+    tmp_path/frames, trained 4 steps into tmp_path/run."""
+    encoder = ["data.frame_encoder=vae", f"data.vae={vae_dir}", f"data.frame_size={SIZE}"]
+    cache = f"data.cache_dir={tmp_path / 'frames'}"
+    return video_config(tmp_path / "run", "tiny.toml", *encoder, cache, *overrides)
 
 
 def frames(count: int = 5, size: int = SIZE) -> torch.Tensor:
@@ -170,21 +151,29 @@ def test_pixels_need_no_wrapper():
     assert encoded_dataset(clips, config) is clips
 
 
-def test_the_video_ebt_trains_on_cached_vae_latents(vae_dir, tmp_path, restore_threads):
-    config = vae_config(vae_dir, tmp_path, *four_step_run(tmp_path / "run"))
-    result = train(config)
-    assert result["loss"] > 0 and result["frames"] == 4 * 3
-    assert any((tmp_path / "frames").rglob("*.safetensors"))
-    moved = [*four_step_run(tmp_path / "run"), "train.max_steps=6", f"data.cache_dir={tmp_path}/b"]
-    assert train(vae_config(vae_dir, tmp_path, *moved))["loss"] > 0  # resumes: the cache moved
+def test_a_vae_run_resumes_exactly_with_its_cache_moved(vae_dir, tmp_path, restore_threads):
+    """4 steps, then resumed to 6 with the latent cache in a new place (encoded again): the
+    resumed run continues from step 4 and logs the uninterrupted 6-step run's history."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    six = ["train.max_steps=6", "train.schedule_steps=6"]
+    result = train(vae_config(vae_dir, tmp_path, *six, f"train.out_dir={whole}"))
+    assert result["frames"] == 4 * 3 and any((tmp_path / "frames").rglob("*.safetensors"))
+    train(vae_config(vae_dir, tmp_path, *six, f"train.out_dir={split}", "train.max_steps=4"))
+    moved = [f"train.out_dir={split}", f"data.cache_dir={tmp_path / 'b'}"]
+    train(vae_config(vae_dir, tmp_path, *six, *moved))
     assert any((tmp_path / "b").rglob("*.safetensors"))
+    assert [(row["event"], row["step"]) for row in events(split)] == [("resume", 4)]
+    assert [row["step"] for row in training_rows(split)] == [1, 2, 3, 4, 5, 6]
+    assert training_rows(split) == training_rows(whole)
+    assert evaluation_rows(split) == evaluation_rows(whole)
+    assert same_weights(whole, split)
 
 
 def test_latent_runs_measure_psnr_on_decoded_frames(vae_dir, tmp_path):
     from ebt.modalities import modality_for
     from ebt.modalities.video import frame_psnr
 
-    config = vae_config(vae_dir, tmp_path, *four_step_run(tmp_path / "run"))
+    config = vae_config(vae_dir, tmp_path)
     task = modality_for(config).task("val")
     encoder = build_frame_encoder(config)
     size = config.data.frame_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.tolerances import relative
+from support.vision import count_calls
 
 from ebt.config import ThinkConfig
 from ebt.diffusion import GaussianDiffusion
@@ -20,6 +21,14 @@ from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.objective import Objective
 
 TOLERANCE = 1e-10  # relative to the largest expected magnitude, float64
+# bf16 autocast against float32, relative to the largest float32 magnitude: bf16 keeps 8
+# significant bits (a rounding of 2^-9 = 2e-3 per op); energies and dE/dx through two blocks
+# land within 2e-2 (observed <= 8e-3), the training loss's second-order parameter gradients
+# within 5e-2 (observed <= 3.5e-2), thought images (the image plus a small step) within 5e-3
+# (observed 7e-4); a dropped term or a halved gradient is off by far more
+BF16_VALUES = 2e-2
+BF16_GRADIENTS = 5e-2
+BF16_STATES = 5e-3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
 SHAPES = {  # image_size, patch_size, dim, layers, heads, ffn_dim
     "two-blocks": dict(image_size=8, patch_size=2, dim=16, layers=2, heads=2),
@@ -44,12 +53,20 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return relative(actual, expected, floor=1e-30)
 
 
+def _written_out_calls():
+    """Count the written-out energy-and-gradient passes (image_gradient) while inside."""
+    return count_calls(image_gradient, "energies_and_gradient")
+
+
 def _both_paths(model: ImageEnergyTransformer, images: torch.Tensor, create_graph: bool):
-    """((energies, dE/dx) written out, the same from autograd)."""
+    """((energies, dE/dx) written out, the same from autograd), each asserted to have taken
+    its path (a gate that falls back to autograd would compare autograd with itself)."""
     results = []
     for written in (True, False):
         model.hand_written_gradients = written
-        results.append(model.energies_and_gradient(None, images, create_graph=create_graph))
+        with _written_out_calls() as calls:
+            results.append(model.energies_and_gradient(None, images, create_graph=create_graph))
+        assert len(calls) == written, f"written out: {written}, passes: {len(calls)}"
     model.hand_written_gradients = True
     return results
 
@@ -102,15 +119,22 @@ RECIPES = {
 }
 
 
-def _training_gradients(model, clean, think, written: bool, recompute: bool = False):
-    """(loss, {parameter name: gradient}) of one training forward + backward."""
+def _training_gradients(
+    model, clean, think, written: bool, recompute: bool = False, takes: bool | None = None
+):
+    """(loss, {parameter name: gradient}) of one training forward + backward with the written
+    -out path allowed (`written`) or forced off; asserted to have taken it (`takes`, default
+    `written`: False where the gate must fall back to autograd on its own)."""
     model.hand_written_gradients = written
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the same noise, per-image step sizes and Langevin draws
     task = ImageTask(GaussianDiffusion.for_noise_level(100, 0.1), 0.1)
     objective = Objective(model, think, task=task).train()
     objective.activation_checkpointing = recompute
-    output = objective.forward_backward(clean)
+    with _written_out_calls() as calls:
+        output = objective.forward_backward(clean)
+    takes = written if takes is None else takes
+    assert (len(calls) > 0) == takes, f"written out: {takes}, passes: {len(calls)}"
     model.hand_written_gradients = True
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return output.loss, grads
@@ -159,15 +183,50 @@ def test_training_differentiates_once(monkeypatch):
 
 def test_autograd_where_the_written_out_path_does_not_apply():
     model = _model(**SHAPES["two-blocks"]).float()
-    images = torch.randn(2, 3, 8, 8)
+    images = torch.randn(2, 3, 8, 8)  # (B, C, H, W)
     assert model.hand_written_path(images)
     assert not model.hand_written_path(images.bfloat16())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    energies, gradient = model.energies_and_gradient(None, images)  # float32, written out
+    with torch.autocast("cpu", dtype=torch.bfloat16), _written_out_calls() as calls:
         assert not model.hand_written_path(images)
-        energies, gradient = model.energies_and_gradient(None, images)
-    assert energies.shape == (2,) and gradient.shape == images.shape
+        bf16_energies, bf16_gradient = model.energies_and_gradient(None, images)
+    assert not calls and bf16_energies.dtype == torch.bfloat16  # autograd, run in bf16
+    assert bf16_gradient.shape == images.shape and bf16_gradient.dtype == torch.float32
+    assert _relative(bf16_energies, energies) <= BF16_VALUES
+    assert _relative(bf16_gradient, gradient) <= BF16_VALUES
     model.hand_written_gradients = False
     assert not model.hand_written_path(images)
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2"])
+def test_a_training_step_under_bf16_autocast_is_close_to_float32(recipe):
+    """CPU autocast to bf16 (the path CUDA bf16 training takes): the autograd fallback with its
+    second-order graph; loss and every parameter gradient finite and close to float32's."""
+    model = _model(**SHAPES["two-blocks"]).float()
+    clean = torch.rand(3, 3, 8, 8) * 2 - 1  # (B, C, H, W)
+    think = ThinkConfig(step_size=0.5, **RECIPES[recipe])
+    loss, grads = _training_gradients(model, clean, think, written=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss, bf16_grads = _training_gradients(model, clean, think, True, takes=False)
+    assert bf16_grads.keys() == grads.keys() and "condition.weight" in grads
+    assert torch.isfinite(bf16_loss) and _relative(bf16_loss, loss) <= BF16_VALUES
+    for name, gradient in grads.items():
+        assert bool(torch.isfinite(bf16_grads[name]).all()), name
+        assert _relative(bf16_grads[name], gradient) <= BF16_GRADIENTS, name
+
+
+def test_thinking_under_bf16_autocast_is_close_to_float32():
+    model = _model(**SHAPES["two-blocks"]).float()
+    noisy = torch.randn(2, 3, 8, 8) * 0.5  # (B, C, H, W)
+    expected = model.think(noisy, steps=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _written_out_calls() as calls:
+        trajectory = model.think(noisy, steps=2)
+    assert not calls and trajectory.energies[0].dtype == torch.bfloat16  # the model ran in bf16
+    assert len(trajectory.states) == 2 and trajectory.states[-1].dtype == torch.float32
+    for ours, theirs in zip(trajectory.states, expected.states, strict=True):
+        assert bool(torch.isfinite(ours).all()) and _relative(ours, theirs) <= BF16_STATES
+    for ours, theirs in zip(trajectory.energies, expected.energies, strict=True):
+        assert bool(torch.isfinite(ours).all()) and _relative(ours, theirs) <= BF16_VALUES
 
 
 def test_paper_vectors_take_the_written_out_path(vectors_dir):

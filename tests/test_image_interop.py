@@ -11,6 +11,7 @@ import pytest
 import torch
 from support import VECTORS
 from support.tolerances import relative
+from support.vision import IMAGE_SHRINK
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
@@ -24,16 +25,8 @@ from ebt.objective import Objective
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "image"
-TINY_IMAGE = [
-    "model.dim=16",
-    "model.layers=1",
-    "model.heads=2",
-    "model.patch_size=2",
-    "data.image_size=8",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.device=cpu",
-]
+TINY_IMAGE = [*IMAGE_SHRINK, "model.patch_size=2", "train.batch_size=2"]  # 16 patches
+TINY_IMAGE += ["train.num_threads=1", "train.device=cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

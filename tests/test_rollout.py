@@ -13,11 +13,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from support.text import four_step_run
+from support.vision import image_config, video_config, video_model, write_tiny_vae
 
 from ebt.cli import main
-from ebt.config import config_from_dict, load_config
-from ebt.models import build_model
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.rollout import CopyLast, horizon_metrics, predictor_for, rollout
 from ebt.thinking import InferenceOptions
@@ -25,22 +23,14 @@ from ebt.train import train
 from ebt.video_inference import FrameThinking, initial_frames, think_next_frame
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
 FRAMES, SIZE, BATCH = 5, 2, 2  # a window of 4 context frames of 3 x 2 x 2 = 12 numbers
 FRAME_DIM = 3 * SIZE * SIZE
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
 
 
 def make_model(variant: str = "time_embed", kind: str = "ebt", noise: float = 0.0):
-    """A tiny float64 video model (random weights) built through the public config path."""
-    model = {"modality": "video", "kind": kind, "variant": variant, "dim": 16, "heads": 2}
-    config = config_from_dict(
-        {
-            "model": model | {"layers": 2},
-            "data": {"source": "pan", "frames": FRAMES, "frame_size": SIZE},
-            "think": {"step_size": 3.0, "landscapes": 2, "langevin_noise": noise},
-        }
-    )
-    return build_model(config).double().eval()
+    """A tiny float64 video model (support.vision.video_model) of FRAMES-frame clips, eval."""
+    return video_model(variant, kind, frames=FRAMES, noise=noise).eval()
 
 
 def context_frames(count: int = 3) -> torch.Tensor:
@@ -192,19 +182,13 @@ def test_key_value_buffer_made_in_inference_mode_grows_outside_it():
 # --- `ebt rollout` end to end ----------------------------------------------------------------
 
 
-def _tiny(run_dir: Path, name: str, *overrides: str):
-    shrink = ["data.frames=4", "data.frame_size=8", "model.dim=16", "model.layers=1"]
-    shrink += ["model.heads=2", "train.batch_size=4"]
-    return load_config(CONFIGS / name, shrink + four_step_run(run_dir) + list(overrides))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny video EBT and its Transformer++ twin, trained 4 steps each."""
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("rollout")
-    train(_tiny(root / "ebt", "tiny.toml"))
-    train(_tiny(root / "baseline", "baseline-tiny.toml"))
+    train(video_config(root / "ebt", "tiny.toml"))
+    train(video_config(root / "baseline", "baseline-tiny.toml"))
     torch.set_num_threads(threads)
     return root
 
@@ -295,12 +279,7 @@ def test_rollout_errors_are_one_line(runs, tmp_path, capsys, argv, message):
 
 
 def test_rollout_refuses_runs_of_other_modalities(tmp_path, capsys):
-    config = load_config(
-        CONFIGS.parent / "image" / "tiny.toml",
-        ["data.image_size=8", "model.dim=16", "model.layers=1", "model.heads=2"]
-        + ["model.patch_size=4", "train.batch_size=2", *four_step_run(tmp_path / "image")],
-    )
-    train(config)
+    train(image_config(tmp_path / "image", "tiny.toml", "train.batch_size=2"))
     capsys.readouterr()
     assert main(["rollout", str(tmp_path / "image")]) == 2
     assert "holds a image model; ebt rollout needs a video run" in capsys.readouterr().err
@@ -309,20 +288,13 @@ def test_rollout_refuses_runs_of_other_modalities(tmp_path, capsys):
 def test_rollout_of_a_vae_run_decodes_its_frames(tmp_path, capsys, restore_threads):
     """A run on frozen-VAE latents (a small random AutoencoderKL saved to tmp: no download):
     rolled out in latent space, scored and drawn on the decoded frames."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    write_tiny_vae(tmp_path / "vae", blocks=2, size=8)  # downsampling 2: latents 4 x 4 x 4
     encoder = ["data.frame_encoder=vae", f"data.vae={tmp_path / 'vae'}", "data.frame_dim=64"]
-    train(_tiny(tmp_path / "run", "tiny.toml", *encoder, f"data.cache_dir={tmp_path / 'cache'}"))
+    train(
+        video_config(
+            tmp_path / "run", "tiny.toml", *encoder, f"data.cache_dir={tmp_path / 'cache'}"
+        )
+    )
     argv = [str(tmp_path / "run"), "--context", "2", "--frames", "2", "--clips", "2"]
     report = _rollout_json(capsys, *argv, "--strip", str(tmp_path / "strip.png"))
     assert report["models"]["ebt"]["psnr"] > 0 and (tmp_path / "strip.png").stat().st_size > 0

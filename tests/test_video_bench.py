@@ -8,22 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.vision import VIDEO_SHRINK
 
 from ebt.bench import example_batch
 from ebt.cli import main
 from ebt.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
-TINY = [
-    "model.dim=16",
-    "model.layers=1",
-    "model.heads=2",
-    "data.frames=4",
-    "data.frame_size=8",
-    "train.batch_size=2",
-    "train.num_threads=1",
-    "train.device=cpu",
-]
+TINY = [*VIDEO_SHRINK, "train.batch_size=2", "train.num_threads=1", "train.device=cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

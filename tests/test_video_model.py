@@ -13,6 +13,7 @@ import pytest
 import torch
 from support import tolerances
 from support.naive_reference import linear, naive_energies_of_embeddings
+from support.vision import count_calls, video_model
 
 from ebt.config import ConfigError, config_from_dict
 from ebt.interop.video_reference import (
@@ -21,28 +22,22 @@ from ebt.interop.video_reference import (
     video_think_config,
 )
 from ebt.modalities.video import VideoTask
-from ebt.models import EnergyTransformer, TransformerPP, build_model
+from ebt.models import EnergyTransformer, TransformerPP, candidate_gradient
 from ebt.objective import Objective
 from ebt.thinking import StepOptions, take_step
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
-FRAMES, SIZE, DIM, BATCH = 6, 2, 16, 2  # clips of 6 frames of 3 x 2 x 2 = 12 numbers
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
+FRAMES, SIZE, DIM, BATCH = 6, 2, 16, 2  # clips of 6 frames of 3 x 2 x 2 = 12 numbers (the
+# frame size and width support.vision.video_model builds)
 FRAME_DIM = 3 * SIZE * SIZE
 TOLERANCE = 1e-4  # relative to the largest magnitude
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 
 
 def make_model(variant: str = "time_embed", kind: str = "ebt") -> torch.nn.Module:
-    """A tiny float64 video model built through the public config path."""
-    model = {"modality": "video", "kind": kind, "variant": variant, "dim": DIM, "heads": 2}
-    config = config_from_dict(
-        {
-            "model": model | {"layers": 2},
-            "data": {"source": "pan", "frames": FRAMES, "frame_size": SIZE},
-            "think": {"step_size": 3.0, "landscapes": 2},
-        }
-    )
-    return build_model(config).double()
+    """A tiny float64 video model of FRAMES-frame clips (support.vision.video_model)."""
+    return video_model(variant, kind, frames=FRAMES)
 
 
 def clips() -> torch.Tensor:
@@ -124,11 +119,22 @@ def test_no_information_leaks_across_frames(variant):
         assert not torch.allclose(changed, energies)
 
 
+def _written_out_calls():
+    """Count the written-out frame-gradient passes (candidate_gradient) while inside."""
+    return count_calls(candidate_gradient, "energies_and_gradient")
+
+
 def _written_and_autograd(model, context, candidates, create_graph: bool):
+    """(written out, autograd), each asserted to have taken its path (a gate that falls back
+    to autograd would compare autograd with itself)."""
     cache = model.encode_context(context, 1)
-    written = model.energies_and_gradient(cache, candidates, None, 1, create_graph)
+    with _written_out_calls() as calls:
+        written = model.energies_and_gradient(cache, candidates, None, 1, create_graph)
+    assert len(calls) == 1, "the written-out path did not run"
     model.hand_written_gradients = False
-    reference = model.energies_and_gradient(cache, candidates, None, 1, create_graph)
+    with _written_out_calls() as calls:
+        reference = model.energies_and_gradient(cache, candidates, None, 1, create_graph)
+    assert not calls, "hand_written_gradients=False still ran the written-out path"
     model.hand_written_gradients = True
     return written, reference
 
@@ -161,7 +167,9 @@ def test_written_gradient_carries_the_second_order_terms(variant):
     for written in (True, False):
         model.hand_written_gradients = written
         cache = model.encode_context(context, 0)
-        _, gradient = model.energies_and_gradient(cache, candidates, None, 0, True)
+        with _written_out_calls() as calls:
+            _, gradient = model.energies_and_gradient(cache, candidates, None, 0, True)
+        assert len(calls) == written, f"written out: {written}, passes: {len(calls)}"
         loss = VideoTask().loss(candidates - model.step_size * gradient, targets)
         grads.append(torch.autograd.grad(loss, parameters, allow_unused=True))
     for ours, theirs in zip(*grads, strict=True):
