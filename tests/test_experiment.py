@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.text import interrupt_at, training_rows
 from support.text import tiny_overrides as text_overrides
 from support.vision import image_config
 
@@ -19,11 +20,12 @@ from ebt.config import ConfigError, load_config
 from ebt.data import iter_eval_batches
 from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
-from ebt.experiment.scaling import Study, metric_names, run_study
+from ebt.experiment.scaling import RESULTS_FILE, Study, metric_names, run_study
 from ebt.experiment.shift import thinking_shift, trained_steps
 from ebt.inference import Selection, thinking_curves
+from ebt.interrupt import TrainingInterrupted
 from ebt.modalities import modality_for
-from ebt.train import train
+from ebt.train import Trainer, train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
@@ -138,6 +140,50 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
     changed.overrides += ["model.dim=48"]
     with pytest.raises(ConfigError, match="different study"):
         run_study(changed)
+
+
+def test_a_study_interrupted_inside_a_point_resumes_that_point_exactly(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at step 2 of the 3-step point: the study stops with that point saved at step 2
+    and unrecorded. Run again, it skips the finished point, trains only step 3 of the
+    interrupted one, and its results file (points, metrics, evaluation rows, fits) is that of
+    a study never interrupted."""
+    values, models = ["64", "192"], ["ebt"]  # 1 and 3 steps of 64 tokens
+    whole = _study(corpus, tmp_path / "whole", values)
+    whole.models = models
+    expected = json.loads(json.dumps(run_study(whole, progress=lambda line: None)))
+    broken = _study(corpus, tmp_path / "broken", values)
+    broken.models = models
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2, run="ebt-data-192")
+        with pytest.raises(TrainingInterrupted):
+            run_study(broken, progress=lambda line: None)
+    recorded = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())["points"]
+    assert sorted(recorded) == ["ebt-data-64"]
+    steps, trained = [], []
+    original_step, original_train = Trainer.train_step, ebt.train.train
+
+    def counting_steps(self: Trainer) -> dict:
+        steps.append(self.step + 1)
+        return original_step(self)
+
+    def counting_runs(config):
+        trained.append(Path(config.train.out_dir).name)
+        return original_train(config)
+
+    monkeypatch.setattr(Trainer, "train_step", counting_steps)
+    monkeypatch.setattr(ebt.train, "train", counting_runs)
+    results = json.loads(json.dumps(run_study(broken, progress=lambda line: None)))
+    assert trained == ["ebt-data-192"] and steps == [3]  # resumed from its step 2
+    on_disk = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())
+    assert on_disk["fits"] == results["fits"] == expected["fits"]
+    for name, point in expected["points"].items():
+        for got in (results["points"][name], on_disk["points"][name]):
+            same = {key for key in point if key not in ("run_dir", "seconds")}
+            assert {key: got[key] for key in same} == {key: point[key] for key in same}, name
+    rows = training_rows(tmp_path / "broken" / "runs" / "ebt-data-192")
+    assert rows == training_rows(tmp_path / "whole" / "runs" / "ebt-data-192")
 
 
 def test_scaling_command_line(corpus: Path, tmp_path: Path, capsys) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.text import TINY, tiny_config, tiny_overrides, training_rows
+from support.text import TINY, interrupt_at, tiny_config, tiny_overrides, training_rows
 
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.cli import main
@@ -127,19 +127,6 @@ def test_resume_below_the_reached_step_is_refused(tmp_path, corpus):
     train(tiny_config(run_dir, corpus, "train.max_steps=3"))
     with pytest.raises(ConfigError, match="train.max_steps=2 is below the step 3"):
         train(tiny_config(run_dir, corpus, "train.max_steps=2"))
-
-
-def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, number: int) -> None:
-    """Deliver a real signal to this process when the trainer reaches `step`."""
-    original = Trainer.train_step
-
-    def train_step(self):
-        row = original(self)
-        if self.step == step:
-            os.kill(os.getpid(), number)
-        return row
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
+
+import pytest
 
 from ebt.config import Config, load_config
 from ebt.tracking import read_metrics
+from ebt.train import Trainer
 from support import CONFIGS
 
 TINY = CONFIGS / "text" / "tiny.toml"
@@ -90,3 +95,19 @@ def four_step_run(run_dir: Path) -> list[str]:
         "train.device=cpu",
         f"train.out_dir={run_dir}",
     ]
+
+
+def interrupt_at(
+    monkeypatch: pytest.MonkeyPatch, step: int, number: int = signal.SIGINT, run: str = ""
+) -> None:
+    """Deliver a real signal to this process when a trainer (of the run directory named `run`,
+    if given) finishes optimizer step `step`: a Ctrl-C at a known step, no clock involved."""
+    original = Trainer.train_step
+
+    def train_step(self: Trainer) -> dict:
+        row = original(self)
+        if self.step == step and (not run or self.run_dir.name == run):
+            os.kill(os.getpid(), number)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
