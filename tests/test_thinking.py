@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.text import written_out_calls
 
 import ebt.models.candidate_gradient as candidate_gradient
 import ebt.objective as objective_module
@@ -569,12 +570,13 @@ def test_written_out_candidate_gradient_trains_like_double_backward(variant, rec
     in two as for long sequences."""
     monkeypatch.setattr(candidate_gradient, "SPLIT_MIN_ROWS", 2)
     model, objective, batch = recipe_problem(variant, 2, WRITTEN_OUT_RECIPES[recipe])
-    results = {}
+    results, calls = {}, written_out_calls(monkeypatch)
     for hand_written in (False, True):
         model.hand_written_gradients = hand_written
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         loss = objective.forward_backward(batch).loss
+        assert bool(calls) == ("graph" in calls) == hand_written  # the path that ran
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[hand_written] = loss, grads
     (expected_loss, expected), (loss, actual) = results[False], results[True]

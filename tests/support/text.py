@@ -8,7 +8,9 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
+import ebt.models.candidate_gradient as candidate_gradient
 from ebt.config import Config, load_config
 from ebt.tracking import read_metrics
 from ebt.train import Trainer
@@ -111,3 +113,19 @@ def interrupt_at(
         return row
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def written_out_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every call of the hand-written candidate gradient
+    (candidate_gradient.energies_and_gradient): "graph" when autograd records it (training),
+    "inference" otherwise. Tests comparing it with autograd assert it ran (its gate,
+    EnergyTransformer.hand_written_path, could send both sides to autograd)."""
+    calls: list[str] = []
+    original = candidate_gradient.energies_and_gradient
+
+    def recording(*args, **kwargs):
+        calls.append("graph" if torch.is_grad_enabled() else "inference")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(candidate_gradient, "energies_and_gradient", recording)
+    return calls
