@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.text import written_out_calls
 
 from ebt.config import load_config
 from ebt.generate import Sampling, generate_ids, sample, visible_length
@@ -82,13 +83,15 @@ def test_extend_context_equals_encoding_the_whole_prefix():
 
 
 @pytest.mark.parametrize("variant", ["time_embed", "adaln", "pred_step"])
-def test_one_token_extensions_equal_encoding_the_whole_prefix(variant):
-    """Generation's one-token path (hand-written, in place) equals encoding the prefix."""
+def test_one_token_extensions_equal_encoding_the_whole_prefix(variant, monkeypatch):
+    """Generation's one-token path (hand-written, in place; it ran) equals encoding the prefix."""
     model = _model("ebt", variant).double()
     tokens = torch.randint(1, 20, (2, 9))
     cache = model.encode_context(tokens[:, :3], 1, capacity=6)  # grows past its capacity
+    calls = written_out_calls(monkeypatch, "extend_context_by_one")
     for position in range(3, 9):
         cache = model.extend_context(cache, tokens[:, position : position + 1])
+    assert calls == ["inference"] * 6
     full = model.encode_context(tokens, 1)
     for ours, reference in zip(cache.keys + cache.values, full.keys + full.values, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)

@@ -115,17 +115,20 @@ def interrupt_at(
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def written_out_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records every call of the hand-written candidate gradient
-    (candidate_gradient.energies_and_gradient): "graph" when autograd records it (training),
-    "inference" otherwise. Tests comparing it with autograd assert it ran (its gate,
-    EnergyTransformer.hand_written_path, could send both sides to autograd)."""
+def written_out_calls(
+    monkeypatch: pytest.MonkeyPatch, name: str = "energies_and_gradient"
+) -> list[str]:
+    """Records every call of a hand-written pass of ebt.models.candidate_gradient (default the
+    candidate gradient; "extend_context_by_one": generation's one-token context pass): "graph"
+    when autograd records it (training), "inference" otherwise. Tests comparing it with
+    autograd assert it ran (its gate, EnergyTransformer.hand_written_path, could send both
+    sides to autograd)."""
     calls: list[str] = []
-    original = candidate_gradient.energies_and_gradient
+    original = getattr(candidate_gradient, name)
 
     def recording(*args, **kwargs):
         calls.append("graph" if torch.is_grad_enabled() else "inference")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(candidate_gradient, "energies_and_gradient", recording)
+    monkeypatch.setattr(candidate_gradient, name, recording)
     return calls
