@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.tolerances import relative
 
 import ebt
 from ebt.cli import main
-from ebt.data import load_tokenizer
+from ebt.data import iter_eval_batches, load_tokenizer
+from ebt.modalities import modality_for
 from ebt.tracking import read_metrics
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
@@ -110,21 +113,54 @@ def test_train_metrics_rows(run_dir):
     assert [(row["step"], row["split"]) for row in evaluation] == [(2, "val"), (4, "val")]
 
 
-def test_eval_json(run_dir, capsys):
-    """`ebt eval RUN --json` prints one object with per-step losses, ppl and energies."""
-    assert main(["eval", str(run_dir), "--json"]) == 0
-    result = json_output(capsys)
-    assert result["split"] == "val"
-    assert len(result["loss_per_step"]) == len(result["energy_per_step"]) == 2
-    assert result["ppl"] > 1 and isinstance(result["energy_gap"], float)
+def reference_evaluation(run_path: Path, split: str, overrides: list[str]) -> dict:
+    """What `ebt eval` should report on all of a split, computed another way: the same examples
+    thought through by model.think from the same seeded noise, per-token cross-entropy from
+    log-softmax, means weighted by each batch's non-pad targets, summed in float64."""
+    run = ebt.load_run(run_path, overrides)
+    train, think = run.config.train, run.config.think
+    dataset = modality_for(run.config, run.tokenizer).dataset(split)
+    losses, energies, tokens = 0.0, 0.0, 0
+    torch.manual_seed(train.seed)
+    for batch in iter_eval_batches(dataset, train.batch_size):
+        context, targets = batch[:, :-1], batch[:, 1:]  # (B, S) each
+        init = torch.randn(*targets.shape, run.tokenizer.vocab_size) * think.init_scale
+        trajectory = run.model.think(context, init, langevin_noise=0.0)  # states (B, S, V)
+        keep = targets != run.tokenizer.pad_id  # (B, S)
+        count = int(keep.sum())
+        log_p = [state.double().log_softmax(-1) for state in trajectory.states]  # (B, S, V)
+        picked = [-lp.gather(-1, targets[..., None])[..., 0][keep].sum() for lp in log_p]
+        losses = losses + torch.stack(picked)  # (steps,) summed token losses
+        energies = energies + torch.stack([e.double().mean() for e in trajectory.energies]) * count
+        tokens += count
+    return {
+        "loss_per_step": losses / tokens,
+        "energy_per_step": energies / tokens,
+        "tokens": tokens,
+    }
 
 
-def test_eval_ood_split(run_dir, workspace, capsys):
-    """`--split ood` evaluates data.ood_source (here a local file)."""
-    ood = f"data.ood_source={workspace / 'ood.txt'}"
-    assert main(["eval", str(run_dir), ood, "--split", "ood", "--json"]) == 0
+@pytest.mark.parametrize("split", ["val", "ood"])
+def test_eval_json_reports_the_loss_its_perplexity_and_energies(run_dir, workspace, split, capsys):
+    """`ebt eval RUN --json` (ood: data.ood_source, a local file) on all of a split: every field
+    against reference_evaluation. The last batch is smaller, so a mean over batches instead of
+    tokens shows. float32 model, float64 sums: 1e-5 relative. ppl = exp(the final step's loss)."""
+    overrides = [f"data.ood_source={workspace / 'ood.txt'}"]
+    argv = ["eval", str(run_dir), *overrides, "--split", split, "--batches", "1000", "--json"]
+    assert main(argv) == 0
     result = json_output(capsys)
-    assert result["split"] == "ood" and result["ppl"] > 1 and result["tokens"] > 0
+    expected = reference_evaluation(run_dir, split, overrides)
+    assert result["split"] == split and result["tokens"] == expected["tokens"]
+    assert expected["tokens"] % (4 * 16) != 0  # a partial last batch (batch 4 x seq_len 16)
+    losses = expected["loss_per_step"]  # (steps,)
+    assert relative(torch.tensor(result["loss_per_step"]), losses) < 1e-5
+    assert relative(torch.tensor(result["energy_per_step"]), expected["energy_per_step"]) < 1e-5
+    assert result["loss"] == result["loss_per_step"][-1]
+    assert result["ppl"] == pytest.approx(math.exp(losses[-1].item()), rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+    gap = result["energy_per_step"][0] - result["energy_per_step"][-1]
+    assert result["energy_gap"] == pytest.approx(gap, rel=1e-12)
+    assert result["forward_passes"] == len(result["loss_per_step"]) == 2
 
 
 def test_generate_prints_prompt_then_text(run_dir, capsys):

@@ -4,21 +4,28 @@ and `ebt report`."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.text import interrupt_at, training_rows
 from support.text import tiny_overrides as text_overrides
 from support.vision import image_config
 
 import ebt.train
+from ebt.api import load_run
 from ebt.cli import main
 from ebt.config import ConfigError, load_config
+from ebt.data import iter_eval_batches
 from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
-from ebt.experiment.scaling import Study, metric_names, run_study
+from ebt.experiment.scaling import RESULTS_FILE, Study, metric_names, run_study
 from ebt.experiment.shift import thinking_shift, trained_steps
-from ebt.train import train
+from ebt.inference import Selection, thinking_curves
+from ebt.interrupt import TrainingInterrupted
+from ebt.modalities import modality_for
+from ebt.train import Trainer, train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
@@ -135,6 +142,50 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
         run_study(changed)
 
 
+def test_a_study_interrupted_inside_a_point_resumes_that_point_exactly(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at step 2 of the 3-step point: the study stops with that point saved at step 2
+    and unrecorded. Run again, it skips the finished point, trains only step 3 of the
+    interrupted one, and its results file (points, metrics, evaluation rows, fits) is that of
+    a study never interrupted."""
+    values, models = ["64", "192"], ["ebt"]  # 1 and 3 steps of 64 tokens
+    whole = _study(corpus, tmp_path / "whole", values)
+    whole.models = models
+    expected = json.loads(json.dumps(run_study(whole, progress=lambda line: None)))
+    broken = _study(corpus, tmp_path / "broken", values)
+    broken.models = models
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2, run="ebt-data-192")
+        with pytest.raises(TrainingInterrupted):
+            run_study(broken, progress=lambda line: None)
+    recorded = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())["points"]
+    assert sorted(recorded) == ["ebt-data-64"]
+    steps, trained = [], []
+    original_step, original_train = Trainer.train_step, ebt.train.train
+
+    def counting_steps(self: Trainer) -> dict:
+        steps.append(self.step + 1)
+        return original_step(self)
+
+    def counting_runs(config):
+        trained.append(Path(config.train.out_dir).name)
+        return original_train(config)
+
+    monkeypatch.setattr(Trainer, "train_step", counting_steps)
+    monkeypatch.setattr(ebt.train, "train", counting_runs)
+    results = json.loads(json.dumps(run_study(broken, progress=lambda line: None)))
+    assert trained == ["ebt-data-192"] and steps == [3]  # resumed from its step 2
+    on_disk = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())
+    assert on_disk["fits"] == results["fits"] == expected["fits"]
+    for name, point in expected["points"].items():
+        for got in (results["points"][name], on_disk["points"][name]):
+            same = {key for key in point if key not in ("run_dir", "seconds")}
+            assert {key: got[key] for key in same} == {key: point[key] for key in same}, name
+    rows = training_rows(tmp_path / "broken" / "runs" / "ebt-data-192")
+    assert rows == training_rows(tmp_path / "whole" / "runs" / "ebt-data-192")
+
+
 def test_scaling_command_line(corpus: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli-study"
     argv = ["experiment", "scaling", str(TINY), *tiny_overrides(corpus), "--axis", "steps"]
@@ -154,9 +205,26 @@ def tiny_run(corpus: Path, tmp_path: Path) -> Path:
     return run
 
 
+def curve_losses(run_path: Path, source: str, steps: list[int], samples: list[int]) -> dict:
+    """Loss at every (steps, samples) of thinking_curves on the first 2 evaluation batches of a
+    set (val: the run's validation split; else a file), built here from the data layer."""
+    run = load_run(str(run_path))
+    modality = modality_for(run.config, run.tokenizer)
+    dataset = modality.dataset("val") if source == "val" else modality.dataset("all", source)
+    batches = list(iter_eval_batches(dataset, run.config.train.batch_size, 2))
+    think = run.config.think
+    selection = Selection(think.selection, think.selection_temperature)
+    curves = thinking_curves(run.model, batches, steps, samples, run.tokenizer.pad_id, 0)
+    assert selection == Selection()  # the tiny run's rule is thinking_curves' default
+    return {(point["steps"], point["samples"]): point["loss"] for point in curves["curves"]}
+
+
 def test_thinking_shift_measures_gain_against_distance(
     tiny_run: Path, corpus: Path, tmp_path: Path
 ) -> None:
+    """Distance = perplexity of a set / perplexity of validation, both at the trained steps and
+    one sample; gains from there to the most steps (one sample, then the most samples). Every
+    number against thinking_curves of the same batches (deterministic: 1e-12 relative)."""
     other = tmp_path / "other.txt"
     other.write_text("Completely different prose, numbers 12345 and CAPITALS!\n" * 40)
     plot = tmp_path / "shift.png"
@@ -165,10 +233,18 @@ def test_thinking_shift_measures_gain_against_distance(
     assert result["from_steps"] == 1  # configs/text/tiny.toml trains one step per landscape
     s2 = load_config(TINY.with_name("tiny-s2.toml"))
     assert trained_steps(s2.think) == s2.think.random_steps + 1 == 3  # what ebt eval runs
-    assert rows["val"]["distance"] == pytest.approx(1.0)
+    losses = {name: curve_losses(tiny_run, name, [1, 2], [1, 2]) for name in ("val", str(other))}
+    for name, row in rows.items():
+        loss = losses[name]
+        assert row["loss_start"] == pytest.approx(loss[1, 1], rel=1e-12)
+        assert row["loss_longer"] == pytest.approx(loss[2, 1], rel=1e-12)
+        assert row["loss_verified"] == pytest.approx(loss[2, 2], rel=1e-12)
+        for key, end in (("gain_longer_pct", loss[2, 1]), ("gain_verified_pct", loss[2, 2])):
+            gain = 100 * (1 - math.exp(end - loss[1, 1]))  # perplexity improvement, %
+            assert row[key] == pytest.approx(gain, rel=1e-9), key
+        distance = math.exp(loss[1, 1] - losses["val"][1, 1])
+        assert row["distance"] == pytest.approx(distance, rel=1e-9)
     assert rows[str(other)]["distance"] > 1.0  # unseen prose is further from training
-    for row in rows.values():
-        assert row["loss_start"] > 0 and row["gain_verified_pct"] == row["gain_verified_pct"]
     assert plot.stat().st_size > 0
 
 
@@ -181,7 +257,7 @@ def test_report_of_a_run_writes_markdown_and_plots(tiny_run: Path, tmp_path: Pat
     assert pictures and all(picture.stat().st_size > 0 for picture in pictures)
 
 
-def test_study_presets_load_and_flags_replace_their_settings(tmp_path: Path) -> None:
+def test_study_presets_load_and_unknown_keys_are_refused(tmp_path: Path) -> None:
     from ebt.experiment.preset import read_preset
 
     presets = sorted((TINY.parents[1] / "experiments").glob("*.toml"))
@@ -196,6 +272,43 @@ def test_study_presets_load_and_flags_replace_their_settings(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="unknown \\[study\\] keys \\['seed'\\]"):
         read_preset(bad)
     assert read_preset(TINY) is None  # a plain config
+
+
+def studies_run_by_the_command(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> list[Study]:
+    """`ebt experiment scaling ARGV`, with run_study recording the Study it is given."""
+    studies: list[Study] = []
+
+    def recording(study: Study) -> dict:
+        studies.append(study)
+        return {"report": "report.md", "fits": {}}
+
+    monkeypatch.setattr("ebt.experiment.scaling.run_study", recording)
+    assert main(["experiment", "scaling", *argv]) == 0
+    return studies
+
+
+def test_study_flags_override_the_preset_and_the_preset_fills_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The command's own merge: a flag replaces the preset's key, the preset fills every key
+    without a flag, the defaults fill what neither gives, and overrides on the command line
+    come after the preset's (so they win when both set a key)."""
+    preset = tmp_path / "study.toml"
+    preset.write_text(
+        f'[study]\nconfig = "{TINY}"\naxis = "data"\nvalues = [64, 128]\nmodels = ["ebt"]\n'
+        'metric = "loss"\nout = "preset-out"\noverrides = ["model.dim=32", "train.seed=3"]\n'
+    )
+    out = str(tmp_path / "flag-out")
+    flags = ["--values", "1024,2048", "--out", out, "--axis", "steps"]
+    (study,) = studies_run_by_the_command([str(preset), "model.dim=48", *flags], monkeypatch)
+    assert (study.axis, study.values, study.out_dir) == ("steps", ["1024", "2048"], out)
+    assert (study.config, study.models, study.metric) == (str(TINY), ["ebt"], "loss")
+    assert study.overrides == ["model.dim=32", "train.seed=3", "model.dim=48"]
+    plain_flags = ["--axis", "data", "--values", "64,128"]
+    (plain,) = studies_run_by_the_command([str(TINY), *plain_flags], monkeypatch)
+    assert (plain.models, plain.out_dir, plain.metric) == (["ebt", "baseline"], "runs/scaling", "")
+    assert plain.overrides == [] and plain.values == ["64", "128"]
+    capsys.readouterr()
 
 
 def test_report_compares_an_image_ebt_with_its_dit(tmp_path: Path) -> None:

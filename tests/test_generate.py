@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.text import written_out_calls
 
 from ebt.config import load_config
-from ebt.generate import Sampling, generate_ids, sample
+from ebt.generate import Sampling, generate_ids, sample, visible_length
 from ebt.models import build_model
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.thinking import InferenceOptions
@@ -34,11 +35,40 @@ def test_cached_generation_equals_recompute_everything(kind, variant):
     assert cached == naive
 
 
-@pytest.mark.parametrize(("kind", "variant"), CASES[:1] + CASES[-1:])
-def test_generation_slides_past_the_window(kind, variant):
-    """Longer than the context window: the cache is rebuilt and generation goes on."""
-    tokens = list(generate_ids(_model(kind, variant, window=8), [1, 2, 3], 20, window=8))
-    assert len(tokens) == 20 and all(0 <= t < 20 for t in tokens)
+@pytest.mark.parametrize(("kind", "variant"), CASES)
+def test_cached_generation_equals_recompute_everything_past_the_window(kind, variant):
+    """Window 8, 3 prompt + 20 new tokens (the window restarts three times): the cache rebuilt
+    on restarts and extended in between gives recompute-everything's tokens, one for one."""
+    model = _model(kind, variant, window=8)
+    cached = list(generate_ids(model, [1, 2, 3], 20, window=8, cached=True))
+    naive = list(generate_ids(model, [1, 2, 3], 20, window=8, cached=False))
+    assert cached == naive
+
+
+def test_the_window_past_its_end_restarts_from_the_newest_half():
+    """visible_length: everything within the window, then 4, 5, ..., 8 newest tokens for
+    window 8 (restarting every 5 tokens); odd and 1-token windows never read nothing."""
+    assert [visible_length(total, 8) for total in range(1, 20)] == [
+        *range(1, 9), 4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4
+    ]  # fmt: skip
+    assert [visible_length(total, 5) for total in range(5, 13)] == [5, 2, 3, 4, 5, 2, 3, 4]
+    assert [visible_length(total, 1) for total in range(1, 5)] == [1, 1, 1, 1]
+
+
+def test_recompute_past_the_window_reads_exactly_the_visible_window(monkeypatch):
+    """Each token's logits come from the newest visible_length tokens, no more, no fewer (the
+    recompute path's input, recorded at the Transformer++ forward; the cached path equals it)."""
+    model = _model("transformer_pp", "time_embed", window=8)
+    seen, forward = [], model.forward
+
+    def recording(tokens: torch.Tensor) -> torch.Tensor:
+        seen.append(tokens[0].tolist())  # (1, T) -> T ids
+        return forward(tokens)
+
+    monkeypatch.setattr(model, "forward", recording)
+    ids = [1, 2, 3] + list(generate_ids(model, [1, 2, 3], 12, window=8, cached=False))
+    expected = [ids[total - visible_length(total, 8) : total] for total in range(3, 15)]
+    assert seen == expected
 
 
 def test_extend_context_equals_encoding_the_whole_prefix():
@@ -53,13 +83,15 @@ def test_extend_context_equals_encoding_the_whole_prefix():
 
 
 @pytest.mark.parametrize("variant", ["time_embed", "adaln", "pred_step"])
-def test_one_token_extensions_equal_encoding_the_whole_prefix(variant):
-    """Generation's one-token path (hand-written, in place) equals encoding the prefix."""
+def test_one_token_extensions_equal_encoding_the_whole_prefix(variant, monkeypatch):
+    """Generation's one-token path (hand-written, in place; it ran) equals encoding the prefix."""
     model = _model("ebt", variant).double()
     tokens = torch.randint(1, 20, (2, 9))
     cache = model.encode_context(tokens[:, :3], 1, capacity=6)  # grows past its capacity
+    calls = written_out_calls(monkeypatch, "extend_context_by_one")
     for position in range(3, 9):
         cache = model.extend_context(cache, tokens[:, position : position + 1])
+    assert calls == ["inference"] * 6
     full = model.encode_context(tokens, 1)
     for ours, reference in zip(cache.keys + cache.values, full.keys + full.values, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)

@@ -17,6 +17,7 @@ from support.naive_reference import (
     naive_step,
     naive_transformer_pp_logits,
 )
+from support.text import written_out_calls
 from support.tolerances import relative
 from torch.nn import functional as F
 
@@ -171,10 +172,13 @@ PATHS = ("hand_written", "autograd")
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_step_loss_and_second_order_gradients_match_naive(variant, path):
-    """take_step with create_graph: loss and every parameter gradient equal the naive path."""
+def test_step_loss_and_second_order_gradients_match_naive(variant, path, monkeypatch):
+    """take_step with create_graph: loss and every parameter gradient equal the naive path;
+    the hand-written path did run (recorded by autograd), the autograd path did not."""
     model, tokens, targets, init = step_problem(variant)
+    calls = written_out_calls(monkeypatch)
     ours = our_step_loss(model, tokens, targets, init, landscape=1, path=path)
+    assert calls == (["graph"] if path == "hand_written" else [])
     theirs = naive_step_loss(model, tokens, targets, init, landscape=1)
     assert relative_error(ours, theirs) < LOOSE
     error, name = worst_gradient_error(gradients(ours, model), gradients(theirs, model))
@@ -184,10 +188,13 @@ def test_step_loss_and_second_order_gradients_match_naive(variant, path):
 @pytest.mark.usefixtures("row_split")
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_second_order_gradients_match_naive_to_float64_precision(variant, path):
-    """In float64 the second-order parameter gradients should agree to ~1e-8 relative."""
+def test_second_order_gradients_match_naive_to_float64_precision(variant, path, monkeypatch):
+    """In float64 the second-order parameter gradients should agree to ~1e-8 relative (the
+    path asked for is the one that ran)."""
     model, tokens, targets, init = step_problem(variant)
+    calls = written_out_calls(monkeypatch)
     ours = gradients(our_step_loss(model, tokens, targets, init, path=path), model)
+    assert calls == (["graph"] if path == "hand_written" else [])
     theirs = gradients(naive_step_loss(model, tokens, targets, init), model)
     error, name = worst_gradient_error(ours, theirs)
     assert error < TIGHT_GRAD, name
@@ -314,10 +321,13 @@ def test_rows_subset_equals_columns_of_full_computation(variant, rows):
 @pytest.mark.usefixtures("row_split")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows", [None, [4, 0, 2]])
-def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(variant, rows):
-    """Inference's autograd-free (energies, dE/dp) equals autograd through the naive
-    concatenated model, in float64, for all rows or a subset, on a landscape of its own."""
+def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(
+    variant, rows, monkeypatch
+):
+    """Inference's autograd-free (energies, dE/dp), which did run, equals autograd through the
+    naive concatenated model, in float64, for all rows or a subset, on a landscape of its own."""
     model, tokens, probabilities = make_model(variant), make_tokens(), make_distributions()
+    calls = written_out_calls(monkeypatch)
     with torch.no_grad():  # a non-trivial adaLN modulation (its default init is near identity)
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -327,6 +337,7 @@ def test_hand_written_first_order_gradient_equals_autograd_of_the_naive_model(va
     expected_probabilities = probabilities.clone().requires_grad_()
     expected = naive_energies(model, tokens, expected_probabilities, 1)  # (B, S)
     (expected_gradient,) = torch.autograd.grad(expected.sum(), expected_probabilities)
+    assert calls == ["inference"]
     assert not energies.requires_grad and not gradient.requires_grad
     assert relative_error(energies, expected[:, index]) < TIGHT
     assert relative_error(gradient, expected_gradient[:, index]) < TIGHT_GRAD
@@ -343,12 +354,14 @@ def test_casting_the_model_to_bf16_keeps_the_rope_rotations_complex():
     assert relative_error(energies.double(), expected.double()) < 0.05
 
 
-def test_first_order_gradient_falls_back_to_autograd_in_bf16():
-    """bf16 has no hand-written path: the result is autograd's, bit for bit."""
+def test_first_order_gradient_falls_back_to_autograd_in_bf16(monkeypatch):
+    """bf16 has no hand-written path (it is not called): the result is autograd's, bit for bit."""
     model = make_model("time_embed").to(torch.bfloat16)
     tokens, probabilities = make_tokens(), make_distributions().to(torch.bfloat16)
     cache = model.encode_context(tokens, 0)
+    calls = written_out_calls(monkeypatch)
     _, gradient = model.energies_and_gradient(cache, probabilities)
+    assert calls == []
     probabilities.requires_grad_()
     (expected,) = torch.autograd.grad(model.energies(cache, probabilities).sum(), probabilities)
     assert gradient.dtype == torch.bfloat16

@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from support.text import TINY, tiny_config, training_rows
+from support.text import TINY, interrupt_at, tiny_config, tiny_overrides, training_rows
 
 from ebt.checkpoint import load_model_state, load_train_state
+from ebt.cli import main
 from ebt.config import ConfigError
 from ebt.errors import RunBusyError
 from ebt.interrupt import StopRequest, TrainingInterrupted
@@ -129,19 +129,6 @@ def test_resume_below_the_reached_step_is_refused(tmp_path, corpus):
         train(tiny_config(run_dir, corpus, "train.max_steps=2"))
 
 
-def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, number: int) -> None:
-    """Deliver a real signal to this process when the trainer reaches `step`."""
-    original = Trainer.train_step
-
-    def train_step(self):
-        row = original(self)
-        if self.step == step:
-            os.kill(os.getpid(), number)
-        return row
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-
-
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_at_the_current_step_and_resume_is_exact(
     tmp_path, corpus, monkeypatch, number
@@ -183,36 +170,48 @@ def test_stale_temporaries_are_removed_when_a_run_starts(tmp_path, corpus):
     assert not stale.exists() and (run_dir / "step_000003").is_dir()
 
 
+# `python -m ebt ARGS` whose trainer sends itself SIGINT right after step $EBT_TEST_SIGINT_AT
+SIGINT_AT_STEP = """
+import os, runpy, signal, sys
+from ebt.train import Trainer
+step, at = Trainer.train_step, int(os.environ["EBT_TEST_SIGINT_AT"])
+def interrupting(self):
+    row = step(self)
+    if self.step == at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return row
+Trainer.train_step = interrupting
+sys.argv = ["ebt", *sys.argv[1:]]
+runpy.run_module("ebt", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_line_saves_and_exits_130_without_a_traceback(tmp_path, corpus):
-    run_dir = tmp_path / "run"
-    overrides = [f"{key}={value}" for key, value in _cli_overrides(run_dir, corpus).items()]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ebt", "train", str(TINY), *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    """A real `python -m ebt train` process gets SIGINT right after step 3 (sent from inside its
+    training loop, no clock): it saves step 3, exits 130 with one line, and the same command
+    then resumes to step 6 exactly as an uninterrupted run."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(tiny_config(whole, corpus, "train.eval_every=2"))
+    argv = ["train", str(TINY), *tiny_overrides(split, corpus), "train.eval_every=2"]
+    environment = os.environ | {"EBT_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.run(
+        [sys.executable, "-c", SIGINT_AT_STEP, *argv],
+        capture_output=True,
         text=True,
-        env=os.environ | {"EBT_CACHE_DIR": str(tmp_path / "cache")},
+        env=environment | {"EBT_TEST_SIGINT_AT": "3"},
+        timeout=300,
     )
-    deadline = time.monotonic() + 120
-    while not read_metrics(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "SIGINT at step" in stderr
-    step = load_train_state(run_dir)["step"]
-    assert 0 < step < 100_000 and (run_dir / f"step_{step:06d}").is_dir()
-
-
-def _cli_overrides(run_dir: Path, corpus: Path) -> dict[str, str]:
-    config = tiny_config(run_dir, corpus, "train.max_steps=100000", "train.save_every=0")
-    return {
-        f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
-        for section, values in config.to_dict().items()
-        for key, value in values.items()
-        if key != "size"
-    }
+    assert process.returncode == 130, process.stderr
+    assert "Traceback" not in process.stderr, process.stderr
+    assert "SIGINT at step 3: saved" in process.stderr, process.stderr
+    assert load_train_state(split)["step"] == 3
+    assert sorted(path.name for path in split.glob("step_*")) == ["step_000003"]
+    assert main(argv) == 0  # the same command, in this process: resumes from step 3
+    first, _ = load_model_state(whole)
+    second, _ = load_model_state(split)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert training_rows(whole) == training_rows(split)
 
 
 def test_resume_after_truncating_the_latest_checkpoint_falls_back_exactly(tmp_path, corpus, capfd):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.text import written_out_calls
 
 import ebt.models.candidate_gradient as candidate_gradient
 import ebt.objective as objective_module
@@ -569,12 +570,13 @@ def test_written_out_candidate_gradient_trains_like_double_backward(variant, rec
     in two as for long sequences."""
     monkeypatch.setattr(candidate_gradient, "SPLIT_MIN_ROWS", 2)
     model, objective, batch = recipe_problem(variant, 2, WRITTEN_OUT_RECIPES[recipe])
-    results = {}
+    results, calls = {}, written_out_calls(monkeypatch)
     for hand_written in (False, True):
         model.hand_written_gradients = hand_written
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         loss = objective.forward_backward(batch).loss
+        assert bool(calls) == ("graph" in calls) == hand_written  # the path that ran
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[hand_written] = loss, grads
     (expected_loss, expected), (loss, actual) = results[False], results[True]
@@ -582,6 +584,70 @@ def test_written_out_candidate_gradient_trains_like_double_backward(variant, rec
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
         torch.testing.assert_close(actual[name], gradient, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# bf16 autocast (CPU): the tiny S1 recipe (pred_step, 2 landscapes x 1 step of size 20). bf16 keeps
+# 8 significant bits (unit roundoff 2^-9 = 2e-3); through two blocks and a step of size 20 the
+# errors against float32, norm-wise, were at most: loss 1.2e-2, weight gradients 4.7e-2, thinking
+# states 3.5e-2, energies 2.0e-2 (seeds 0-3). The bounds are three times that.
+BF16_BOUNDS = {"loss": 3e-2, "gradient": 0.15, "states": 0.1, "energies": 0.06}
+
+
+def normwise(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    difference = actual.double() - expected.double()
+    return (difference.norm() / expected.double().norm()).item()
+
+
+def bf16_problem():
+    """(model, training objective, batch (3, 9)) of the tiny S1 recipe in float32."""
+    overrides = ["model.variant=pred_step", "model.dim=16", "model.layers=2", "model.heads=2"]
+    overrides += ["data.seq_len=8", "think.landscapes=2", "think.steps=1", "think.step_size=20"]
+    config = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = build_model(config, 11)
+    return model, Objective(model, config.think).train(), torch.randint(1, 11, (3, 9))
+
+
+def test_a_training_step_under_bf16_autocast_is_close_to_float32(monkeypatch):
+    """Loss and weight gradients under CPU bf16 autocast within BF16_BOUNDS of float32, the
+    loss and the gradients float32. The written-out candidate gradient switches itself off
+    under autocast (EnergyTransformer.hand_written_path): autograd takes dE/dp there."""
+    model, objective, batch = bf16_problem()
+    results, ran = {}, {}
+    for bf16 in (False, True):
+        model.zero_grad(set_to_none=True)
+        calls = written_out_calls(monkeypatch)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = objective.forward_backward(batch).loss
+        ran[bf16] = calls
+        results[bf16] = loss, torch.cat([p.grad.flatten() for p in weights(model)])  # (P,)
+    assert ran == {False: ["graph", "graph"], True: []}  # written out in float32 only
+    (loss32, gradient32), (loss16, gradient16) = results[False], results[True]
+    assert loss16.dtype == gradient16.dtype == torch.float32
+    assert torch.isfinite(loss16) and torch.isfinite(gradient16).all()
+    assert abs(loss16.item() / loss32.item() - 1) < BF16_BOUNDS["loss"]
+    assert normwise(gradient16, gradient32) < BF16_BOUNDS["gradient"]
+
+
+def test_thinking_under_bf16_autocast_is_close_to_float32(monkeypatch):
+    """model.think under CPU bf16 autocast: float32 states within BF16_BOUNDS of float32
+    thinking, step by step, through autograd's candidate gradient (not the written-out one)."""
+    model, _, batch = bf16_problem()
+    model.eval()
+    init = torch.randn(3, 8, 11)  # (B, S, V)
+    expected = model.think(batch[:, :-1], init, langevin_noise=0.0)
+    calls = written_out_calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trajectory = model.think(batch[:, :-1], init, langevin_noise=0.0)
+    assert calls == []
+    states = zip(trajectory.states, expected.states, strict=True)
+    energies = zip(trajectory.energies, expected.energies, strict=True)
+    for (state, state32), (energy, energy32) in zip(states, energies, strict=True):
+        assert state.dtype == torch.float32 and torch.isfinite(state).all()
+        assert normwise(state, state32) < BF16_BOUNDS["states"]
+        assert normwise(energy, energy32) < BF16_BOUNDS["energies"]
 
 
 # --- accept only lower energies ------------------------------------------------------------

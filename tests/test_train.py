@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from support.text import RECIPES, SYSTEM2, VOCAB, tiny_config, training_rows
+from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import load_model_state, load_train_state
-from ebt.distributed import setup
+from ebt.distributed import clip_grad_norm, setup
 from ebt.tracking import MetricsLogger, read_metrics
 from ebt.train import Trainer, train
 
@@ -129,13 +130,41 @@ def test_resume_is_exact(tmp_path, corpus, recipe):
     assert whole_evals == [row for row in split_evals if row["step"] != 3]
 
 
-def test_gradient_accumulation_consumes_two_batches_per_step(tmp_path, corpus):
-    """grad_accum=2, batch_size=2: each optimizer step reads two micro-batches."""
-    config = tiny_config(tmp_path / "run", corpus, "train.grad_accum=2", "train.batch_size=2")
-    trainer = Trainer(config, setup("cpu"))
-    rows = [trainer.train_step() for _ in range(2)]
-    assert trainer.batches.state_dict()["position"] == 4
-    assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in rows)
+def _applied_gradients(trainer: Trainer, monkeypatch) -> tuple[dict[str, torch.Tensor], dict]:
+    """One train_step: the gradients it hands to clipping (before clipping), and its row."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capturing(parameters, limit):
+        named = trainer.model.named_parameters()
+        captured.update({n: p.grad.clone() for n, p in named if p.grad is not None})
+        return clip_grad_norm(parameters, limit)
+
+    monkeypatch.setattr("ebt.train.clip_grad_norm", capturing)
+    return captured, trainer.train_step()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus, monkeypatch):
+    """grad_accum=2 x batch_size=2 reads two micro-batches and applies the gradient, loss and
+    gradient norm of one batch of 4 made of the same rows (same initial weights; zero initial
+    candidates so no noise draw differs). float32, summation order only: 1e-5 relative.
+    A missing 1/grad_accum doubles the gradient."""
+    deterministic = ["think.init=zeros"]
+    micro = tiny_config(tmp_path / "a", corpus, *deterministic, "train.grad_accum=2",
+                        "train.batch_size=2")  # fmt: skip
+    accumulating = Trainer(micro, setup("cpu"))
+    reads, original = [], accumulating.batches
+    accumulating.batches = (reads.append(batch) or batch for batch in original)
+    accumulated, row = _applied_gradients(accumulating, monkeypatch)
+    assert original.state_dict()["position"] == 2 and len(reads) == 2
+    big = tiny_config(tmp_path / "b", corpus, *deterministic, "train.batch_size=4")
+    reference = Trainer(big, setup("cpu"))
+    reference.batches = iter([torch.cat(reads)])  # (4, S + 1): the same rows in one batch
+    expected, expected_row = _applied_gradients(reference, monkeypatch)
+    assert accumulated.keys() == expected.keys()
+    for name, gradient in expected.items():
+        assert relative(accumulated[name], gradient) < 1e-5, name
+    assert row["loss"] == pytest.approx(expected_row["loss"], rel=1e-6)
+    assert row["grad_norm"] == pytest.approx(expected_row["grad_norm"], rel=1e-5)
 
 
 def test_gradient_accumulation_trains(tmp_path, corpus):

@@ -133,38 +133,46 @@ def test_combinations_and_types(overrides, expected):
         load_config(TINY, overrides)
 
 
-@pytest.mark.parametrize(
-    "override",
-    [
-        "model.ffn_dim=0",
-        "think.random_steps=0",
-        "think.random_steps_min=0",
-        "think.langevin_noise=0",
-        "think.grad_clamp=0",
-        "think.absolute_clamp=0",
-        "think.step_size_lr_multiplier=0",
-        "data.val_fraction=0",
-        "data.max_documents=0",
-        "train.warmup_steps=0",
-        "train.schedule_steps=0",
-        "train.weight_decay=0",
-        "train.grad_clip=0",
-        "train.min_lr_ratio=0",
-        "train.eval_every=0",
-        "train.log_every=0",
-        "train.save_every=0",
-        "train.keep_checkpoints=0",
-        "train.num_threads=0",
-        "train.seed=-1",
-        "train.device=cuda:1",
-        "train.device=mps",
-        "think.replay_fraction=1",
-        "model.dim=1e2",
-    ],
-)
-def test_values_that_mean_off_or_are_at_the_boundary_are_accepted(override):
-    overrides = [override, "model.heads=2"] if override.startswith("model.dim") else [override]
-    load_config(TINY, overrides)
+BOUNDARY_VALUES = [  # (override, the value the config must then hold, type included)
+    ("model.ffn_dim=0", 0),
+    ("think.random_steps=0", 0),
+    ("think.random_steps_min=0", 0),
+    ("think.langevin_noise=0", 0.0),
+    ("think.grad_clamp=0", 0.0),
+    ("think.absolute_clamp=0", 0.0),
+    ("think.step_size_lr_multiplier=0", 0.0),
+    ("data.val_fraction=0", 0.0),
+    ("data.max_documents=0", 0),
+    ("train.warmup_steps=0", 0),
+    ("train.schedule_steps=0", 0),
+    ("train.weight_decay=0", 0.0),
+    ("train.grad_clip=0", 0.0),
+    ("train.min_lr_ratio=0", 0.0),
+    ("train.eval_every=0", 0),
+    ("train.log_every=0", 0),
+    ("train.save_every=0", 0),
+    ("train.keep_checkpoints=0", 0),
+    ("train.num_threads=0", 0),
+    ("train.seed=-1", -1),
+    ("train.device=cuda:1", "cuda:1"),
+    ("train.device=mps", "mps"),
+    ("think.replay_fraction=1", 1.0),
+    ("model.dim=1e2", 100),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BOUNDARY_VALUES)
+def test_values_that_mean_off_or_are_at_the_boundary_are_accepted(override, expected):
+    """Accepted, and read back as given: the key holds the value (and its type), and nothing
+    else in the config moved (model.dim=1e2 needs heads that divide it)."""
+    extra = ["model.heads=2"] if override.startswith("model.dim") else []
+    base = load_config(TINY, extra).to_dict()
+    config = load_config(TINY, [override, *extra])
+    section, key = override.partition("=")[0].split(".")
+    value = getattr(getattr(config, section), key)
+    assert value == expected and type(value) is type(expected), value
+    base[section][key] = expected
+    assert config.to_dict() == base
 
 
 def test_a_json_run_config_is_checked_too(tmp_path):

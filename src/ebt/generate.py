@@ -5,7 +5,9 @@ token extends every cache by one position and only the newest position's candida
 Transformer++ gets the same cached generator, so the two compare fairly. `cached=False` is the
 recompute-everything path (the paper's generator: the whole window is re-run and, for the EBT,
 every position re-optimised for every token), kept for tests and `ebt bench generate`.
-Beyond the context window the cache is rebuilt from the last half window (a sliding window).
+Beyond the context window both paths read the same sliding window (`visible_length`): the
+newest half window, growing back to the full window one token at a time, then again the newest
+half; the cache is rebuilt only when the window restarts, so the two agree token for token.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         outside = sorted_p.cumsum(0) - sorted_p > sampling.top_p  # keep the top-p nucleus
         probabilities = probabilities.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def visible_length(total: int, window: int) -> int:
+    """How many of the newest of `total` tokens the next prediction reads: all of them within
+    the window; past it the newest max(window // 2, 1), then one more per token up to `window`,
+    then the newest half again (a function of `total` only, so any prompt length agrees with
+    having generated it token by token)."""
+    if total <= window:
+        return total
+    half = max(window // 2, 1)
+    return half + (total - window - 1) % (window - half + 1)
 
 
 class Decoder:
@@ -89,11 +102,11 @@ class Decoder:
         return {lv: self.state.select(slice(i, i + 1), lv) for i, lv in enumerate(landscapes)}
 
     def _refresh(self, device: torch.device) -> torch.Tensor | None:
-        if self.cached_length + 1 > self.window or self.state is None:  # (re)build the window
-            keep = self.ids[-(self.window // 2) :] if len(self.ids) > self.window else self.ids
-            self.state, self.cached_length = None, len(keep)
-            return self._advance(keep, device)
-        self.cached_length += 1
+        visible = visible_length(len(self.ids), self.window)
+        if self.state is None or visible != self.cached_length + 1:  # (re)build the window
+            self.state, self.cached_length = None, visible
+            return self._advance(self.ids[-visible:], device)
+        self.cached_length = visible
         return self._advance(self.ids[-1:], device)
 
     def next_logits(self, sampling: Sampling) -> torch.Tensor:
@@ -135,7 +148,8 @@ class Decoder:
         return result.logits[:, -1]
 
     def _recompute(self, device: torch.device, sampling: Sampling) -> torch.Tensor:
-        tokens = torch.tensor([self.ids[-self.window :]], device=device)  # (1, T)
+        visible = visible_length(len(self.ids), self.window)
+        tokens = torch.tensor([self.ids[-visible:]], device=device)  # (1, T)
         if isinstance(self.model, TransformerPP):
             with torch.no_grad():
                 return self.model(tokens)[:, -1]

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from pathlib import Path
 
+import pytest
+import torch
+
+import ebt.models.candidate_gradient as candidate_gradient
 from ebt.config import Config, load_config
 from ebt.tracking import read_metrics
+from ebt.train import Trainer
 from support import CONFIGS
 
 TINY = CONFIGS / "text" / "tiny.toml"
@@ -90,3 +97,38 @@ def four_step_run(run_dir: Path) -> list[str]:
         "train.device=cpu",
         f"train.out_dir={run_dir}",
     ]
+
+
+def interrupt_at(
+    monkeypatch: pytest.MonkeyPatch, step: int, number: int = signal.SIGINT, run: str = ""
+) -> None:
+    """Deliver a real signal to this process when a trainer (of the run directory named `run`,
+    if given) finishes optimizer step `step`: a Ctrl-C at a known step, no clock involved."""
+    original = Trainer.train_step
+
+    def train_step(self: Trainer) -> dict:
+        row = original(self)
+        if self.step == step and (not run or self.run_dir.name == run):
+            os.kill(os.getpid(), number)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def written_out_calls(
+    monkeypatch: pytest.MonkeyPatch, name: str = "energies_and_gradient"
+) -> list[str]:
+    """Records every call of a hand-written pass of ebt.models.candidate_gradient (default the
+    candidate gradient; "extend_context_by_one": generation's one-token context pass): "graph"
+    when autograd records it (training), "inference" otherwise. Tests comparing it with
+    autograd assert it ran (its gate, EnergyTransformer.hand_written_path, could send both
+    sides to autograd)."""
+    calls: list[str] = []
+    original = getattr(candidate_gradient, name)
+
+    def recording(*args, **kwargs):
+        calls.append("graph" if torch.is_grad_enabled() else "inference")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(candidate_gradient, name, recording)
+    return calls
