@@ -302,7 +302,7 @@ def test_study_flags_override_the_preset_and_the_preset_fills_the_rest(
     flags = ["--values", "1024,2048", "--out", out, "--axis", "steps"]
     (study,) = studies_run_by_the_command([str(preset), "model.dim=48", *flags], monkeypatch)
     assert (study.axis, study.values, study.out_dir) == ("steps", ["1024", "2048"], out)
-    assert (study.config, study.models, study.metric) == (str(TINY), ["ebt"], "loss")
+    assert (study.config, study.models, study.metric) == (str(TINY.resolve()), ["ebt"], "loss")
     assert study.overrides == ["model.dim=32", "train.seed=3", "model.dim=48"]
     plain_flags = ["--axis", "data", "--values", "64,128"]
     (plain,) = studies_run_by_the_command([str(TINY), *plain_flags], monkeypatch)
