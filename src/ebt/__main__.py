@@ -1,7 +1,6 @@
 """`python -m ebt ...` (also what torchrun runs: `torchrun ... -m ebt train ...`)."""
 
-import sys
-
 from ebt.cli import main
+from ebt.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())  # under torchrun: without interpreter finalization (see exit_process)

@@ -1,30 +1,17 @@
 """Two gloo processes on CPU for the distributed tests: `spawn`, the tiny image and video runs
 they train, and a stand-in objective whose evaluation means are known exactly.
 
-Why a spawned rank ends with `os._exit` (the cause of "process 1 terminated with signal
-SIGABRT", 'terminate called without an active exception'): `destroy_process_group()` does not
-stop gloo. DDP and FSDP2 keep references to the group, so the ProcessGroupGloo object and its
-worker threads outlive it (checked with torch 2.13: 3 extra threads remain after destroy, even
-after the wrappers are collected). A worker thread drops its reference to the collective it
-ran *after* the waiting rank has already moved on. A collective launched inside backward (DDP's
-gradient all-reduce, FSDP's reduce-scatter; a later barrier holds those in flight) captured
-the thread-local state of backward, which owns a Python object (the `contextvars` context that
-torch.autograd stashes there), so that last release takes the GIL. If the main thread has
-meanwhile returned from the worker and begun interpreter finalization, Python 3.11 ends a
-thread that asks for the GIL with `pthread_exit`; its forced unwind runs through the noexcept
-work destructor, and libstdc++ calls std::terminate -> SIGABRT (core dump of a reproduction:
-runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork -> ~ThreadLocalState -> decref ->
-take_gil -> pthread_exit -> terminate). The window is short, so it shows on a loaded machine
-(a busy CI run) and not in isolated runs; the barrier of commit 6a325bf did not close it (its
-own work is released last, holding the works in flight). A rank therefore leaves without
-interpreter finalization once its group is destroyed and its output flushed: no thread can be
-caught taking the GIL, and the kernel ends gloo's threads with the process.
+A spawned rank ends the way `python -m ebt` ends under torchrun: it destroys its process group
+and leaves through `ebt.distributed.exit_process`, without interpreter finalization. Before, a
+rank now and then died with SIGABRT ('terminate called without an active exception') when a
+gloo worker thread, still alive after `destroy_process_group()`, released a collective whose
+captured thread-local state owns a Python object while the interpreter was finalizing; the
+mechanism is written out in `exit_process`'s docstring.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ebt.config import Config, load_config
+from ebt.distributed import exit_process, teardown
 from support import CONFIGS
 from support.text import four_step_run
 from support.vision import IMAGE_SYSTEM2, image_config
@@ -59,10 +47,8 @@ def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD)
     fn(rank, *args)  # an exception goes to the parent through torch.multiprocessing
     dist.barrier()  # both ranks done with every collective before the group goes away
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter finalization while gloo's threads live (module docstring)
+    teardown()
+    exit_process(0)  # no interpreter finalization while gloo's threads live
 
 
 def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
