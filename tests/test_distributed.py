@@ -13,28 +13,34 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from support.distributed import (
+    VISION_SYSTEM2,
+    WORLD,
+    RowMeans,
+    row_batches,
+    spawn,
+    vision_batch,
+    vision_config,
+)
 from support.text import SYSTEM2, TINY, training_rows, write_corpus
 
 import ebt.thinking
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.config import Config, load_config
 from ebt.distributed import setup, sync_replicated_grads, wrap_objective
+from ebt.evaluate import evaluate
+from ebt.modalities import modality_for
 from ebt.models import build_model
 from ebt.objective import Objective, backward
 from ebt.thinking import recomputed_step
 from ebt.tracking import read_metrics
 from ebt.train import train
 
-WORLD = 2
 ROWS = 4  # rows per rank; the global batch is WORLD * ROWS
 MODEL = ["model.dim=32", "model.layers=2", "model.heads=2", "data.seq_len=16"]
 DETERMINISTIC_S2 = [  # S2's graph (one landscape, truncate, no detach) without per-rank noise
@@ -50,26 +56,6 @@ CASES = {  # name -> (overrides, compare with one forward on the whole global ba
     "s2": (DETERMINISTIC_S2 + ["think.init=zeros"], True),
     "s2-random": ([o for o in SYSTEM2 if "replay" not in o], False),
 }
-
-
-def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD)
-    try:
-        fn(rank, *args)
-        dist.barrier()  # both ranks done with every collective before the group goes away
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
-    """Run fn(rank, *args) in WORLD fresh processes that share a process group. They meet
-    through a fresh file, not a TCP port (a free port found first can be taken by another
-    process before the group binds it)."""
-    with tempfile.TemporaryDirectory() as folder:
-        init_method = f"file://{folder}/rendezvous"
-        mp.spawn(_entry, args=(fn, init_method, backend, args), nprocs=WORLD)
 
 
 def case_config(name: str) -> Config:
@@ -145,12 +131,38 @@ def check_gradients(folder: Path, parallel: str) -> None:
         torch.set_default_dtype(torch.float32)
 
 
+def _worker(rank: int, root: Path) -> None:
+    """Everything the 2-process tests check, in one spawn (starting ranks is the slow part)."""
+    writes = _audit_writes(root) if rank else []
+    os.environ["EBT_CACHE_DIR"] = str(root / "cache")
+    _gradient_worker(rank, root / "gradients", "gloo", ("ddp", "fsdp"))
+    _vision_gradient_worker(rank, root / "gradients")
+    torch.set_default_dtype(torch.float32)
+    _evaluate_worker(rank, root)
+    _resume_worker(rank, root)
+    _vision_resume_worker(rank, root)
+    assert not writes, f"rank {rank} wrote files: {writes}"
+
+
 @pytest.fixture(scope="module")
-def gradient_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One 2-process spawn computes the DDP and the FSDP2 gradients of every case."""
-    folder = tmp_path_factory.mktemp("gradients")
-    spawn(_gradient_worker, folder, "gloo", ("ddp", "fsdp"))
-    return folder
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process spawn: DDP and FSDP2 gradients of every text case and of image and video,
+    a distributed evaluation, whole and split (resumed) text, image and video runs."""
+    root = tmp_path_factory.mktemp("ranks")
+    (root / "gradients").mkdir()
+    write_corpus(root / "corpus.txt")
+    spawn(_worker, root)  # fails if rank 1 wrote any file under root
+    return root
+
+
+@pytest.fixture
+def gradient_folder(spawned: Path) -> Path:
+    return spawned / "gradients"
+
+
+@pytest.fixture
+def resume_root(spawned: Path) -> Path:
+    return spawned
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -250,21 +262,9 @@ def run_overrides(root: Path, name: str, steps: int, parallel: str) -> list[str]
 
 
 def _resume_worker(rank: int, root: Path) -> None:
-    writes = _audit_writes(root) if rank else []
-    os.environ["EBT_CACHE_DIR"] = str(root / "cache")
     for parallel in ("ddp", "fsdp"):
         for name, steps in (("whole", 4), ("split", 2), ("split", 4)):
             train(load_config(TINY, run_overrides(root, f"{parallel}-{name}", steps, parallel)))
-    assert not writes, f"rank {rank} wrote files: {writes}"
-
-
-@pytest.fixture(scope="module")
-def resume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One 2-process spawn trains whole and split (resumed) runs with DDP and with FSDP2."""
-    root = tmp_path_factory.mktemp("resume")
-    write_corpus(root / "corpus.txt")
-    spawn(_resume_worker, root)  # fails if rank 1 wrote any file under root
-    return root
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -284,6 +284,125 @@ def test_two_process_run_resumes_exactly_and_only_rank0_writes(resume_root, para
     )
     if parallel == "ddp":  # per-rank replay buffers: 4 steps x 2 fresh rows each
         assert [r["replay"]["tokens"].shape[0] for r in ranks] == [8, 8]
+
+
+KINDS = ["image", "video"]
+
+
+def vision_objective(kind: str) -> Objective:
+    """The S2 recipe of `kind` (random steps, step sizes, Langevin noise; no replay)."""
+    recipe = [o for o in VISION_SYSTEM2[kind] if "replay" not in o]
+    config = vision_config(kind, Path("unused"), *recipe)
+    torch.manual_seed(0)
+    model = build_model(config)
+    return Objective(model, config.think, task=modality_for(config).task("train")).train()
+
+
+def _vision_gradient_worker(rank: int, out: Path) -> None:
+    """DDP gradients of image and video denoising, each rank on its shard with its own stream."""
+    context = setup("cpu")
+    for kind in KINDS:
+        objective = vision_objective(kind)
+        wrapped = wrap_objective(objective, context, "ddp")
+        torch.manual_seed(100 + rank)
+        backward(wrapped(vision_batch(kind)[rank::WORLD]).loss, objective.model)
+        grads = {n: p.grad for n, p in objective.model.named_parameters() if p.grad is not None}
+        if rank == 0:
+            torch.save(grads, out / f"{kind}.pt")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_image_and_video_gradients_equal_one_process(gradient_folder, kind):
+    """2 DDP ranks (per-rank noise, step sizes and step counts) == one process averaging the
+    shards' gradients drawn from the same per-rank streams, in float64."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        objective, batch = vision_objective(kind), vision_batch(kind)
+        for rank in range(WORLD):
+            torch.manual_seed(100 + rank)
+            backward(objective(batch[rank::WORLD]).loss / WORLD, objective.model)
+        expected = {n: p.grad for n, p in objective.model.named_parameters() if p.grad is not None}
+        got = torch.load(gradient_folder / f"{kind}.pt", weights_only=True)
+        assert all(g.dtype == torch.float64 for g in got.values())
+        assert max_relative_difference(got, expected) < 1e-10  # rounding only (~1e-15)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def vision_run(kind: str, root: Path, name: str, steps: int) -> Config:
+    """A 2-rank DDP image or video run with S2 and replay buffers, scheduled over 4 steps."""
+    extra = ["train.schedule_steps=4", f"train.max_steps={steps}", "train.parallel=ddp"]
+    return vision_config(kind, root / f"{kind}-{name}", *VISION_SYSTEM2[kind], *extra)
+
+
+def _vision_resume_worker(rank: int, root: Path) -> None:
+    for kind in KINDS:
+        for name, steps in (("whole", 4), ("split", 2), ("split", 4)):
+            train(vision_run(kind, root, name, steps))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_process_image_and_video_runs_resume_exactly(resume_root, kind):
+    """4 steps at once == 2 steps, then resumed to 4, on 2 ranks: the same logged row at every
+    step (not only the same final weights: a resume that restarted at step 0 and trained 4
+    steps again would end on other weights and log steps 1, 2, 1, 2, 3, 4), every rank's replay
+    buffer and RNG stream continue where they stopped."""
+    whole_dir, split_dir = resume_root / f"{kind}-whole", resume_root / f"{kind}-split"
+    whole_rows, split_rows = training_rows(whole_dir), training_rows(split_dir)
+    assert [row["step"] for row in split_rows] == [1, 2, 3, 4]
+    for whole_row, split_row in zip(whole_rows, split_rows, strict=True):
+        assert split_row == whole_row, whole_row["step"]
+    whole, _ = load_model_state(whole_dir)
+    split, _ = load_model_state(split_dir)
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[name], split[name]) for name in whole)
+    whole_ranks = load_train_state(whole_dir)["extra"]["ranks"]
+    split_ranks = load_train_state(split_dir)["extra"]["ranks"]
+    for whole_rank, split_rank in zip(whole_ranks, split_ranks, strict=True):
+        for key in ("tokens", "states"):
+            assert torch.equal(whole_rank["replay"][key], split_rank["replay"][key])
+        assert torch.equal(whole_rank["rng"]["torch"], split_rank["rng"]["torch"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_rank_replays_its_own_examples(resume_root, kind, monkeypatch):
+    """Rank r's replay buffer holds exactly rank r's shard of the 4 batches it trained on (4
+    examples a step), in order: not the other rank's, not rank 0's on every rank."""
+    monkeypatch.setenv("EBT_CACHE_DIR", str(resume_root / "cache"))
+    config = vision_run(kind, resume_root, "whole", 4)
+    modality = modality_for(config)
+    ranks = load_train_state(resume_root / f"{kind}-whole")["extra"]["ranks"]
+    assert len(ranks) == WORLD
+    for rank, state in enumerate(ranks):
+        batches = modality.batches(
+            modality.dataset("train"), seed=config.train.seed, rank=rank, world_size=WORLD
+        )
+        expected = torch.cat([next(batches) for _ in range(4)])  # (4 steps x 4, ...)
+        assert torch.equal(state["replay"]["tokens"], expected), rank
+    assert not torch.equal(ranks[0]["replay"]["tokens"], ranks[1]["replay"]["tokens"])
+
+
+EVALUATION_SIZES = ([3, 1], [2, 5])  # rank 0's and rank 1's batches: short, uneven ones
+
+
+def _evaluate_worker(rank: int, root: Path) -> None:
+    start = sum(EVALUATION_SIZES[0]) * rank  # the ranks hold different rows
+    result = evaluate(RowMeans(), row_batches(EVALUATION_SIZES[rank], start), torch.device("cpu"))
+    if rank == 0:
+        torch.save(result, root / "evaluation.pt")
+
+
+def test_evaluate_sums_over_ranks(resume_root):
+    """evaluate() on 2 ranks with different rows and batch sizes == one process over all of
+    them: the weighted sums and the weights are both summed over ranks, then divided."""
+    got = torch.load(resume_root / "evaluation.pt", weights_only=True)
+    every_batch = row_batches(EVALUATION_SIZES[0] + EVALUATION_SIZES[1])
+    expected = evaluate(RowMeans(), every_batch, torch.device("cpu"))
+    rows = torch.cat(every_batch)  # (N,)
+    assert got.keys() == expected.keys() and got["rows"] == expected["rows"] == rows.numel()
+    for key in ("loss", "loss_per_step", "square", "forward_passes"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-12), key  # float64 sums
+    assert got["loss"] == pytest.approx(rows.mean().item(), rel=1e-12)  # float64 sums
 
 
 def test_torchrun_trains_one_run_directory(tmp_path):

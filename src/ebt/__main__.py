@@ -4,9 +4,8 @@ Guarded: torch.compile's worker processes import the main module again under ano
 unguarded `main()` there parsed their arguments as an ebt command line.
 """
 
-import sys
-
 from ebt.cli import main
+from ebt.distributed import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: without interpreter finalization (see exit_process)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -122,9 +123,40 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
+_left_group = False  # this process destroyed a process group: see exit_process
+
+
 def teardown() -> None:
+    global _left_group
     if dist.is_initialized():
         dist.destroy_process_group()
+        _left_group = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process (`python -m ebt`, a spawned test rank) with `code`: `sys.exit`, or, when
+    the process left a gloo process group, `os._exit` after flushing stdout and stderr.
+
+    Why: `destroy_process_group()` does not stop gloo. DDP and FSDP2 keep references to the
+    group, so ProcessGroupGloo and its worker threads outlive it (torch 2.13: 3 threads remain,
+    even after the wrappers are collected). A worker drops its reference to a collective it ran
+    after the waiting rank has moved on. A collective launched inside backward (DDP's gradient
+    all-reduce, FSDP's reduce-scatter; a later barrier holds the works in flight) captured the
+    thread-local state of backward, which owns a Python object (the `contextvars` context that
+    torch.autograd stashes there), so that release takes the GIL. If the main thread has begun
+    interpreter finalization by then, Python ends the thread with `pthread_exit`; its forced
+    unwind runs through the noexcept work destructor and libstdc++ calls std::terminate
+    ('terminate called without an active exception', SIGABRT; a core dump shows runLoop ->
+    ~AsyncBarrierWork -> ~AsyncAllreduceWork -> ~ThreadLocalState -> decref -> take_gil ->
+    pthread_exit -> terminate). The window is short: a rank of a finished torchrun run, or a
+    test rank, aborted now and then on a loaded machine. Leaving without finalization closes it:
+    no thread can be caught taking the GIL, and the kernel ends gloo's threads with the process.
+    """
+    if not _left_group:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def wrap_objective(objective: nn.Module, context: DistributedContext, parallel: str) -> nn.Module:
