@@ -11,13 +11,12 @@ import signal
 
 import pytest
 from support import CONFIGS as ALL_CONFIGS
-from support.text import training_rows
+from support.text import interrupt_at, training_rows
 from support.vision import IMAGE_SYSTEM2 as SYSTEM2
 from support.vision import (
     evaluation_rows,
     events,
     image_config,
-    interrupt_at,
     recomputed_psnr,
     same_weights,
 )

@@ -10,12 +10,11 @@ import signal
 
 import pytest
 from support import CONFIGS as ALL_CONFIGS
-from support.text import training_rows
+from support.text import interrupt_at, training_rows
 from support.vision import VIDEO_SYSTEM2 as SYSTEM2
 from support.vision import (
     evaluation_rows,
     events,
-    interrupt_at,
     recomputed_psnr,
     same_weights,
     video_config,

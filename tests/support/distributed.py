@@ -23,21 +23,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ebt.config import Config, load_config
+from ebt.config import Config
 from ebt.distributed import exit_process, teardown
-from support import CONFIGS
-from support.text import four_step_run
-from support.vision import IMAGE_SYSTEM2, image_config
+from support.vision import IMAGE_SYSTEM2, image_config, video_config
 
 WORLD = 2
-VIDEO_SHRINK = [  # clips of 4 frames of 8 x 8, width 16, one block, batches of 4 per rank
-    "data.frames=4",
-    "data.frame_size=8",
-    "model.dim=16",
-    "model.layers=1",
-    "model.heads=2",
-    "train.batch_size=4",
-]
 VISION_SYSTEM2 = {"image": IMAGE_SYSTEM2, "video": ["think.landscapes=1", *IMAGE_SYSTEM2]}
 
 
@@ -62,10 +52,8 @@ def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
 
 def vision_config(kind: str, run_dir: Path, *overrides: str) -> Config:
     """configs/<kind>/tiny.toml shrunk (8 x 8 images, or 4-frame 8 x 8 clips), 4 CPU steps."""
-    if kind == "image":
-        return image_config(run_dir, "tiny.toml", *overrides)
-    video = VIDEO_SHRINK + four_step_run(run_dir) + list(overrides)
-    return load_config(CONFIGS / "video" / "tiny.toml", video)
+    build = image_config if kind == "image" else video_config
+    return build(run_dir, "tiny.toml", *overrides)
 
 
 def vision_batch(kind: str) -> torch.Tensor:

@@ -4,11 +4,9 @@ float64 video models, a small random VAE, and a signal delivered at a known trai
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from ebt.api import load_run
@@ -18,7 +16,6 @@ from ebt.data.loader import iter_eval_batches
 from ebt.modalities import modality_for
 from ebt.models import build_model
 from ebt.tracking import read_metrics
-from ebt.train import Trainer
 from support import CONFIGS
 from support.text import four_step_run
 
@@ -104,19 +101,6 @@ def write_tiny_vae(path: Path, blocks: int = 4, size: int = 16) -> Path:
     )
     vae.save_pretrained(path)
     return path
-
-
-def interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, number: int) -> None:
-    """Deliver a real signal to this process when the trainer finishes optimizer step `step`."""
-    original = Trainer.train_step
-
-    def train_step(self: Trainer) -> dict:
-        row = original(self)
-        if self.step == step:
-            os.kill(os.getpid(), number)
-        return row
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 def evaluation_rows(run_dir: Path) -> list[dict]:
