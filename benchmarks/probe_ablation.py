@@ -38,7 +38,7 @@ def _slug(name: str) -> str:
 
 def train_variant(config: str, out: Path, overrides: list[str]) -> Path:
     """Train (or finish, or reuse) one variant's run directory."""
-    from ebt.cli import main
+    from ebt.cli.main import main
 
     arguments = ["train", config, *overrides, f"train.out_dir={out}", "train.progress=false"]
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table
@@ -49,8 +49,8 @@ def train_variant(config: str, out: Path, overrides: list[str]) -> Path:
 
 
 def probe_variant(run: Path, args: argparse.Namespace) -> dict:
-    from ebt.probe_cli import probe_run
-    from ebt.thinking import InferenceOptions
+    from ebt.cli.probe import probe_run
+    from ebt.thinking.loop import InferenceOptions
 
     namespace = SimpleNamespace(
         probe="dyck",

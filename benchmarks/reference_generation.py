@@ -14,7 +14,7 @@ Entries, timed token by token in one process and interleaved (so machine noise h
 - reference: the paper's per-token step in `inference/nlp/generate_text.py`: its `EBT_NLP`
   forward (`learning=False, return_raw_logits=True`) over the whole prefix, re-optimising every
   position, then the last position's argmax.
-- ours_cached: `ebt.generate.generate_ids` (KV cache, newest position only).
+- ours_cached: `ebt.modalities.text.generate.generate_ids` (KV cache, newest position only).
 - ours_recompute: the same with `cached=False` (whole prefix re-run and re-optimised, but with
   our split streams), the `naive_ms_per_token` of `ebt bench generate`.
 Weights are random (speed does not depend on them).
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_speed as shared  # noqa: E402  (the paper's-code loader and stand-ins)
 
 from ebt.config import load_config  # noqa: E402
-from ebt.generate import generate_ids  # noqa: E402
+from ebt.modalities.text.generate import generate_ids  # noqa: E402
 from ebt.models import build_model  # noqa: E402
 
 CONTEXT = 256

@@ -14,7 +14,7 @@ step size 3000 learnable, noise level 0.1 of 100 diffusion steps, float32. Entri
 - reference_ebt: the paper's `EBT_IMG_Denoise` and its `forward_loss_wrapper` (noising, the
   thinking step with `create_graph`, SmoothL1), then backward and an AdamW step with its
   parameter groups; reference_dit: its `Diffusion_Transformer_IMG_Denoise` (IDDPM hybrid loss).
-- ours_ebt, ours_dit: `ebt.bench._Stepper`, i.e. what `ebt train` / `ebt bench train` step.
+- ours_ebt, ours_dit: `ebt.training.bench._Stepper`, i.e. what `ebt train` / `ebt bench train` step.
 
 Both codes run the same weights (ours, drawn N(0, 0.02^2), exported with ebt's own
 `export-reference` conversion and loaded strictly into the paper's modules) on the same clean
@@ -56,11 +56,11 @@ from reference_speed import (  # noqa: E402
 )
 from reference_speed import reference_dir as shared_reference_dir  # noqa: E402
 
-from ebt.bench import _Stepper, baseline_config  # noqa: E402
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.interop.image_config import image_export_defaults, image_hparams_from_config  # noqa: E402
 from ebt.interop.image_reference import image_reference_state_dict  # noqa: E402
 from ebt.models import build_model  # noqa: E402
+from ebt.training.bench import _Stepper, baseline_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING = [

@@ -13,7 +13,7 @@ paper's parameter groups, no gradient clipping):
   settings: 2 landscapes, step size 500 (learnable), softmax-normalised candidates, no
   Langevin noise, no randomisation, detached steps, no truncation; its `forward_loss_wrapper`.
 - reference_transformer_pp: the paper's `Baseline_Transformer_NLP`.
-- ours_ebt_time_embed, ours_ebt_pred_step, ours_transformer_pp: `ebt.bench._Stepper`.
+- ours_ebt_time_embed, ours_ebt_pred_step, ours_transformer_pp: `ebt.training.bench._Stepper`.
 
 All steps are timed in one process, interleaved step by step (so machine noise hits every
 entry alike); the median is reported, and each ratio also as the median over rounds of the
@@ -50,9 +50,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebt.bench import _peak_rss_mb, _reset_peak_rss, _Stepper, interleaved_times, run_in_child
 from ebt.config import Config, finalize
 from ebt.runtime import keep_freed_memory
+from ebt.training.bench import (
+    _peak_rss_mb,
+    _reset_peak_rss,
+    _Stepper,
+    interleaved_times,
+    run_in_child,
+)
 
 ENV_VAR = "EBT_REFERENCE_DIR"
 VOCAB, DIM, LAYERS, HEADS, CONTEXT, BATCH, SEED = 257, 256, 4, 4, 128, 8, 33
@@ -445,7 +451,7 @@ def run_modality_side_by_side(script: types.ModuleType, config: str, count_flops
     """The image and video scripts' main: arguments, parity, interleaved timing, FLOPs per step
     (count_flops), peak memory and ratios, printed as JSON. `script` is the benchmark module
     (its reference_dir, parity, import_reference, BUILDERS, RATIOS, SETTING)."""
-    from ebt.bench import step_gflop
+    from ebt.training.bench import step_gflop
 
     args = side_by_side_arguments(script.__doc__ or "")
     path = script.reference_dir()

@@ -16,7 +16,7 @@ so only the models are timed. Entries:
 - reference_ebt: the paper's `EBT_VID.forward_loss_wrapper` (down-projection, the concatenated
   two-stream sequence, the thinking steps with `create_graph`, SmoothL1), then backward and an
   AdamW step with its parameter groups; reference_transformer_pp: its `Baseline_Transformer_VID`.
-- ours_ebt, ours_transformer_pp: `ebt.bench._Stepper`, i.e. what `ebt train` / `ebt bench
+- ours_ebt, ours_transformer_pp: `ebt.training.bench._Stepper`, i.e. what `ebt train` / `ebt bench
   train` step.
 
 Both codes run the same weights (ours, drawn N(0, 0.02^2), exported with ebt's own video
@@ -55,13 +55,13 @@ from reference_speed import (  # noqa: E402
 )
 from reference_speed import reference_dir as shared_reference_dir  # noqa: E402
 
-from ebt.bench import _Stepper, baseline_config  # noqa: E402
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.interop.video_reference import (  # noqa: E402
     video_hparams_from_config,
     video_reference_state_dict,
 )
 from ebt.models import build_model, frame_dim  # noqa: E402
+from ebt.training.bench import _Stepper, baseline_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTING = [

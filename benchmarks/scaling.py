@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from ebt.config import load_config
-from ebt.distributed import gather_to_main, setup, teardown
-from ebt.train import Trainer
+from ebt.training.distributed import gather_to_main, setup, teardown
+from ebt.training.trainer import Trainer
 
 
 def _status_kib(field: str) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from ebt.api import load_run
 from ebt.data import build_token_dataset, iter_eval_batches
-from ebt.inference import _final_energies, auroc
+from ebt.thinking.selection import _final_energies, auroc
 
 
 def _candidates(model, tokens, steps: list[int], samples: int, noise) -> dict[int, tuple]:

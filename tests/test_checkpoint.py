@@ -14,7 +14,7 @@ from torch import nn
 
 from ebt import checkpoint as ckpt
 from ebt.config import ThinkConfig, TrainConfig
-from ebt.optim import build_optimizer, build_scheduler
+from ebt.training.optim import build_optimizer, build_scheduler
 
 CONFIG = {"train": {"lr": 1e-3, "seed": 1}, "model": {"dim": 8}}
 

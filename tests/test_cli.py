@@ -13,10 +13,10 @@ import torch
 from support.tolerances import relative
 
 import ebt
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.data import iter_eval_batches, load_tokenizer
 from ebt.modalities import modality_for
-from ebt.tracking import read_metrics
+from ebt.training.tracking import read_metrics
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 TEXT = "\n\n".join(

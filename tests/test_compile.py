@@ -12,7 +12,7 @@ import torch
 import ebt.models as models
 from ebt.config import finalize, load_config
 from ebt.models import build_model, compile_for_training
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 HAS_COMPILER = any(shutil.which(name) for name in ("c++", "g++", "clang++"))
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="inductor on CPU needs a C++ compiler")

@@ -15,12 +15,12 @@ from support import CONFIGS
 from support.vision import image_config
 
 from ebt.api import load_run
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import load_config
-from ebt.denoise import DenoiseOptions, ImageVerdict, halt_images, think_images
-from ebt.inference import thinking_passes
-from ebt.tiling import denoise_tiled, tile_starts
-from ebt.train import train
+from ebt.modalities.image.denoise import DenoiseOptions, ImageVerdict, halt_images, think_images
+from ebt.modalities.image.tiling import denoise_tiled, tile_starts
+from ebt.thinking.selection import thinking_passes
+from ebt.training.trainer import train
 
 TINY = ["data.diffusion_steps=10", "train.max_steps=2", "train.eval_every=0"]  # DDIM from 0.1:
 # a 100-step schedule's 10 DiT evaluations; two steps, no evaluation
@@ -213,11 +213,13 @@ def test_a_photograph_round_trips(runs, capsys, tmp_path, monkeypatch, kind):
     result = denoise(capsys, runs["dit"], "--input", photo, "--output", out, "--add-noise", "0.2")
     assert result["forward_passes_per_tile"] == 20
     identity = lambda *args, **kwargs: lambda tiles: ImageVerdict(tiles, None, 0.0)  # noqa: E731
-    monkeypatch.setattr("ebt.tiling.make_denoiser", identity)
+    monkeypatch.setattr("ebt.modalities.image.tiling.make_denoiser", identity)
     denoise(capsys, runs["ebt"], "--input", photo, "--output", out)
     rgb = np.repeat(pixels[..., None], 3, axis=-1) if kind == "gray" else pixels[..., :3]
     assert np.array_equal(iio.imread(out), rgb)
-    monkeypatch.setattr("ebt.tiling.make_denoiser", lambda *args, **kwargs: flat_colours)
+    monkeypatch.setattr(
+        "ebt.modalities.image.tiling.make_denoiser", lambda *args, **kwargs: flat_colours
+    )
     denoise(capsys, runs["ebt"], "--input", photo, "--output", out)  # tiles of 8, stride 4
     image = torch.from_numpy(rgb).permute(2, 0, 1).double() / 127.5 - 1  # (3, H, W)
     expected = ((sin2_blend(image, 8, 4) + 1) * 127.5).permute(1, 2, 0).numpy()  # (H, W, 3)

@@ -29,17 +29,17 @@ from support.distributed import (
 )
 from support.text import SYSTEM2, TINY, training_rows, write_corpus
 
-import ebt.thinking
+import ebt.thinking.loop
 from ebt.checkpoint import load_model_state, load_train_state
 from ebt.config import Config, load_config
-from ebt.distributed import setup, sync_replicated_grads, wrap_objective
-from ebt.evaluate import evaluate
 from ebt.modalities import modality_for
 from ebt.models import build_model
-from ebt.objective import Objective, backward
-from ebt.thinking import recomputed_step
-from ebt.tracking import read_metrics
-from ebt.train import train
+from ebt.thinking.loop import recomputed_step
+from ebt.training.distributed import setup, sync_replicated_grads, wrap_objective
+from ebt.training.evaluate import evaluate
+from ebt.training.objective import Objective, backward
+from ebt.training.tracking import read_metrics
+from ebt.training.trainer import train
 
 ROWS = 4  # rows per rank; the global batch is WORLD * ROWS
 MODEL = ["model.dim=32", "model.layers=2", "model.heads=2", "data.seq_len=16"]
@@ -188,7 +188,7 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
         recomputed.append(1)
         return recomputed_step(*args, **kwargs)
 
-    monkeypatch.setattr(ebt.thinking, "recomputed_step", counting_step)
+    monkeypatch.setattr(ebt.thinking.loop, "recomputed_step", counting_step)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a busy 2-core machine can be 10x slower
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.distributed import RowMeans, row_batches
 
-from ebt.evaluate import evaluate
+from ebt.training.evaluate import evaluate
 
 CPU = torch.device("cpu")
 

@@ -13,19 +13,19 @@ from support.text import interrupt_at, training_rows
 from support.text import tiny_overrides as text_overrides
 from support.vision import image_config
 
-import ebt.train
+import ebt.training.trainer
 from ebt.api import load_run
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import ConfigError, load_config
 from ebt.data import iter_eval_batches
 from ebt.experiment.axes import axis_overrides, parse_values
 from ebt.experiment.fit import fit_power_law, rate_gain
 from ebt.experiment.scaling import RESULTS_FILE, Study, metric_names, run_study
 from ebt.experiment.shift import thinking_shift, trained_steps
-from ebt.inference import Selection, thinking_curves
-from ebt.interrupt import TrainingInterrupted
 from ebt.modalities import modality_for
-from ebt.train import Trainer, train
+from ebt.thinking.selection import Selection, thinking_curves
+from ebt.training.interrupt import TrainingInterrupted
+from ebt.training.trainer import Trainer, train
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
 
@@ -92,7 +92,7 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "study"
-    real_train, trained = ebt.train.train, []
+    real_train, trained = ebt.training.trainer.train, []
 
     def crash_on_third(config):
         if len(trained) == 2:
@@ -100,7 +100,7 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
         trained.append(config.train.out_dir)
         return real_train(config)
 
-    monkeypatch.setattr(ebt.train, "train", crash_on_third)
+    monkeypatch.setattr(ebt.training.trainer, "train", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_study(_study(corpus, out, ["64", "192"]))  # 1 and 3 steps of 64 tokens
     recorded = json.loads((out / "results.json").read_text())["points"]
@@ -111,7 +111,7 @@ def test_interrupted_study_resumes_without_retraining_finished_points(
         return real_train(config)
 
     trained.clear()
-    monkeypatch.setattr(ebt.train, "train", counting)
+    monkeypatch.setattr(ebt.training.trainer, "train", counting)
     lines: list[str] = []
     results = run_study(_study(corpus, out, ["64", "192"]), progress=lines.append)
     assert [Path(run).name for run in trained] == ["baseline-data-64", "baseline-data-192"]
@@ -162,7 +162,7 @@ def test_a_study_interrupted_inside_a_point_resumes_that_point_exactly(
     recorded = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())["points"]
     assert sorted(recorded) == ["ebt-data-64"]
     steps, trained = [], []
-    original_step, original_train = Trainer.train_step, ebt.train.train
+    original_step, original_train = Trainer.train_step, ebt.training.trainer.train
 
     def counting_steps(self: Trainer) -> dict:
         steps.append(self.step + 1)
@@ -173,7 +173,7 @@ def test_a_study_interrupted_inside_a_point_resumes_that_point_exactly(
         return original_train(config)
 
     monkeypatch.setattr(Trainer, "train_step", counting_steps)
-    monkeypatch.setattr(ebt.train, "train", counting_runs)
+    monkeypatch.setattr(ebt.training.trainer, "train", counting_runs)
     results = json.loads(json.dumps(run_study(broken, progress=lambda line: None)))
     assert trained == ["ebt-data-192"] and steps == [3]  # resumed from its step 2
     on_disk = json.loads((tmp_path / "broken" / RESULTS_FILE).read_text())
@@ -346,7 +346,7 @@ def test_an_image_study_fits_psnr_of_the_ebt_and_its_dit(tmp_path: Path) -> None
 def test_an_unknown_metric_is_refused_before_any_point_trains(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ebt.train, "train", lambda config: pytest.fail("trained"))
+    monkeypatch.setattr(ebt.training.trainer, "train", lambda config: pytest.fail("trained"))
     study = _study(corpus, tmp_path / "study", ["64", "192"])
     study.metric = "accuracy"
     with pytest.raises(ConfigError, match="'accuracy'.*loss, ppl, forward_passes"):

@@ -21,9 +21,9 @@ from ebt.data.frame_encoders import (
     encoded_dataset,
 )
 from ebt.data.video import build_video_dataset
-from ebt.modalities.video import VideoModality
+from ebt.modalities.video.task import VideoModality
 from ebt.models import frame_dim
-from ebt.train import train
+from ebt.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
 SIZE = 16  # frames of 16 x 16: latents 4 x 2 x 2
@@ -171,7 +171,7 @@ def test_a_vae_run_resumes_exactly_with_its_cache_moved(vae_dir, tmp_path, resto
 
 def test_latent_runs_measure_psnr_on_decoded_frames(vae_dir, tmp_path):
     from ebt.modalities import modality_for
-    from ebt.modalities.video import frame_psnr
+    from ebt.modalities.video.task import frame_psnr
 
     config = vae_config(vae_dir, tmp_path)
     task = modality_for(config).task("val")

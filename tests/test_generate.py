@@ -7,10 +7,10 @@ import torch
 from support.text import written_out_calls
 
 from ebt.config import load_config
-from ebt.generate import Sampling, generate_ids, sample, visible_length
+from ebt.modalities.text.generate import Sampling, generate_ids, sample, visible_length
 from ebt.models import build_model
 from ebt.nn.kv_cache import KeyValueBuffer
-from ebt.thinking import InferenceOptions
+from ebt.thinking.loop import InferenceOptions
 
 CASES = [("ebt", v) for v in ("time_embed", "adaln", "default", "pred_step")]
 CASES.append(("transformer_pp", "time_embed"))

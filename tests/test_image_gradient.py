@@ -14,11 +14,11 @@ from support.tolerances import relative
 from support.vision import count_calls
 
 from ebt.config import ThinkConfig
-from ebt.diffusion import GaussianDiffusion
 from ebt.modalities import ImageTask
+from ebt.modalities.image.diffusion import GaussianDiffusion
 from ebt.models import image_gradient
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 TOLERANCE = 1e-10  # relative to the largest expected magnitude, float64
 # bf16 autocast against float32, relative to the largest float32 magnitude: bf16 keeps 8

@@ -15,13 +15,13 @@ from support.vision import IMAGE_SHRINK
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import load_config
 from ebt.interop.convert import read_reference_checkpoint
 from ebt.interop.image_reference import image_our_key
 from ebt.modalities import modality_for
 from ebt.models import build_model
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "image"

@@ -15,7 +15,6 @@ from support.tolerances import relative
 from torch.func import functional_call
 
 from ebt.config import ThinkConfig
-from ebt.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
 from ebt.interop.image_reference import (
     convert_image_state_dict,
     image_model_from_reference,
@@ -23,10 +22,11 @@ from ebt.interop.image_reference import (
     image_reference_state_dict,
 )
 from ebt.modalities import ImageTask
+from ebt.modalities.image.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
 from ebt.models.dit import DiT, DiTArgs
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.nn.dit import patch_grid, patchify, sincos_position_table, unpatchify
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude, float32 and float64 alike
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin

@@ -22,9 +22,9 @@ from support.vision import (
 )
 
 from ebt.checkpoint import load_train_state
-from ebt.cli import main
-from ebt.interrupt import TrainingInterrupted
-from ebt.train import train
+from ebt.cli.main import main
+from ebt.training.interrupt import TrainingInterrupted
+from ebt.training.trainer import train
 
 CONFIGS = ALL_CONFIGS / "image"
 PSNR_TOLERANCE = 1e-5  # relative: float32 model outputs, PSNR recomputed in float64

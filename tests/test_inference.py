@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebt.adaptive import adaptive_think
 from ebt.config import load_config
-from ebt.inference import auroc, best_of_n, thinking_curves
 from ebt.models import build_model
+from ebt.thinking.halting import adaptive_think
+from ebt.thinking.selection import auroc, best_of_n, thinking_curves
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

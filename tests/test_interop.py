@@ -25,13 +25,13 @@ from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import Config, finalize
 from ebt.data import ByteTokenizer
 from ebt.interop.convert import InteropError, read_reference_checkpoint
 from ebt.interop.reference import convert_state_dict, reference_state_dict
 from ebt.models import build_model
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 EBT_VARIANTS = ["ebt_time_embed", "ebt_default", "ebt_adaln"]
 ALL_VECTORS = [*EBT_VARIANTS, "transformer_pp"]

@@ -24,8 +24,8 @@ from torch.nn import functional as F
 import ebt.models.candidate_gradient as candidate_gradient
 from ebt.config import ThinkConfig, config_from_dict
 from ebt.models import EnergyTransformer, TransformerPP, build_model
-from ebt.objective import Objective
-from ebt.thinking import StepOptions, take_step
+from ebt.thinking.loop import StepOptions, take_step
+from ebt.training.objective import Objective
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 VOCAB, DIM, LAYERS, HEADS, SEQ, BATCH = 13, 16, 2, 2, 6, 2
@@ -226,7 +226,7 @@ def test_think_uses_the_step_embedding_of_each_landscape(variant):
 def test_objective_system1_matches_naive_recipe(variant, monkeypatch):
     """The full training Objective (fixed init) equals the naive S1 loss and its gradients."""
     model, tokens, targets, init = step_problem(variant)
-    monkeypatch.setattr("ebt.modalities.text.initial_state", lambda *args: init.clone())
+    monkeypatch.setattr("ebt.modalities.text.task.initial_state", lambda *args: init.clone())
     think = ThinkConfig(landscapes=2, steps=1, step_size=STEP_SIZE)
     objective = Objective(model, think).train()
     ours = objective(torch.cat((tokens, targets[:, -1:]), dim=1)).loss

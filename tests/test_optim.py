@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ebt.config import ThinkConfig, TrainConfig
-from ebt.optim import build_optimizer, build_scheduler, lr_multiplier, lr_report
+from ebt.training.optim import build_optimizer, build_scheduler, lr_multiplier, lr_report
 
 
 class Energy(nn.Module):
@@ -127,7 +127,7 @@ def test_plain_parameters_take_the_fused_kernel_with_the_same_update(monkeypatch
     fused_model, reference = Energy(), Energy()
     reference.load_state_dict(fused_model.state_dict())
     fused = build_optimizer(fused_model, train, think)
-    monkeypatch.setattr("ebt.optim.fused_supported", lambda params: False)
+    monkeypatch.setattr("ebt.training.optim.fused_supported", lambda params: False)
     foreach = build_optimizer(reference, train, think)
     assert fused.defaults["fused"] and not foreach.defaults["fused"]
     initial = fused_model.head.weight.detach().clone()
@@ -144,7 +144,7 @@ def test_plain_parameters_take_the_fused_kernel_with_the_same_update(monkeypatch
 
 
 def test_sharded_or_integer_parameters_keep_the_foreach_update() -> None:
-    from ebt.optim import fused_supported
+    from ebt.training.optim import fused_supported
 
     assert fused_supported([nn.Parameter(torch.ones(2))])
     assert not fused_supported([nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.int64)])

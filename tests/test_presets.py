@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import ConfigError, load_config
 from ebt.configs import PRESET_ROOT, find_config, preset_names
 

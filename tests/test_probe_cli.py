@@ -9,8 +9,8 @@ import pytest
 import torch
 from support.text import four_step_run
 
-from ebt.cli import main
-from ebt.inference import thinking_passes
+from ebt.cli.main import main
+from ebt.thinking.selection import thinking_passes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "text"
 POINT_KEYS = {

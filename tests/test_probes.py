@@ -103,7 +103,7 @@ def test_only_the_answer_tokens_are_scored():
     """The answer mask covers exactly the answer's tokens (its newline included), and a model
     that is right on every answer token and wrong on every prompt token scores perfectly."""
     from ebt.data import ByteTokenizer
-    from ebt.probe import encode_problems, score
+    from ebt.modalities.text.probe import encode_problems, score
 
     problems = [probe_data.Problem("([=", "])\n"), probe_data.Problem("12+7=", "19\n")]
     encoded = encode_problems(problems, ByteTokenizer(), 16, "in", "test")
@@ -125,7 +125,7 @@ def test_only_the_answer_tokens_are_scored():
 
 def test_probe_sets_are_held_out_and_ood_is_longer_and_deeper():
     from ebt.data import ByteTokenizer
-    from ebt.probe import probe_sets
+    from ebt.modalities.text.probe import probe_sets
 
     spec = probe_data.parse_source("dyck:count=2000")
     sets = probe_sets(spec, ByteTokenizer(), 64, 50, 0.1)
@@ -141,7 +141,7 @@ def test_probe_sets_are_held_out_and_ood_is_longer_and_deeper():
 
 def test_a_problem_longer_than_the_model_fails_in_one_line():
     from ebt.data import ByteTokenizer
-    from ebt.probe import probe_sets
+    from ebt.modalities.text.probe import probe_sets
 
     with pytest.raises(DataError, match=r"exceeds the run's data.seq_len=16"):
         probe_sets(probe_data.parse_source("dyck:count=200"), ByteTokenizer(), 16, 8, 0.1)
@@ -155,7 +155,7 @@ def _candidates(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_selection_lowest_is_the_papers_rule_and_sequence_picks_one_index_per_row():
-    from ebt.inference import Selection, select, select_lowest
+    from ebt.thinking.selection import Selection, select, select_lowest
 
     logits, energies = _candidates()
     chosen, lowest = select(logits, energies, Selection())
@@ -171,7 +171,7 @@ def test_selection_lowest_is_the_papers_rule_and_sequence_picks_one_index_per_ro
 def test_selection_weighted_is_the_energy_weighted_mixture():
     """Against a float64 loop: p = sum_n softmax(-E/T)_n softmax(y_n); T -> 0 gives the lowest
     candidate's distribution, T -> inf the plain average, whose loss never exceeds the mean."""
-    from ebt.inference import Selection, select
+    from ebt.thinking.selection import Selection, select
 
     logits, energies = _candidates()
     temperature = 0.7
@@ -195,7 +195,7 @@ def test_selection_weighted_is_the_energy_weighted_mixture():
 
 @pytest.mark.parametrize(("rule", "temperature"), [("best", 1.0), ("weighted", 0.0)])
 def test_bad_selection_fails_in_one_line(rule, temperature):
-    from ebt.inference import Selection
+    from ebt.thinking.selection import Selection
 
     with pytest.raises(ValueError, match="selection"):
         Selection(rule, temperature)

@@ -26,7 +26,7 @@ from support.tolerances import relative
 
 from ebt.interop.reference import config_from_hparams, convert_state_dict, our_key
 from ebt.models import build_model
-from ebt.objective import Objective
+from ebt.training.objective import Objective
 
 EBT_VARIANTS = ["ebt_time_embed", "ebt_default", "ebt_adaln"]
 TRAJECTORY = {torch.float64: 5e-5, torch.float32: 5e-4}
@@ -90,7 +90,7 @@ def test_training_loss_and_second_order_gradients_match_paper(
 ):
     model, config, expected = _load(vectors_dir, name, dtype)
     init = expected["init"].to(dtype)
-    monkeypatch.setattr("ebt.modalities.text.initial_state", lambda *args: init.clone())
+    monkeypatch.setattr("ebt.modalities.text.task.initial_state", lambda *args: init.clone())
     objective = Objective(model, config.think).train()
     output = objective(expected["tokens_with_target"])
     output.loss.backward()

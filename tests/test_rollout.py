@@ -15,12 +15,12 @@ import pytest
 import torch
 from support.vision import image_config, video_config, video_model, write_tiny_vae
 
-from ebt.cli import main
+from ebt.cli.main import main
+from ebt.modalities.video.rollout import CopyLast, horizon_metrics, predictor_for, rollout
+from ebt.modalities.video.thinking import FrameThinking, initial_frames, think_next_frame
 from ebt.nn.kv_cache import KeyValueBuffer
-from ebt.rollout import CopyLast, horizon_metrics, predictor_for, rollout
-from ebt.thinking import InferenceOptions
-from ebt.train import train
-from ebt.video_inference import FrameThinking, initial_frames, think_next_frame
+from ebt.thinking.loop import InferenceOptions
+from ebt.training.trainer import train
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin

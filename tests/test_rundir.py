@@ -14,16 +14,18 @@ import torch
 from support.text import TINY, interrupt_at, tiny_config, tiny_overrides, training_rows
 
 from ebt.checkpoint import load_model_state, load_train_state
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import ConfigError
 from ebt.errors import RunBusyError
-from ebt.interrupt import StopRequest, TrainingInterrupted
-from ebt.optim import lr_multiplier
-from ebt.rundir import RunLock
-from ebt.tracking import read_metrics
-from ebt.train import Trainer, train
+from ebt.training.interrupt import StopRequest, TrainingInterrupted
+from ebt.training.optim import lr_multiplier
+from ebt.training.rundir import RunLock
+from ebt.training.tracking import read_metrics
+from ebt.training.trainer import Trainer, train
 
-HOLD_LOCK = "import sys, time; from ebt.rundir import RunLock; lock = RunLock(sys.argv[1]); "
+HOLD_LOCK = (
+    "import sys, time; from ebt.training.rundir import RunLock; lock = RunLock(sys.argv[1]); "
+)
 HOLD_LOCK += "lock.acquire(); print('locked', flush=True); time.sleep(120)"
 
 
@@ -98,7 +100,7 @@ def test_unchanged_resume_restores_the_exact_learning_rates(tmp_path, corpus):
     train(tiny_config(run_dir, corpus, "train.max_steps=3"))
     saved = load_train_state(run_dir)
     config = tiny_config(run_dir, corpus, "train.max_steps=3")
-    from ebt.distributed import setup
+    from ebt.training.distributed import setup
 
     trainer = Trainer(config, setup("cpu"))
     assert trainer.resume_if_possible() == {}
@@ -173,7 +175,7 @@ def test_stale_temporaries_are_removed_when_a_run_starts(tmp_path, corpus):
 # `python -m ebt ARGS` whose trainer sends itself SIGINT right after step $EBT_TEST_SIGINT_AT
 SIGINT_AT_STEP = """
 import os, runpy, signal, sys
-from ebt.train import Trainer
+from ebt.training.trainer import Trainer
 step, at = Trainer.train_step, int(os.environ["EBT_TEST_SIGINT_AT"])
 def interrupting(self):
     row = step(self)

@@ -11,12 +11,12 @@ import torch
 from support.text import written_out_calls
 
 import ebt.models.candidate_gradient as candidate_gradient
-import ebt.objective as objective_module
+import ebt.training.objective as objective_module
 from ebt.config import Config, ThinkConfig, finalize, load_config
 from ebt.models import EnergyTransformer, build_model
-from ebt.objective import Objective, training_step_size
-from ebt.replay import ReplayBuffer
-from ebt.thinking import StepOptions, ThinkingError, step_schedule, take_step, think
+from ebt.thinking.loop import StepOptions, ThinkingError, step_schedule, take_step, think
+from ebt.training.objective import Objective, training_step_size
+from ebt.training.replay import ReplayBuffer
 
 VOCAB, BATCH, LENGTH = 257, 2, 8
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ebt.tracking import MetricsLogger, format_row, read_metrics, truncate_metrics
+from ebt.training.tracking import MetricsLogger, format_row, read_metrics, truncate_metrics
 
 
 def test_rows_are_appended_and_flushed(tmp_path: Path) -> None:

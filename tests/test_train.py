@@ -11,9 +11,9 @@ from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import load_model_state, load_train_state
-from ebt.distributed import clip_grad_norm, setup
-from ebt.tracking import MetricsLogger, read_metrics
-from ebt.train import Trainer, train
+from ebt.training.distributed import clip_grad_norm, setup
+from ebt.training.tracking import MetricsLogger, read_metrics
+from ebt.training.trainer import Trainer, train
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,7 @@ def _applied_gradients(trainer: Trainer, monkeypatch) -> tuple[dict[str, torch.T
         captured.update({n: p.grad.clone() for n, p in named if p.grad is not None})
         return clip_grad_norm(parameters, limit)
 
-    monkeypatch.setattr("ebt.train.clip_grad_norm", capturing)
+    monkeypatch.setattr("ebt.training.trainer.clip_grad_norm", capturing)
     return captured, trainer.train_step()
 
 
@@ -178,7 +178,7 @@ def test_gradient_accumulation_trains(tmp_path, corpus):
 
 
 def test_grad_clip_zero_measures_the_norm_without_clipping():
-    from ebt.distributed import clip_grad_norm
+    from ebt.training.distributed import clip_grad_norm
 
     parameter = torch.nn.Parameter(torch.zeros(3))
     parameter.grad = torch.tensor([3.0, 4.0, 0.0])

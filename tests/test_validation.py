@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ebt.cli import build_parser, main
+from ebt.cli.main import build_parser, main
 from ebt.config import Config, ConfigError, load_config
 from ebt.data import DataError, iter_documents, tokenizer_train_command
 from ebt.errors import EbtError
@@ -310,7 +310,7 @@ def test_main_turns_user_errors_and_ctrl_c_into_one_line(monkeypatch, capsys, ra
     def handler(args):
         raise raised
 
-    monkeypatch.setattr("ebt.cli.cmd_eval", handler)
+    monkeypatch.setattr("ebt.cli.main.cmd_eval", handler)
     assert main(["eval", "RUN"]) == code
     assert capsys.readouterr().err == err
 
@@ -322,7 +322,7 @@ def test_an_error_carrying_an_exit_code_keeps_it(monkeypatch, capsys):
     def handler(args):
         raise error
 
-    monkeypatch.setattr("ebt.cli.cmd_eval", handler)
+    monkeypatch.setattr("ebt.cli.main.cmd_eval", handler)
     assert main(["eval", "RUN"]) == 143
     assert capsys.readouterr().err == "ebt: SIGTERM at step 3: saved\n"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from support.vision import VIDEO_SHRINK
 
-from ebt.bench import example_batch
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import load_config
+from ebt.training.bench import example_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
 TINY = [*VIDEO_SHRINK, "train.batch_size=2", "train.num_threads=1", "train.device=cpu"]

@@ -13,7 +13,7 @@ from support.tolerances import relative
 
 import ebt
 from ebt.checkpoint import save_checkpoint, write_run_config
-from ebt.cli import main
+from ebt.cli.main import main
 from ebt.config import load_config
 from ebt.interop.convert import read_reference_checkpoint
 from ebt.models import build_model, frame_dim

@@ -21,10 +21,10 @@ from ebt.interop.video_reference import (
     video_our_key,
     video_think_config,
 )
-from ebt.modalities.video import VideoTask
+from ebt.modalities.video.task import VideoTask
 from ebt.models import EnergyTransformer, TransformerPP, candidate_gradient
-from ebt.objective import Objective
-from ebt.thinking import StepOptions, take_step
+from ebt.thinking.loop import StepOptions, take_step
+from ebt.training.objective import Objective
 
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only spin
@@ -82,7 +82,7 @@ def test_thinking_matches_paper(vectors_dir, dtype):
 def test_training_loss_and_second_order_gradients_match_paper(vectors_dir, dtype, monkeypatch):
     model, think, expected = _load_reference(vectors_dir, dtype)
     init = expected["init"].to(dtype)
-    monkeypatch.setattr("ebt.modalities.video.initial_state", lambda *args: init.clone())
+    monkeypatch.setattr("ebt.modalities.video.task.initial_state", lambda *args: init.clone())
     output = Objective(model, think, task=VideoTask()).train()(expected["latents"].to(dtype))
     output.loss.backward()
     metrics = output.metrics

@@ -2,9 +2,9 @@
 they train, and a stand-in objective whose evaluation means are known exactly.
 
 A spawned rank ends the way `python -m ebt` ends under torchrun: it destroys its process group
-and leaves through `ebt.distributed.exit_process`, without interpreter finalization. Before, a
-rank now and then died with SIGABRT ('terminate called without an active exception') when a
-gloo worker thread, still alive after `destroy_process_group()`, released a collective whose
+and leaves through `ebt.training.distributed.exit_process`, without interpreter finalization.
+Before, a rank now and then died with SIGABRT ('terminate called without an active exception')
+when a gloo worker thread, still alive after `destroy_process_group()`, released a collective whose
 captured thread-local state owns a Python object while the interpreter was finalizing; the
 mechanism is written out in `exit_process`'s docstring.
 """
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ebt.config import Config
-from ebt.distributed import exit_process, teardown
+from ebt.training.distributed import exit_process, teardown
 from support.vision import IMAGE_SYSTEM2, image_config, video_config
 
 WORLD = 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ebt.thinking import StepOptions, step_schedule, think
+from ebt.thinking.loop import StepOptions, step_schedule, think
 from support.tolerances import relative
 
 STEP_TOLERANCE = 1e-5

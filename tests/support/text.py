@@ -12,8 +12,8 @@ import torch
 
 import ebt.models.candidate_gradient as candidate_gradient
 from ebt.config import Config, load_config
-from ebt.tracking import read_metrics
-from ebt.train import Trainer
+from ebt.training.tracking import read_metrics
+from ebt.training.trainer import Trainer
 from support import CONFIGS
 
 TINY = CONFIGS / "text" / "tiny.toml"

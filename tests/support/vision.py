@@ -15,7 +15,7 @@ from ebt.config import Config, config_from_dict, load_config
 from ebt.data.loader import iter_eval_batches
 from ebt.modalities import modality_for
 from ebt.models import build_model
-from ebt.tracking import read_metrics
+from ebt.training.tracking import read_metrics
 from support import CONFIGS
 from support.text import four_step_run
 

@@ -169,7 +169,7 @@ def build_frame_encoder(config: Config) -> FrameEncoder:
     if data.frame_encoder == "pixels":
         return PixelEncoder()
     if data.frame_encoder == "vae":  # on the training device (its local rank's GPU under torchrun)
-        from ebt.distributed import pick_device
+        from ebt.training.distributed import pick_device
 
         device = pick_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         return VaeEncoder(data.vae, data.vae_scaling, device=str(device))

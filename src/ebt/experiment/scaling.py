@@ -2,8 +2,8 @@
 
 A study is a base config, an axis with its values and the models to compare (the EBT as
 configured and its modality's baseline twin, `model.kind` swapped). Each point trains in its
-own run directory `OUT/runs/<model>-<axis>-<value>` through `ebt.train.train`, so it resumes
-after an interruption and runs data-parallel under torchrun. Finished points are recorded in
+own run directory `OUT/runs/<model>-<axis>-<value>` through `ebt.training.trainer.train`, so it
+resumes after an interruption and runs data-parallel under torchrun. Finished points are recorded in
 `OUT/results.json` (written atomically after each point, by rank 0); running the same command
 again skips them and resumes the unfinished one from its checkpoint. Changing the study (its
 config, overrides, axis, models or metric) under the same OUT is refused: a results file never
@@ -29,8 +29,8 @@ from ebt.experiment.flops import parameter_counts, training_flops_per_step
 RESULTS_FILE = "results.json"
 MODELS = ("ebt", "baseline")
 DEFAULT_METRIC = {"text": "ppl", "image": "psnr", "video": "loss"}
-# The scalar keys of a final evaluation row (ebt.evaluate) that every model of a study has, by
-# modality; the EBT's rows also have energy_gap (tests/test_experiment.py checks real rows).
+# The scalar keys of a final evaluation row (ebt.training.evaluate) that every model of a study
+# has, by modality; the EBT's rows also have energy_gap (tests/test_experiment.py checks real rows).
 METRICS = {
     "text": ("loss", "ppl", "forward_passes"),
     "image": ("loss", "psnr", "mse", "forward_passes"),
@@ -108,7 +108,7 @@ def point_config(study: Study, base: Config, point: Point) -> Config:
     """The config a point trains: the base (or its baseline twin) at the point's value."""
     config = copy_config(base)
     if point.model == "baseline":
-        from ebt.bench import baseline_config
+        from ebt.training.bench import baseline_config
 
         config = baseline_config(config)
     run_dir = Path(study.out_dir) / "runs" / point.name
@@ -156,8 +156,8 @@ def _x(point: Point, config: Config, counts: dict[str, int]) -> float:
 
 def measure_point(study: Study, point: Point, config: Config, final: dict[str, Any]) -> dict:
     """A finished point's row: its axis position, metric, counted FLOPs and parameters."""
-    from ebt.bench import vocabulary_size
     from ebt.models import build_model
+    from ebt.training.bench import vocabulary_size
 
     vocab_size = vocabulary_size(config)
     counts = parameter_counts(build_model(config, vocab_size))
@@ -185,7 +185,7 @@ def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
     """Train every unfinished point, record each as it finishes, then fit and report. Under
     torchrun the study holds the process group from its first point to its end (each point's
     training runs on every rank; rank 0 alone writes and reports)."""
-    from ebt.distributed import barrier, setup, teardown
+    from ebt.training.distributed import barrier, setup, teardown
 
     base = base_config(study)
     context = setup(base.train.device)
@@ -199,9 +199,9 @@ def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
 
 
 def _run_points(study: Study, base: Config, progress: Any) -> dict[str, Any]:
-    from ebt.distributed import is_main_process
     from ebt.experiment.report import write_report
-    from ebt.train import train
+    from ebt.training.distributed import is_main_process
+    from ebt.training.trainer import train
 
     points = plan(study, base)
     configs = {point.name: point_config(study, base, point) for point in points}

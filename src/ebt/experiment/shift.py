@@ -46,7 +46,7 @@ def _gain(before: float, after: float) -> float:
 
 
 def _curves(run: Any, batches: list, steps: list[int], samples: list[int]) -> dict[str, Any]:
-    from ebt.inference import Selection, thinking_curves
+    from ebt.thinking.selection import Selection, thinking_curves
 
     think = run.config.think  # best-of-N by the run's rule (think.selection)
     selection = Selection(think.selection, think.selection_temperature)

@@ -29,8 +29,8 @@ from ebt.config import Config, config_from_dict
 from ebt.data import ByteTokenizer, Tokenizer
 from ebt.interop.reference import InteropError
 from ebt.models import EnergyTransformer, TransformerPP
-from ebt.optim import unwrap
-from ebt.tracking import read_metrics
+from ebt.training.optim import unwrap
+from ebt.training.tracking import read_metrics
 
 CARD_FILE = "README.md"
 TOKENIZER_DIR = "tokenizer"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from ebt.config import Config
-from ebt.modalities.image import ImageModality, ImageTask
-from ebt.modalities.text import TextModality, TextTask
-from ebt.modalities.video import VideoModality
+from ebt.modalities.image.task import ImageModality, ImageTask
+from ebt.modalities.text.task import TextModality, TextTask
+from ebt.modalities.video.task import VideoModality
 
 MODALITIES = {"text": TextModality, "image": ImageModality, "video": VideoModality}
 

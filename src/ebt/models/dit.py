@@ -4,7 +4,7 @@ The same trunk as the image energy transformer (patch embedding, fixed sin-cos p
 adaLN-Zero blocks), conditioned on the diffusion timestep instead of a learned vector, with an
 output head that predicts, per pixel, the noise epsilon and the variance interpolation value
 (2 x channels out with learned sigma). The schedule, losses and DDIM sampling are in
-ebt.diffusion.
+ebt.modalities.image.diffusion.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
-from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
-from ebt.thinking import think as run_thinking
+from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import think as run_thinking
 
 
 @dataclass

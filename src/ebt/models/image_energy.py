@@ -18,8 +18,8 @@ from torch import nn
 from ebt.models import image_gradient
 from ebt.models.dit import ImageShape
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
-from ebt.thinking import StepOptions, Trajectory, resolve_step_size, step_schedule
-from ebt.thinking import think as run_thinking
+from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import think as run_thinking
 
 
 @dataclass

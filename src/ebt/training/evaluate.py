@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ebt.distributed import all_reduce_sum
-from ebt.objective import Objective
+from ebt.training.distributed import all_reduce_sum
+from ebt.training.objective import Objective
 
 PER_STEP = ("loss_per_step", "energy_per_step")
 MEANS = ("forward_passes",)  # model evaluations per prediction (token or image)

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from ebt.adaptive import adaptive_think
 from ebt.models import EnergyTransformer, TransformerPP
-from ebt.thinking import InferenceOptions
+from ebt.thinking.halting import adaptive_think
+from ebt.thinking.loop import InferenceOptions
 
 SELECTION_RULES = ("lowest", "weighted", "sequence")
 

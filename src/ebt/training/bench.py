@@ -26,13 +26,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ebt.config import BASELINES, Config, ConfigError
-from ebt.distributed import pick_device
-from ebt.generate import generate_ids
 from ebt.modalities import modality_for
+from ebt.modalities.text.generate import generate_ids
 from ebt.models import CHANNELS, build_model, compile_for_training, frame_dim
-from ebt.objective import Objective
-from ebt.optim import build_optimizer
 from ebt.runtime import keep_freed_memory
+from ebt.training.distributed import pick_device
+from ebt.training.objective import Objective
+from ebt.training.optim import build_optimizer
 
 
 def example_batch(config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -30,9 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ebt.data import DataError, Tokenizer
 from ebt.data import probes as probe_data
-from ebt.inference import Selection, auroc, predict
 from ebt.models import TransformerPP
-from ebt.thinking import InferenceOptions
+from ebt.thinking.loop import InferenceOptions
+from ebt.thinking.selection import Selection, auroc, predict
 
 
 @dataclass

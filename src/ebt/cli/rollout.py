@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ebt.cli_args import (
+from ebt.cli.args import (
     COUNT,
     NON_NEGATIVE,
     POSITIVE,
@@ -27,15 +27,15 @@ from ebt.config import ConfigError
 if TYPE_CHECKING:
     from ebt.api import LoadedRun
     from ebt.config import Config
-    from ebt.rollout import FramePredictor
-    from ebt.video_inference import FrameThinking
+    from ebt.modalities.video.rollout import FramePredictor
+    from ebt.modalities.video.thinking import FrameThinking
 
 ANCHOR = "copy_last"
 
 
 def frame_thinking(args: argparse.Namespace, config: Config) -> FrameThinking:
     """The FrameThinking of the flags (the run's think.init and init_scale)."""
-    from ebt.video_inference import FrameThinking
+    from ebt.modalities.video.thinking import FrameThinking
 
     options = thinking_options(args)  # refuses --halt-tolerance with --accept-lower-energies
     think = config.think
@@ -94,7 +94,7 @@ def _check_context(runs: dict[str, LoadedRun], paths: dict[str, str], context: i
 
 def _clips(args: argparse.Namespace, config: Config) -> tuple[torch.Tensor, str, str]:
     """(clips (B, L, 3, S, S), source, split) from --video or the run's data."""
-    from ebt import rollout as ro
+    from ebt.modalities.video import rollout as ro
 
     length = args.context + args.frames
     if args.video:
@@ -126,14 +126,14 @@ def _named(runs: dict[str, LoadedRun]) -> dict[str, LoadedRun]:
 
 def _predictor(args: argparse.Namespace, run: LoadedRun, cached: bool = True) -> FramePredictor:
     """A run's rollout predictor; an EBT thinks per the flags from its own think.init."""
-    from ebt import rollout as ro
+    from ebt.modalities.video import rollout as ro
 
     return ro.predictor_for(run.model, frame_thinking(args, run.config), cached=cached)
 
 
 def rollout_report(args: argparse.Namespace, runs: dict[str, LoadedRun]) -> tuple:
     """(the JSON report, the rollouts by model, the clips (B, L, 3, S, S), the FrameCodec)."""
-    from ebt import rollout as ro
+    from ebt.modalities.video import rollout as ro
 
     config = runs["run"].config
     clips, source, split = _clips(args, config)
@@ -181,7 +181,7 @@ def _thinking_summary(thinking: FrameThinking) -> dict[str, Any]:
 
 def _pictures(args: argparse.Namespace, report: dict, outcome: tuple) -> None:
     """The strip / GIF of the first clip and the energy plot the flags ask for."""
-    from ebt import rollout_figures as figures
+    from ebt.modalities.video import figures as figures
 
     _, rollouts, clips, codec = outcome
     rows = {"truth": clips[0]}  # (L, 3, S, S)

@@ -1,5 +1,6 @@
 """`ebt probe dyck|arithmetic RUN`: answer perplexity and exact match per thinking steps x
-best-of-N, in and out of distribution, with the compute each point cost (see ebt.probe)."""
+best-of-N, in and out of distribution, with the compute each point cost
+(see ebt.modalities.text.probe)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ebt.cli_args import (
+from ebt.cli.args import (
     COUNT,
     SEED,
     STEPS_LIST,
@@ -42,7 +43,7 @@ def resolve_spec(probe: str, source: str, run_source: str) -> probe_data.Spec:
 def probe_run(path: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Load a run, build its probe sets and measure every point."""
     from ebt.api import load_run
-    from ebt.probe import ProbeRequest, probe_sets, run_probe
+    from ebt.modalities.text.probe import ProbeRequest, probe_sets, run_probe
 
     run = load_run(path, overrides)
     if run.tokenizer is None:
@@ -106,7 +107,7 @@ def _plot_panel(axis: Any, result: dict[str, Any], split: str, key: str) -> None
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ebt.cli_args import thinking_options
+    from ebt.cli.args import thinking_options
 
     args.halt_tolerance = None
     args.options = thinking_options(args)

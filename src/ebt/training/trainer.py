@@ -33,7 +33,10 @@ from tqdm import tqdm
 from ebt import checkpoint
 from ebt.config import Config, ConfigError
 from ebt.data import iter_eval_batches
-from ebt.distributed import (
+from ebt.errors import RunBusyError
+from ebt.modalities import modality_for
+from ebt.models import build_model, compile_for_training
+from ebt.training.distributed import (
     DistributedContext,
     barrier,
     clip_grad_norm,
@@ -52,16 +55,13 @@ from ebt.distributed import (
     teardown,
     wrap_objective,
 )
-from ebt.errors import RunBusyError
-from ebt.evaluate import evaluate
-from ebt.interrupt import StopRequest, TrainingInterrupted
-from ebt.modalities import modality_for
-from ebt.models import build_model, compile_for_training
-from ebt.objective import Objective, backward
-from ebt.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
-from ebt.replay import ReplayBuffer
-from ebt.rundir import RunLock, check_resumable, config_changes, resume_row
-from ebt.tracking import MetricsLogger, format_row, truncate_metrics
+from ebt.training.evaluate import evaluate
+from ebt.training.interrupt import StopRequest, TrainingInterrupted
+from ebt.training.objective import Objective, backward
+from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
+from ebt.training.replay import ReplayBuffer
+from ebt.training.rundir import RunLock, check_resumable, config_changes, resume_row
+from ebt.training.tracking import MetricsLogger, format_row, truncate_metrics
 
 
 class Trainer:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ebt.config import ConfigError
-from ebt.thinking import InferenceOptions
+from ebt.thinking.loop import InferenceOptions
 
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
@@ -107,8 +107,8 @@ def add_run_parser(
 
 
 def add_selection_options(parser: argparse.ArgumentParser) -> None:
-    """Best-of-N selection rule of `think` / `probe` (see ebt.inference.Selection)."""
-    from ebt.inference import SELECTION_RULES
+    """Best-of-N selection rule of `think` / `probe` (see ebt.thinking.selection.Selection)."""
+    from ebt.thinking.selection import SELECTION_RULES
 
     parser.add_argument(
         "--selection",
@@ -128,8 +128,8 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def selection_options(args: argparse.Namespace, think: Any) -> Any:
-    """The ebt.inference.Selection of the parsed --selection flags, else of the run's config."""
-    from ebt.inference import Selection
+    """The Selection (ebt.thinking.selection) of the parsed --selection flags, else the run's."""
+    from ebt.thinking.selection import Selection
 
     rule = args.selection or think.selection
     temperature = args.selection_temperature or think.selection_temperature

@@ -6,15 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from ebt.cli_args import COUNT, INT_0, STEPS_LIST
+from ebt.cli.args import COUNT, INT_0, STEPS_LIST
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
     from ebt.config import ConfigError
-    from ebt.distributed import is_main_process
     from ebt.experiment.axes import parse_values
     from ebt.experiment.preset import read_preset
     from ebt.experiment.scaling import Study, parse_models, run_study
+    from ebt.training.distributed import is_main_process
 
     preset = read_preset(args.config) or {"config": args.config}
     chosen = {key: getattr(args, key) for key in ("axis", "values", "models", "metric", "out")}
@@ -59,7 +59,7 @@ def cmd_thinking_shift(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ebt.report import write_run_report
+    from ebt.experiment.run_report import write_run_report
 
     print(write_run_report(args.runs, args.output))
     return 0

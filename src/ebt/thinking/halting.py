@@ -5,7 +5,7 @@ candidates are gathered into a smaller batch for the next step: real compute sav
 A token halts at step k when |E_k - E_{k-1}| < tolerance (E_k: energy of the state step k starts
 from) or when the gradient norm of its step falls under `grad_tolerance`; its answer is then the
 state it had reached. `max_steps` per landscape is the budget. Images halt the same way, one
-image per candidate (`halt_per_candidate`, used by ebt.denoise).
+image per candidate (`halt_per_candidate`, used by ebt.modalities.image.denoise).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ebt.models import EnergyTransformer
-from ebt.thinking import StepOptions, encode_caches, step_schedule, take_step
+from ebt.thinking.loop import StepOptions, encode_caches, step_schedule, take_step
 
 
 @dataclass

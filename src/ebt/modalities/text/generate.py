@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebt.adaptive import think_until_converged
 from ebt.models import TransformerPP
-from ebt.thinking import InferenceOptions
+from ebt.thinking.halting import think_until_converged
+from ebt.thinking.loop import InferenceOptions
 
 
 @dataclass

@@ -26,15 +26,15 @@ import torch
 from torch.nn import functional as F
 
 from ebt.config import Config
-from ebt.modalities.video import frame_mse, frame_psnr
-from ebt.models import EnergyTransformer, TransformerPP
-from ebt.video_inference import (
+from ebt.modalities.video.task import frame_mse, frame_psnr
+from ebt.modalities.video.thinking import (
     FrameThinking,
     FrameVerdict,
     initial_frames,
     landscapes_of,
     think_next_frame,
 )
+from ebt.models import EnergyTransformer, TransformerPP
 
 REPORTED_HORIZONS = (1, 4, 8)
 
@@ -84,7 +84,7 @@ class _Window:
 
 
 class EnergyPredictor(_Window):
-    """The video EBT: thinks about each next frame (see ebt.video_inference)."""
+    """The video EBT: thinks about each next frame (see ebt.modalities.video.thinking)."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """Denoising with trained image runs: thinking curves, self-verification, adaptive halting
-(photographs of any size: ebt.tiling).
+(photographs of any size: ebt.modalities.image.tiling).
 
 Curves (`denoising_curves`): at every noise level the evaluation crops are noised once with
 seeded noise (the same standard normal draw at every level, scaled by the level's schedule), and
@@ -8,10 +8,10 @@ from the noisy image and N - 1 copies of it plus Gaussian perturbations of stand
 `perturbation` (in the [-1, 1] pixel scale), keeping per image the candidate of lowest final
 energy; adaptive halting stops each image once its energy moves less than `tolerance` between
 steps (the step that saw the small move is discarded). A DiT denoises by DDIM from the level's
-timestep; the classical anchors are in ebt.classical. Per method: the paper's PSNR (of each
-batch's mean 0-255 MSE, averaged over batches weighted by their images, as `ebt eval`), the
-MSE, energy evaluations per image, seconds, and for the EBT the Pearson and Spearman correlation
-of each image's final energy with its MSE (is a high energy a warning?).
+timestep; the classical anchors are in ebt.modalities.image.classical. Per method: the paper's
+PSNR (of each batch's mean 0-255 MSE, averaged over batches weighted by their images, as
+`ebt eval`), the MSE, energy evaluations per image, seconds, and for the EBT the Pearson and
+Spearman correlation of each image's final energy with its MSE (is a high energy a warning?).
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ebt.adaptive import halt_per_candidate
 from ebt.api import LoadedRun, load_run
-from ebt.classical import METHODS, denoise_batch
 from ebt.config import ConfigError
-from ebt.diffusion import GaussianDiffusion
-from ebt.inference import select_lowest, thinking_passes
-from ebt.modalities.image import ImageModality, pixel_mse, psnr
+from ebt.modalities.image.classical import METHODS, denoise_batch
+from ebt.modalities.image.diffusion import GaussianDiffusion
+from ebt.modalities.image.task import ImageModality, pixel_mse, psnr
 from ebt.models.dit import DiT
 from ebt.models.image_energy import NoContext
-from ebt.thinking import InferenceOptions, StepOptions, resolve_step_size
+from ebt.thinking.halting import halt_per_candidate
+from ebt.thinking.loop import InferenceOptions, StepOptions, resolve_step_size
+from ebt.thinking.selection import select_lowest, thinking_passes
 
 
 @dataclass

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from ebt.cli_args import (
+from ebt.cli.args import (
     COUNT,
     INT_0,
     NON_NEGATIVE,
@@ -27,13 +27,13 @@ from ebt.cli_args import (
     selection_options,
     thinking_options,
 )
+from ebt.cli.denoise import add_denoise_command
+from ebt.cli.probe import add_probe_command
+from ebt.cli.rollout import add_rollout_command
 from ebt.config import ConfigError, load_config
-from ebt.denoise_cli import add_denoise_command
 from ebt.errors import EbtError
-from ebt.probe_cli import add_probe_command
-from ebt.rollout_cli import add_rollout_command
 from ebt.runtime import keep_freed_memory
-from ebt.thinking import ThinkingError
+from ebt.thinking.loop import ThinkingError
 
 # Errors caused by what the user typed or pointed at: one line, exit status 2, no traceback.
 USER_ERRORS = (EbtError, ThinkingError, FileNotFoundError, PermissionError)
@@ -42,8 +42,8 @@ BPE_MIN_VOCAB = 257  # the 256 byte-level symbols plus the end token (see data.t
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ebt.distributed import is_main_process
-    from ebt.train import train
+    from ebt.training.distributed import is_main_process
+    from ebt.training.trainer import train
 
     config = load_config(args.config, args.overrides)
     result = train(config)
@@ -60,9 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.data import iter_eval_batches
-    from ebt.evaluate import evaluate
     from ebt.modalities import modality_for
-    from ebt.objective import Objective
+    from ebt.training.evaluate import evaluate
+    from ebt.training.objective import Objective
 
     run = load_run(args.run, args.overrides)
     train = run.config.train
@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.api import load_run
-    from ebt.generate import Sampling, generate
+    from ebt.modalities.text.generate import Sampling, generate
 
     thinking = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
@@ -125,8 +125,8 @@ def _write_token_records(path: str, result: dict[str, Any]) -> None:
 def cmd_think(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.data import build_token_dataset, iter_eval_batches
-    from ebt.inference import thinking_curves
     from ebt.plots import plot_thinking
+    from ebt.thinking.selection import thinking_curves
 
     options = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides)
@@ -158,7 +158,7 @@ def cmd_think(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ebt.bench import bench_generate, bench_train
+    from ebt.training.bench import bench_generate, bench_train
 
     config = load_config(args.config, args.overrides)
     if args.what == "generate" and args.new_tokens >= config.data.seq_len:
@@ -298,8 +298,8 @@ def _add_tools(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ebt.experiment.commands import add_experiment_commands
-    from ebt.interop.commands import add_interop_commands
+    from ebt.cli.experiment import add_experiment_commands
+    from ebt.cli.interop import add_interop_commands
 
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (or EBT_DEBUG=1)")

@@ -20,7 +20,7 @@ from ebt.config import Config, ThinkConfig
 from ebt.data.frame_encoders import encoded_dataset
 from ebt.data.images import EpochBatchIterator
 from ebt.data.video import build_video_dataset
-from ebt.modalities.text import initial_state
+from ebt.modalities.text.task import initial_state
 
 
 def frame_vectors(batch: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ every predicted frame (the model's uncertainty, frame by frame).
 
 The N starts of a frame share one context cache: the newest context row is repeated N times
 (`rows`), and since a candidate reads only the context and itself, the N copies never see each
-other (as text's best-of-N, `ebt.inference`). The start with the lowest final energy wins,
+other (as text's best-of-N, `ebt.thinking.selection`). The start with the lowest final energy wins,
 independently per clip.
 
 Extra starts are offsets in the row space of the frame embedding W (D x frame_dim): the energy
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ebt.inference import select_lowest
 from ebt.models import ContextCache, EnergyTransformer
-from ebt.thinking import InferenceOptions, StepOptions, step_schedule, take_step
+from ebt.thinking.loop import InferenceOptions, StepOptions, step_schedule, take_step
+from ebt.thinking.selection import select_lowest
 
 INITS = ("zeros", "random_noise", "last_frame")
 
@@ -135,7 +135,7 @@ def _halting(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, ...]:
     """Every start of every clip stops on its own within the budget (thinking.steps per
     landscape): (final states (B, N, F), steps (B, N), mean energy evaluations per start).
 
-    As ebt.adaptive: a start halts at the step whose starting energy moved less than the
+    As ebt.thinking.halting: a start halts at the step whose starting energy moved less than the
     tolerance (that step is not kept). The active starts of all clips think as one batch, each
     against its clip's rows of the context caches, so a step is one pass however many clips.
     """

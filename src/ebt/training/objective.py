@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ebt.config import ThinkConfig
-from ebt.modalities.text import TextTask, cross_entropy, initial_state
+from ebt.modalities.text.task import TextTask, cross_entropy, initial_state
 from ebt.models import ContextCache, EnergyTransformer
-from ebt.thinking import StepOptions, step_schedule, think
+from ebt.thinking.loop import StepOptions, step_schedule, think
 
 __all__ = ["Objective", "ObjectiveOutput", "backward", "cross_entropy", "initial_state"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ebt.errors import EbtError
-from ebt.rundir import flatten_config
-from ebt.tracking import METRICS_FILE
+from ebt.training.rundir import flatten_config
+from ebt.training.tracking import METRICS_FILE
 
 TRAIN_PANELS = (
     ("loss", ("loss", "initial_loss", "final_step_loss")),
@@ -128,7 +128,7 @@ def _evaluation_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def _text_sample(run_dir: Path) -> list[str]:
     from ebt.api import load_run
-    from ebt.generate import Sampling, generate
+    from ebt.modalities.text.generate import Sampling, generate
 
     run = load_run(run_dir)
     pieces = generate(run, SAMPLE_PROMPT, max_new_tokens=120, sampling=Sampling(temperature=0))
@@ -137,7 +137,7 @@ def _text_sample(run_dir: Path) -> list[str]:
 
 
 def _image_grid(run_dir: Path, path: Path) -> list[str]:
-    from ebt import denoise
+    from ebt.modalities.image import denoise
 
     run = denoise.load_image_run(run_dir)
     diffusion = denoise.run_diffusion(run)
@@ -156,7 +156,7 @@ def _video_strip(run_dir: Path, config: dict[str, Any], path: Path) -> list[str]
     import contextlib
     import io
 
-    from ebt.cli import main
+    from ebt.cli.main import main
 
     context = max(1, min(4, config["data"]["frames"] - 1))
     argv = ["rollout", str(run_dir), "--context", str(context), "--frames", "8", "--clips", "4"]

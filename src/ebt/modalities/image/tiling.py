@@ -25,9 +25,15 @@ from ebt.api import LoadedRun
 from ebt.config import ConfigError
 from ebt.data.corpus import DataError
 from ebt.data.images import read_image, to_float
-from ebt.denoise import DenoiseOptions, Denoiser, check_levels, make_denoiser, run_diffusion
-from ebt.diffusion import GaussianDiffusion
-from ebt.modalities.image import psnr
+from ebt.modalities.image.denoise import (
+    DenoiseOptions,
+    Denoiser,
+    check_levels,
+    make_denoiser,
+    run_diffusion,
+)
+from ebt.modalities.image.diffusion import GaussianDiffusion
+from ebt.modalities.image.task import psnr
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

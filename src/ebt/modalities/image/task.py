@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ebt.config import Config, ThinkConfig
 from ebt.data.corpus import DataError
 from ebt.data.images import EpochBatchIterator, build_image_dataset
-from ebt.diffusion import GaussianDiffusion
+from ebt.modalities.image.diffusion import GaussianDiffusion
 
 
 def pixel_mse(images: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from ebt.cli_args import (
+from ebt.cli.args import (
     COUNT,
     INT_0,
     NON_NEGATIVE,
@@ -23,8 +23,8 @@ from ebt.cli_args import (
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from ebt import denoise as dn
-    from ebt.tiling import check_flags, photo_command, photo_summary
+    from ebt.modalities.image import denoise as dn
+    from ebt.modalities.image.tiling import check_flags, photo_command, photo_summary
 
     options = dn.DenoiseOptions(thinking_options(args), args.perturbation, args.halt_tolerance)
     check_flags(args)  # invalid combinations fail before any loading

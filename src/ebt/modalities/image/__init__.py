@@ -1,0 +1,1 @@
+"""Images: the denoising task, denoising pipelines, tiling, diffusion, classical anchors."""

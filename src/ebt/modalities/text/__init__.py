@@ -1,0 +1,1 @@
+"""Text: the next-token task, generation and reasoning probes."""

@@ -1,0 +1,1 @@
+"""Video: the next-frame task, thinking about frames, rollout, figures."""

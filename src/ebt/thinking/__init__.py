@@ -1,0 +1,1 @@
+"""The one core: thinking as a pure function (loop), adaptive halting, selection."""
