@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.text import tiny_overrides as text_overrides
 from support.tolerances import relative
 
 import ebt
@@ -29,28 +30,10 @@ OOD = "\n\n".join(f"Return value {n}: the function returns a list of {n} items."
 
 
 def tiny_overrides(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
-    """`key=value` overrides shrinking configs/text/tiny.toml to a seconds-long CPU run."""
-    return [
-        f"data.source={corpus}",
-        "data.seq_len=16",
-        "data.val_fraction=0.1",
-        "model.dim=32",
-        "model.layers=1",
-        "model.heads=2",
-        "model.variant=pred_step",
-        "train.batch_size=4",
-        "train.max_steps=4",
-        "train.warmup_steps=1",
-        "train.eval_every=2",
-        "train.eval_batches=2",
-        "train.log_every=2",
-        "train.save_every=2",
-        "train.progress=false",
-        "train.num_threads=1",
-        "train.device=cpu",
-        f"train.out_dir={run_dir}",
-        *extra,
-    ]
+    """support.text's tiny run as a pred_step EBT of 4 steps, evaluated and saved every 2."""
+    cli = ["model.variant=pred_step", "train.max_steps=4", "train.warmup_steps=1"]
+    cli += ["train.eval_every=2", "train.log_every=2", "train.save_every=2"]
+    return [*text_overrides(run_dir, corpus), *cli, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from typing import Any
 
 import pytest
 import torch
-from support.distributed import (
-    VISION_SYSTEM2,
-    WORLD,
-    RowMeans,
-    row_batches,
-    spawn,
-    vision_batch,
-    vision_config,
-)
+from support.distributed import WORLD, RowMeans, row_batches, spawn, vision_batch
 from support.text import SYSTEM2, TINY, training_rows, write_corpus
+from support.vision import VISION_SYSTEM2, vision_config
 
 import ebt.thinking.loop
 from ebt.checkpoint import load_model_state, load_train_state

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,12 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ebt.config import Config
 from ebt.training.distributed import exit_process, teardown
-from support.vision import IMAGE_SYSTEM2, image_config, video_config
 
 WORLD = 2
-VISION_SYSTEM2 = {"image": IMAGE_SYSTEM2, "video": ["think.landscapes=1", *IMAGE_SYSTEM2]}
 
 
 def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple) -> None:
@@ -48,12 +44,6 @@ def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
     with tempfile.TemporaryDirectory() as folder:
         init_method = f"file://{folder}/rendezvous"
         mp.spawn(_entry, args=(fn, init_method, backend, args), nprocs=WORLD)
-
-
-def vision_config(kind: str, run_dir: Path, *overrides: str) -> Config:
-    """configs/<kind>/tiny.toml shrunk (8 x 8 images, or 4-frame 8 x 8 clips), 4 CPU steps."""
-    build = image_config if kind == "image" else video_config
-    return build(run_dir, "tiny.toml", *overrides)
 
 
 def vision_batch(kind: str) -> torch.Tensor:

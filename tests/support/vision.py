@@ -46,11 +46,18 @@ IMAGE_SYSTEM2 = [
     "think.detach=false",
 ]
 VIDEO_SYSTEM2 = ["think.landscapes=1", *IMAGE_SYSTEM2]
+VISION_SYSTEM2 = {"image": IMAGE_SYSTEM2, "video": VIDEO_SYSTEM2}
 
 
 def image_config(run_dir: Path, name: str = "tiny.toml", *overrides: str) -> Config:
     """A configs/image preset shrunk to IMAGE_SHRINK, trained 4 steps into `run_dir`."""
     return load_config(CONFIGS / "image" / name, image_overrides(run_dir) + list(overrides))
+
+
+def vision_config(kind: str, run_dir: Path, *overrides: str) -> Config:
+    """configs/<kind>/tiny.toml shrunk (8 x 8 images, or 4-frame 8 x 8 clips), 4 CPU steps."""
+    build = image_config if kind == "image" else video_config
+    return build(run_dir, "tiny.toml", *overrides)
 
 
 def image_overrides(run_dir: Path) -> list[str]:
