@@ -10,7 +10,8 @@ out); images have the bidirectional image EBT and the DiT.
 per landscape (`think()` runs landscapes x steps); for the image EBT, which has no landscape
 conditioning, the total, landscapes x steps, on one landscape. The step count a default
 `think()` takes is therefore the same for every modality; only the unit of an explicit
-`think(steps=k)` differs (see the report of issue 21 for why it stays so).
+`think(steps=k)` differs (per landscape for text and video, in total for images: image runs
+imported from the paper have several landscapes, and `ebt denoise --steps` counts them all).
 """
 
 from __future__ import annotations
