@@ -282,7 +282,8 @@ def test_rollout_refuses_runs_of_other_modalities(tmp_path, capsys):
     train(image_config(tmp_path / "image", "tiny.toml", "train.batch_size=2"))
     capsys.readouterr()
     assert main(["rollout", str(tmp_path / "image")]) == 2
-    assert "holds a image model; ebt rollout needs a video run" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is an image run; ebt rollout needs a video run (image runs: ebt denoise)" in error
 
 
 def test_rollout_of_a_vae_run_decodes_its_frames(tmp_path, capsys, restore_threads):

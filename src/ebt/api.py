@@ -1,4 +1,5 @@
-"""Loading trained runs: `ebt.load(path)` for a model, `load_run(path)` for everything.
+"""Loading trained runs: `ebt.load(path)` for a model, `load_run(path)` for everything, the one
+run loader of every command (`load_run(path, modality="image")` refuses other runs in one line).
 
 Both read a run through `checkpoint.load_newest_valid`, which the trainer's resume uses too: the
 checkpoint `latest` names, or else the newest older one that loads (saying on stderr which it
@@ -17,8 +18,11 @@ from torch import nn
 
 from ebt.checkpoint import load_newest_valid
 from ebt.config import Config, ConfigError, apply_overrides, config_from_dict, finalize
-from ebt.data import Tokenizer, load_tokenizer
-from ebt.models import build_model, frame_dim
+from ebt.data import Tokenizer
+from ebt.errors import WrongModalityError
+from ebt.modalities import MODALITIES, unit_for
+from ebt.modalities.unit import article
+from ebt.models import build_model
 
 
 @dataclass
@@ -29,22 +33,27 @@ class LoadedRun:
     checkpoint: Path
 
 
-def _tokenizer_for(step_dir: Path, config: Config) -> Tokenizer:
-    for candidate in (step_dir.parent / "tokenizer", step_dir / "tokenizer"):
-        if candidate.is_dir():
-            return load_tokenizer(str(candidate))
-    return load_tokenizer(config.data.tokenizer)
-
-
 def _fixed_keys(config: Config) -> dict[str, Any]:
-    """The keys a checkpoint's weights fix: every model.* key and data.tokenizer; for video
-    also the frame size (the frame embedding's width) and the clip length (the position table)."""
+    """The keys a checkpoint's weights fix: every model.* key and data.tokenizer, and those the
+    modality adds (video: the frame size, the clip length, the numbers per frame)."""
     keys = {f"model.{key}": value for key, value in dataclasses.asdict(config.model).items()}
     keys["data.tokenizer"] = config.data.tokenizer
-    if config.model.modality == "video":
-        keys |= {"data.frame_size": config.data.frame_size, "data.frames": config.data.frames}
-        keys |= {"model.frame_dim": frame_dim(config)}  # the encoder's (pixels / VAE latents)
-    return keys
+    return keys | unit_for(config).fixed_data_keys(config)
+
+
+def _refuse_other_modality(path: str | Path, config: Config, modality: str, verb: str) -> None:
+    """WrongModalityError (one line) unless the run is of `modality`: which modality it is,
+    what needs which, and the commands for the run it is."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality={modality!r}: one of {', '.join(MODALITIES)}")
+    found = unit_for(config)
+    if found.name == modality:
+        return
+    wanted = f"{article(modality)} {modality} run"
+    raise WrongModalityError(
+        f"{path} is {article(found.name)} {found.name} run; {verb or 'this'} needs {wanted} "
+        f"({found.name} runs: {found.commands})"
+    )
 
 
 def _refuse_model_changes(saved: Config, config: Config) -> None:
@@ -68,7 +77,12 @@ def _refuse_model_changes(saved: Config, config: Config) -> None:
 
 
 def load_run(
-    path: str | Path, overrides: list[str] | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    overrides: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    modality: str | None = None,
+    verb: str = "",
 ) -> LoadedRun:
     """Model (eval mode), tokenizer and config of a run directory or one of its step_* dirs.
 
@@ -76,13 +90,18 @@ def load_run(
     thinking recipe used by evaluation; weights always come from the checkpoint, so overrides
     of model.* or data.tokenizer that differ from it are refused. A run whose newest checkpoint
     is unreadable loads the newest one that reads (see `load_newest_valid`).
+
+    modality ("text", "image" or "video"): refuse a run of any other (WrongModalityError, one
+    line naming `verb`, e.g. "ebt denoise", and the commands for the run's own modality) before
+    any model or tokenizer is built.
     """
     loaded = load_newest_valid(path, device=device)
     saved = config_from_dict(loaded.config)
+    if modality is not None:
+        _refuse_other_modality(path, saved, modality, verb)
     config = finalize(apply_overrides(config_from_dict(loaded.config), overrides or []))
     _refuse_model_changes(saved, config)
-    text = config.model.modality == "text"
-    tokenizer = _tokenizer_for(loaded.step_dir, config) if text else None
+    tokenizer = unit_for(config).run_tokenizer(loaded.step_dir, config)
     model = build_model(config, tokenizer.vocab_size if tokenizer else 0)
     model.load_state_dict(loaded.model_state)
     noise = any(item.strip().startswith("think.langevin_noise") for item in overrides or [])

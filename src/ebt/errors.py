@@ -18,3 +18,7 @@ class CheckpointError(EbtError):
 
 class RunBusyError(EbtError):
     """Another process holds the run directory's lock."""
+
+
+class WrongModalityError(EbtError, ValueError):
+    """A run of one modality given to a command or call that needs another."""

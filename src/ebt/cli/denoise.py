@@ -23,18 +23,22 @@ from ebt.cli.args import (
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
+    from ebt.api import load_run
     from ebt.modalities.image import denoise as dn
     from ebt.modalities.image.tiling import check_flags, photo_command, photo_summary
 
     options = dn.DenoiseOptions(thinking_options(args), args.perturbation, args.halt_tolerance)
     check_flags(args)  # invalid combinations fail before any loading
-    run = dn.load_image_run(args.run, args.overrides)
+    run = load_run(args.run, args.overrides, modality="image", verb="ebt denoise")
     seed = run.config.train.seed if args.seed is None else args.seed
     if args.input:
         result = photo_command(run, args, options, seed)
         print_json(result) if args.json else print(photo_summary(result))
         return 0
-    dit = dn.load_image_run(args.compare, compare_with=run) if args.compare else None
+    dit = None
+    if args.compare:
+        dit = load_run(args.compare, modality="image", verb="ebt denoise --compare")
+        dn.check_compare(dit, run, args.compare)
     data, diffusion = run.config.data, dn.run_diffusion(run)
     levels = args.noise_level or [data.noise_level, data.ood_noise_level]
     dn.check_levels(diffusion, levels)

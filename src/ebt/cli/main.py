@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ebt.modalities.text.generate import Sampling, generate
 
     thinking = thinking_options(args)  # invalid combinations fail before any loading
-    run = load_run(args.run, args.overrides)
+    run = load_run(args.run, args.overrides, modality="text", verb="ebt generate")
     sampling = Sampling(
         args.temperature, args.top_k, args.top_p, args.steps, thinking, args.halt_tolerance
     )
@@ -129,7 +129,7 @@ def cmd_think(args: argparse.Namespace) -> int:
     from ebt.thinking.selection import thinking_curves
 
     options = thinking_options(args)  # invalid combinations fail before any loading
-    run = load_run(args.run, args.overrides)
+    run = load_run(args.run, args.overrides, modality="text", verb="ebt think")
     data = run.config.data
     source = args.data or (data.ood_source if args.split == "ood" else None)
     split = "all" if source else args.split

@@ -45,9 +45,7 @@ def probe_run(path: str, overrides: list[str], args: argparse.Namespace) -> dict
     from ebt.api import load_run
     from ebt.modalities.text.probe import ProbeRequest, probe_sets, run_probe
 
-    run = load_run(path, overrides)
-    if run.tokenizer is None:
-        raise ConfigError(f"{path}: a {run.config.model.modality} run; probes are text")
+    run = load_run(path, overrides, modality="text", verb="ebt probe")
     data = run.config.data
     spec = resolve_spec(args.probe, args.source, data.source)
     sets = probe_sets(spec, run.tokenizer, data.seq_len, args.problems, data.val_fraction)

@@ -50,24 +50,13 @@ def frame_thinking(args: argparse.Namespace, config: Config) -> FrameThinking:
     )
 
 
-def load_video_run(
-    path: str, overrides: list[str] | None = None, like: LoadedRun | None = None
-) -> LoadedRun:
-    """A video run (ConfigError, one line, otherwise); with `like`, one whose frames (size and
-    encoder) match that run's."""
-    from ebt.api import load_run
-
-    run = load_run(path, overrides)
-    config = run.config
-    if config.model.modality != "video":
-        modality = config.model.modality
-        raise ConfigError(f"{path} holds a {modality} model; ebt rollout needs a video run")
-    if like is not None and _frames_of(config) != _frames_of(like.config):
+def _check_frames_match(compare: LoadedRun, run: LoadedRun, path: str) -> None:
+    """`--compare path` must have `run`'s frames (size and encoder; ConfigError otherwise)."""
+    if _frames_of(compare.config) != _frames_of(run.config):
         raise ConfigError(
-            f"--compare {path}: its frames ({_frames_of(config)}) must match the run's "
-            f"({_frames_of(like.config)})"
+            f"--compare {path}: its frames ({_frames_of(compare.config)}) must match the run's "
+            f"({_frames_of(run.config)})"
         )
-    return run
 
 
 def _frames_of(config: Config) -> str:
@@ -226,10 +215,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if args.ood and args.video:
         raise ConfigError("--ood picks the run's held-out data; it does not combine with --video")
     thinking_options(args)  # bad flag combinations fail before anything loads
-    run = load_video_run(args.run, args.overrides)
+    from ebt.api import load_run
+
+    run = load_run(args.run, args.overrides, modality="video", verb="ebt rollout")
     runs = {"run": run}
     if args.compare:
-        runs["compare"] = load_video_run(args.compare, like=run)
+        runs["compare"] = load_run(args.compare, modality="video", verb="ebt rollout --compare")
+        _check_frames_match(runs["compare"], run, args.compare)
     _check_context(runs, {"run": args.run, "compare": args.compare}, args.context)
     threads = torch.get_num_threads()
     try:  # the run's train.num_threads, as ebt bench (tiny models: 1 is fastest)

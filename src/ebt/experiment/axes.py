@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ebt.config import Config, ConfigError
+from ebt.modalities import unit_for
 
 AXES = ("data", "batch", "depth", "width", "params", "steps")
 _PARAMS = re.compile(r"^(\d+)x(\d+)$")
@@ -57,11 +58,6 @@ def parse_values(axis: str, text: str) -> list[str]:
     return values
 
 
-def _units_per_example(config: Config) -> int:
-    """Tokens per example for text (the predicted positions), 1 for images and video."""
-    return config.data.seq_len if config.model.modality == "text" else 1
-
-
 def _steps_overrides(config: Config, steps: int) -> list[str]:
     """max_steps and what follows it: warm-up at most a fifth of the run, one evaluation at the
     end (and each quarter), checkpoints each quarter so an interrupted point resumes."""
@@ -87,7 +83,7 @@ def _heads_for(config: Config, dim: int) -> int:
 def axis_overrides(config: Config, axis: str, value: str) -> list[str]:
     """The overrides that put `config` at `value` of `axis`."""
     if axis == "data":
-        per_step = config.train.batch_size * _units_per_example(config)
+        per_step = config.train.batch_size * unit_for(config).units_per_example(config)
         steps = max(1, round(int(value) / per_step))
         return _steps_overrides(config, steps)
     if axis == "steps":

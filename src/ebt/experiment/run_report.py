@@ -137,9 +137,10 @@ def _text_sample(run_dir: Path) -> list[str]:
 
 
 def _image_grid(run_dir: Path, path: Path) -> list[str]:
+    from ebt.api import load_run
     from ebt.modalities.image import denoise
 
-    run = denoise.load_image_run(run_dir)
+    run = load_run(run_dir, modality="image", verb="the report's denoising grid")
     diffusion = denoise.run_diffusion(run)
     level = run.config.data.noise_level
     options = denoise.DenoiseOptions(denoise.InferenceOptions(), 0.05, None)

@@ -25,17 +25,10 @@ from typing import Any
 from ebt.config import Config, ConfigError, apply_overrides, finalize, load_config
 from ebt.experiment.axes import Point, axis_overrides, copy_config, parse_values
 from ebt.experiment.flops import parameter_counts, training_flops_per_step
+from ebt.modalities import MODALITIES, unit_for
 
 RESULTS_FILE = "results.json"
 MODELS = ("ebt", "baseline")
-DEFAULT_METRIC = {"text": "ppl", "image": "psnr", "video": "loss"}
-# The scalar keys of a final evaluation row (ebt.training.evaluate) that every model of a study
-# has, by modality; the EBT's rows also have energy_gap (tests/test_experiment.py checks real rows).
-METRICS = {
-    "text": ("loss", "ppl", "forward_passes"),
-    "image": ("loss", "psnr", "mse", "forward_passes"),
-    "video": ("loss", "psnr", "mse", "forward_passes"),
-}
 # How a point runs, not what it computes: a study may resume with these changed.
 RUNTIME_KEYS = ("num_threads", "progress", "device", "log_every", "tensorboard", "wandb")
 
@@ -50,7 +43,7 @@ class Study:
     models: list[str] = field(default_factory=lambda: list(MODELS))
     overrides: list[str] = field(default_factory=list)
     out_dir: str = "runs/scaling"
-    metric: str = ""  # "" = the modality's default (DEFAULT_METRIC)
+    metric: str = ""  # "" = the modality's default (ModalityUnit.default_metric)
 
     def identity(self, base: Config) -> dict[str, Any]:
         """What must match for a results file to belong to this study: everything but the
@@ -78,20 +71,23 @@ def base_config(study: Study) -> Config:
     config = load_config(study.config, study.overrides)
     if config.model.kind != "ebt":
         raise ConfigError(f"{study.config}: a scaling study's config is the EBT (model.kind=ebt)")
+    unit = unit_for(config)
     if not study.metric:
-        study.metric = DEFAULT_METRIC[config.model.modality]
-    known = metric_names(config.model.modality, study.models)
+        study.metric = unit.default_metric
+    known = metric_names(unit.name, study.models)
     if study.metric not in known:
         raise ConfigError(
-            f"--metric {study.metric!r}: a {config.model.modality} study's evaluation rows "
+            f"--metric {study.metric!r}: a {unit.name} study's evaluation rows "
             f"have {', '.join(known)}"
         )
     return config
 
 
 def metric_names(modality: str, models: list[str]) -> tuple[str, ...]:
-    """The metrics a study of these models can fit (see METRICS)."""
-    return METRICS[modality] + (("energy_gap",) if models == ["ebt"] else ())
+    """The metrics a study of these models can fit: the scalar keys of a final evaluation row
+    (ebt.training.evaluate) that every model of a study has (`ModalityUnit.metrics`; checked on
+    real rows by the experiment tests), and for the EBT alone energy_gap."""
+    return MODALITIES[modality].metrics + (("energy_gap",) if models == ["ebt"] else ())
 
 
 def plan(study: Study, base: Config) -> list[Point]:
@@ -143,7 +139,7 @@ def save_results(study: Study, results: dict[str, Any]) -> Path:
 
 def _x(point: Point, config: Config, counts: dict[str, int]) -> float:
     """Where a point sits on its axis (data: tokens or examples actually trained)."""
-    train, units = config.train, config.data.seq_len if config.model.modality == "text" else 1
+    train, units = config.train, unit_for(config).units_per_example(config)
     return {
         "data": train.max_steps * train.batch_size * units,
         "steps": train.max_steps,

@@ -91,8 +91,9 @@ def thinking_shift(
     set; writes the plot when asked."""
     from ebt.api import load_run
 
-    run = load_run(run_path, overrides or [])
-    if run.tokenizer is None or run.config.model.kind != "ebt":
+    verb = "ebt experiment thinking-shift"
+    run = load_run(run_path, overrides or [], modality="text", verb=verb)
+    if run.config.model.kind != "ebt":
         raise EbtError(f"{run_path}: thinking-shift needs a text EBT run")
     reference = load_run(baseline) if baseline else None
     start = from_steps or trained_steps(run.config.think)

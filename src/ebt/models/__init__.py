@@ -1,4 +1,5 @@
-"""Models: the energy transformers and their baselines (Transformer++, DiT), built from a Config.
+"""Models: the energy transformers and their baselines (Transformer++, DiT), built from a Config
+(builders.py).
 
 Text and video share one autoregressive energy transformer and one Transformer++ (video: one
 token per frame, frame vectors in and out); images have the bidirectional EBT and the DiT.
@@ -12,108 +13,25 @@ import warnings
 import torch
 from torch import nn
 
-from ebt.config import Config
-from ebt.config_checks import VAE_CHANNELS, VAE_DOWNSAMPLING
-from ebt.models.dit import DiT, DiTArgs
-from ebt.models.energy_transformer import ContextCache, EnergyTransformer, EnergyTransformerArgs
-from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
-from ebt.models.transformer_pp import TransformerArgs, TransformerPP
-
-CHANNELS = 3  # images and video frames are RGB
+from ebt.models.builders import BUILDERS, CHANNELS, build_image_model, build_model, frame_dim
+from ebt.models.dit import DiT
+from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+from ebt.models.image_energy import ImageEnergyTransformer
+from ebt.models.transformer_pp import TransformerPP
 
 __all__ = [
+    "BUILDERS",
     "CHANNELS",
     "ContextCache",
     "DiT",
     "EnergyTransformer",
     "ImageEnergyTransformer",
     "TransformerPP",
+    "build_image_model",
     "build_model",
     "compile_for_training",
     "frame_dim",
 ]
-
-
-def frame_dim(config: Config) -> int:
-    """Numbers in one video frame vector (0 for other modalities): data.frame_dim when set,
-    else the encoder's: RGB pixels, 3 * frame_size^2, or the SD VAEs' latents, 4 x (F/8)^2."""
-    data = config.data
-    if config.model.modality != "video":
-        return 0
-    if data.frame_dim:
-        return data.frame_dim
-    if data.frame_encoder == "vae":
-        return VAE_CHANNELS * (data.frame_size // VAE_DOWNSAMPLING) ** 2
-    return CHANNELS * data.frame_size**2
-
-
-def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
-    """The model a config describes (`model.modality` and `model.kind` pick it; vocab_size is
-    the text models'; video's frame vectors come from data.frame_size, its length from
-    data.frames)."""
-    if config.model.modality == "image":
-        return build_image_model(config)
-    model, video = config.model, config.model.modality == "video"
-    ffn_dim = model.ffn_dim or model.dim
-    length = config.data.frames - 1 if video else config.data.seq_len
-    if model.kind == "transformer_pp":
-        args = TransformerArgs(
-            vocab_size,
-            model.dim,
-            model.layers,
-            model.heads,
-            ffn_dim,
-            length,
-            model.norm_eps,
-            model.rope_theta,
-            frame_dim(config),
-        )
-        return TransformerPP(args)
-    think = config.think
-    args = EnergyTransformerArgs(
-        vocab_size=vocab_size,
-        dim=model.dim,
-        layers=model.layers,
-        heads=model.heads,
-        ffn_dim=ffn_dim,
-        max_seq_len=length,
-        variant=model.variant,
-        landscapes=think.landscapes,
-        norm_eps=model.norm_eps,
-        rope_theta=model.rope_theta,
-        step_size=think.step_size,
-        step_size_learnable=think.step_size_learnable,
-        langevin_noise=think.langevin_noise,
-        inference_steps=(think.random_steps_min or 1) if think.random_steps else think.steps,
-        frame_dim=frame_dim(config),
-    )
-    return EnergyTransformer(args)
-
-
-def build_image_model(config: Config) -> nn.Module:
-    """The image EBT or its DiT twin (same width, depth and patch size)."""
-    model, think = config.model, config.think
-    shape = {
-        "image_size": config.data.image_size,
-        "channels": CHANNELS,
-        "patch_size": model.patch_size,
-        "dim": model.dim,
-        "layers": model.layers,
-        "heads": model.heads,
-        "ffn_dim": model.ffn_dim or None,
-    }
-    if model.kind == "dit":
-        return DiT(DiTArgs(**shape))
-    steps = (think.random_steps_min or 1) if think.random_steps else think.steps
-    return ImageEnergyTransformer(
-        ImageEnergyArgs(
-            **shape,
-            step_size=think.step_size,
-            step_size_learnable=think.step_size_learnable,
-            langevin_noise=think.langevin_noise,
-            inference_steps=steps * think.landscapes,
-        )
-    )
 
 
 def compile_for_training(model: nn.Module, device: torch.device) -> None:

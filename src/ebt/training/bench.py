@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ebt.config import BASELINES, Config, ConfigError
-from ebt.modalities import modality_for
+from ebt.config import Config, ConfigError
+from ebt.modalities import modality_for, unit_for
 from ebt.modalities.text.generate import generate_ids
-from ebt.models import CHANNELS, build_model, compile_for_training, frame_dim
+from ebt.models import build_model, compile_for_training
 from ebt.runtime import keep_freed_memory
 from ebt.training.distributed import pick_device
 from ebt.training.objective import Objective
@@ -36,16 +36,11 @@ from ebt.training.optim import build_optimizer
 
 
 def example_batch(config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """A random training batch of the config's modality: token ids 1..V-1 (B, S + 1), images
-    (B, 3, S, S) uniform in [-1, 1], or clips of frame vectors (B, T, frame_dim) from N(0, 1)
-    (already-encoded frames, e.g. VAE latents; drawn from torch's global generator)."""
-    batch = config.train.batch_size
-    if config.model.modality == "image":
-        size = config.data.image_size
-        return torch.rand(batch, CHANNELS, size, size, device=device) * 2 - 1
-    if config.model.modality == "video":
-        return torch.randn(batch, config.data.frames, frame_dim(config), device=device)
-    return torch.randint(1, vocab_size, (batch, config.data.seq_len + 1), device=device)
+    """A random training batch of the config's modality (`ModalityUnit.example_batch`): token
+    ids 1..V-1 (B, S + 1), images (B, 3, S, S) uniform in [-1, 1], or clips of frame vectors
+    (B, T, frame_dim) from N(0, 1) (already-encoded frames, e.g. VAE latents; drawn from
+    torch's global generator)."""
+    return unit_for(config).example_batch(config, vocab_size, device)
 
 
 def vocabulary_size(config: Config) -> int:
@@ -102,7 +97,7 @@ def interleaved_times(steppers: dict[str, Any], repeats: int, warmup: int) -> di
 def baseline_config(config: Config) -> Config:
     """The same config with the modality's baseline model (Transformer++ or DiT)."""
     baseline = copy.deepcopy(config)
-    baseline.model.kind = BASELINES[config.model.modality]
+    baseline.model.kind = unit_for(config).baseline_kind()
     return baseline
 
 
@@ -203,11 +198,9 @@ def _reported_config(config: Config) -> dict[str, Any]:
     """The config keys that shape a step: model, think and (images) the image and noise."""
     values = config.to_dict()
     reported = {"model": values["model"], "think": values["think"]}
-    if config.model.modality == "image":
-        keys = ("image_size", "noise_level", "diffusion_steps")
-        reported["data"] = {key: values["data"][key] for key in keys}
-    if config.model.modality == "video":
-        reported["data"] = {"frames": config.data.frames, "frame_dim": frame_dim(config)}
+    shape = unit_for(config).shape_keys(config)
+    if shape:
+        reported["data"] = shape
     return reported
 
 
@@ -232,9 +225,10 @@ def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> di
     """Median ms per generated token near the configured context length: cached generation
     against the recompute-everything path (the paper's generator), token by token in turn.
     Text only: image models denoise rather than generate (ConfigError)."""
-    if config.model.modality != "text":
+    unit = unit_for(config)
+    if not unit.generates_tokens:
         raise ConfigError(
-            f"ebt bench generate times token generation; a {config.model.modality} model does "
+            f"ebt bench generate times token generation; a {unit.name} model does "
             "not generate (use ebt bench train CONFIG --vs-baseline)"
         )
     if config.train.num_threads:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ebt.api import LoadedRun, load_run
+from ebt.api import LoadedRun
 from ebt.config import ConfigError
 from ebt.modalities.image.classical import METHODS, denoise_batch
 from ebt.modalities.image.diffusion import GaussianDiffusion
@@ -336,29 +336,21 @@ def write_grid(galleries: list[tuple[str, Gallery]], path: str | Path) -> Path:
     return save_figure(figure, path)
 
 
-def load_image_run(
-    path: str, overrides: list[str] | None = None, compare_with: LoadedRun | None = None
-) -> LoadedRun:
-    """An image run (ConfigError, one line, for any other); with `compare_with`, a DiT whose
-    noise schedule and crop size match that run's."""
-    run = load_run(path, overrides)
-    modality, kind = run.config.model.modality, run.config.model.kind
-    if modality != "image":
-        raise ConfigError(f"{path} is a {modality} run; ebt denoise needs an image run")
-    if compare_with is None:
-        return run
-    if not isinstance(run.model, DiT):
+def check_compare(dit: LoadedRun, run: LoadedRun, path: str) -> None:
+    """`--compare path` (an image run, see `ebt.load_run(..., modality="image")`) must be a DiT
+    whose noise schedule and crop size match `run`'s, an EBT run (ConfigError, one line)."""
+    if not isinstance(dit.model, DiT):
+        kind = dit.config.model.kind
         raise ConfigError(f"--compare {path}: a model.kind={kind} run; --compare needs a DiT run")
-    if isinstance(compare_with.model, DiT):
+    if isinstance(run.model, DiT):
         raise ConfigError("--compare: RUN is a DiT run itself; give the EBT run as RUN")
-    ours, theirs = compare_with.config.data, run.config.data
-    steps = (run_diffusion(compare_with).steps, run_diffusion(run).steps)
+    ours, theirs = run.config.data, dit.config.data
+    steps = (run_diffusion(run).steps, run_diffusion(dit).steps)
     if steps[0] != steps[1] or ours.image_size != theirs.image_size:
         raise ConfigError(
             f"--compare {path}: its schedule ({steps[1]} steps) and crops ({theirs.image_size}) "
             f"must match the run's ({steps[0]} steps, {ours.image_size})"
         )
-    return run
 
 
 def run_diffusion(run: LoadedRun) -> GaussianDiffusion:

@@ -18,6 +18,8 @@ from ebt.config import Config, ThinkConfig
 from ebt.data.corpus import DataError
 from ebt.data.images import EpochBatchIterator, build_image_dataset
 from ebt.modalities.image.diffusion import GaussianDiffusion
+from ebt.modalities.unit import ModalityUnit
+from ebt.models import CHANNELS
 
 
 def pixel_mse(images: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -93,11 +95,31 @@ class ImageTask:
         return result | {"noise_level": self.noise_level}
 
 
-class ImageModality:
+class ImageModality(ModalityUnit):
     """Image crops and the denoising task of a config."""
 
     name = "image"
+    commands = "ebt denoise"
+    default_metric = "psnr"
+    metrics = ("loss", "psnr", "mse", "forward_passes")
     tokenizer = None
+
+    @classmethod
+    def example_batch(cls, config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Random images (B, 3, S, S) uniform in [-1, 1]."""
+        size = config.data.image_size
+        shape = (config.train.batch_size, CHANNELS, size, size)
+        return torch.rand(*shape, device=device) * 2 - 1  # (B, 3, S, S)
+
+    @classmethod
+    def shape_keys(cls, config: Config) -> dict[str, Any]:
+        """The crop size and the noise (level and schedule length)."""
+        data = config.data
+        return {
+            "image_size": data.image_size,
+            "noise_level": data.noise_level,
+            "diffusion_steps": data.diffusion_steps,
+        }
 
     def __init__(self, config: Config, tokenizer: Any = None) -> None:
         self.config = config

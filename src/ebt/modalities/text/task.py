@@ -20,6 +20,7 @@ from ebt.data import (
     build_token_dataset,
     load_tokenizer,
 )
+from ebt.modalities.unit import ModalityUnit
 from ebt.nn.layers import at_least_float32
 
 
@@ -81,10 +82,34 @@ class TextTask:
         return result | {"ppl": math.exp(min(result["loss"], 700.0))}
 
 
-class TextModality:
+class TextModality(ModalityUnit):
     """Tokenizer, token datasets and the text task of a config."""
 
     name = "text"
+    commands = "ebt generate, ebt think or ebt probe"
+    default_metric = "ppl"
+    metrics = ("loss", "ppl", "forward_passes")
+    generates_tokens = True
+
+    @classmethod
+    def units_per_example(cls, config: Config) -> int:
+        """Tokens per example: the predicted positions, data.seq_len."""
+        return config.data.seq_len
+
+    @classmethod
+    def example_batch(cls, config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Random token ids 1..V-1 (B, S + 1)."""
+        shape = (config.train.batch_size, config.data.seq_len + 1)
+        return torch.randint(1, vocab_size, shape, device=device)  # (B, S + 1)
+
+    @classmethod
+    def run_tokenizer(cls, step_dir: Path, config: Config) -> Tokenizer:
+        """The run's saved tokenizer (beside the step directories or inside one), else the one
+        data.tokenizer names."""
+        for candidate in (step_dir.parent / "tokenizer", step_dir / "tokenizer"):
+            if candidate.is_dir():
+                return load_tokenizer(str(candidate))
+        return load_tokenizer(config.data.tokenizer)
 
     def __init__(self, config: Config, tokenizer: Tokenizer | None = None) -> None:
         self.config = config

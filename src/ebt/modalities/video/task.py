@@ -21,6 +21,8 @@ from ebt.data.frame_encoders import encoded_dataset
 from ebt.data.images import EpochBatchIterator
 from ebt.data.video import build_video_dataset
 from ebt.modalities.text.task import initial_state
+from ebt.modalities.unit import ModalityUnit
+from ebt.models import frame_dim
 
 
 def frame_vectors(batch: torch.Tensor) -> torch.Tensor:
@@ -109,11 +111,37 @@ class _LazyDecoder:
         return self.encoder.decode(vectors, self.config.data.frame_size).flatten(1)
 
 
-class VideoModality:
+class VideoModality(ModalityUnit):
     """Video clips (offline generators or the user's files) and the next-frame task."""
 
     name = "video"
+    commands = "ebt rollout"
+    default_metric = "loss"
+    metrics = ("loss", "psnr", "mse", "forward_passes")
     tokenizer = None
+
+    @classmethod
+    def example_batch(cls, config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """Clips of frame vectors (B, T, frame_dim) from N(0, 1): already-encoded frames, e.g.
+        VAE latents (drawn from torch's global generator)."""
+        shape = (config.train.batch_size, config.data.frames, frame_dim(config))
+        return torch.randn(*shape, device=device)  # (B, T, frame_dim)
+
+    @classmethod
+    def shape_keys(cls, config: Config) -> dict[str, Any]:
+        """The clip length and the numbers per frame vector."""
+        return {"frames": config.data.frames, "frame_dim": frame_dim(config)}
+
+    @classmethod
+    def fixed_data_keys(cls, config: Config) -> dict[str, Any]:
+        """The frame size (the frame embedding's width), the clip length (the position table)
+        and the encoder's numbers per frame (pixels / VAE latents)."""
+        data = config.data
+        return {
+            "data.frame_size": data.frame_size,
+            "data.frames": data.frames,
+            "model.frame_dim": frame_dim(config),
+        }
 
     def __init__(self, config: Config, tokenizer: Any = None) -> None:
         self.config = config

@@ -1,0 +1,138 @@
+"""Builders: the network a Config describes, one builder per modality in a registry keyed by
+the modality's name (`BUILDERS`), so `build_model` asks no question of the config and models/
+never imports modalities/ (which is higher: the modality units call into models/, not back).
+
+Text and video share the autoregressive energy transformer and the Transformer++ (text: token
+ids in, logits out; video: one token per frame, frame vectors of `frame_dim` numbers in and
+out); images have the bidirectional image EBT and the DiT.
+
+`inference_steps` (the default of `model.think(steps=None)`): for the sequence models the steps
+per landscape (`think()` runs landscapes x steps); for the image EBT, which has no landscape
+conditioning, the total, landscapes x steps, on one landscape. The step count a default
+`think()` takes is therefore the same for every modality; only the unit of an explicit
+`think(steps=k)` differs (per landscape for text and video, in total for images: image runs
+imported from the paper have several landscapes, and `ebt denoise --steps` counts them all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ebt.config import Config
+from ebt.config_checks import VAE_CHANNELS, VAE_DOWNSAMPLING
+from ebt.models.dit import DiT, DiTArgs
+from ebt.models.energy_transformer import EnergyTransformer, EnergyTransformerArgs
+from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
+from ebt.models.transformer_pp import TransformerArgs, TransformerPP
+
+CHANNELS = 3  # images and video frames are RGB
+
+
+def frame_dim(config: Config) -> int:
+    """Numbers in one video frame vector: data.frame_dim when set, else the encoder's: RGB
+    pixels, 3 * frame_size^2, or the SD VAEs' latents, 4 x (F/8)^2."""
+    data = config.data
+    if data.frame_dim:
+        return data.frame_dim
+    if data.frame_encoder == "vae":
+        return VAE_CHANNELS * (data.frame_size // VAE_DOWNSAMPLING) ** 2
+    return CHANNELS * data.frame_size**2
+
+
+def steps_per_landscape(config: Config) -> int:
+    """Steps per landscape of the trained recipe: think.steps, or with random steps their
+    minimum (think.random_steps_min, at least 1)."""
+    think = config.think
+    return (think.random_steps_min or 1) if think.random_steps else think.steps
+
+
+def build_model(config: Config, vocab_size: int = 0) -> nn.Module:
+    """The model a config describes (`model.modality` picks the builder, `model.kind` the
+    network; vocab_size is the text models'; video's frame vectors come from data.frame_size,
+    its length from data.frames)."""
+    return BUILDERS[config.model.modality](config, vocab_size)
+
+
+def build_token_model(config: Config, vocab_size: int) -> nn.Module:
+    """Text: token ids (B, S) in, a logit vector per position out."""
+    return _build_sequence_model(config, vocab_size, config.data.seq_len, frame_size=0)
+
+
+def build_frame_model(config: Config, vocab_size: int = 0) -> nn.Module:
+    """Video: frame vectors (B, T - 1, frame_dim) in, a next-frame vector per position out."""
+    return _build_sequence_model(config, vocab_size, config.data.frames - 1, frame_dim(config))
+
+
+def _build_sequence_model(
+    config: Config, vocab_size: int, length: int, frame_size: int
+) -> nn.Module:
+    """The autoregressive EBT or its Transformer++ twin over `length` positions (frame_size
+    numbers per frame vector; 0 for tokens)."""
+    model = config.model
+    ffn_dim = model.ffn_dim or model.dim
+    if model.kind == "transformer_pp":
+        args = TransformerArgs(
+            vocab_size,
+            model.dim,
+            model.layers,
+            model.heads,
+            ffn_dim,
+            length,
+            model.norm_eps,
+            model.rope_theta,
+            frame_size,
+        )
+        return TransformerPP(args)
+    think = config.think
+    args = EnergyTransformerArgs(
+        vocab_size=vocab_size,
+        dim=model.dim,
+        layers=model.layers,
+        heads=model.heads,
+        ffn_dim=ffn_dim,
+        max_seq_len=length,
+        variant=model.variant,
+        landscapes=think.landscapes,
+        norm_eps=model.norm_eps,
+        rope_theta=model.rope_theta,
+        step_size=think.step_size,
+        step_size_learnable=think.step_size_learnable,
+        langevin_noise=think.langevin_noise,
+        inference_steps=steps_per_landscape(config),  # per landscape
+        frame_dim=frame_size,
+    )
+    return EnergyTransformer(args)
+
+
+def build_image_model(config: Config, vocab_size: int = 0) -> nn.Module:
+    """The image EBT or its DiT twin (same width, depth and patch size)."""
+    model, think = config.model, config.think
+    shape = {
+        "image_size": config.data.image_size,
+        "channels": CHANNELS,
+        "patch_size": model.patch_size,
+        "dim": model.dim,
+        "layers": model.layers,
+        "heads": model.heads,
+        "ffn_dim": model.ffn_dim or None,
+    }
+    if model.kind == "dit":
+        return DiT(DiTArgs(**shape))
+    return ImageEnergyTransformer(
+        ImageEnergyArgs(
+            **shape,
+            step_size=think.step_size,
+            step_size_learnable=think.step_size_learnable,
+            langevin_noise=think.langevin_noise,
+            inference_steps=steps_per_landscape(config) * think.landscapes,  # total: one landscape
+        )
+    )
+
+
+BUILDERS: dict[str, Callable[[Config, int], nn.Module]] = {
+    "text": build_token_model,
+    "image": build_image_model,
+    "video": build_frame_model,
+}
