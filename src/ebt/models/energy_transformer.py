@@ -30,7 +30,7 @@ from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
-from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
 
 
@@ -437,10 +437,5 @@ class EnergyTransformer(nn.Module):
             shape = (tokens.shape[0], count, self.candidate_dim)  # (B, R, V or frame_dim)
             init = torch.randn(shape, device=tokens.device)
         schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
-        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
-        options = StepOptions(
-            step_size=self.resolve_step_size(step_size),
-            langevin_std=noise,
-            accept_lower_energies=accept_lower_energies,
-        )
+        options = step_options(self, step_size, langevin_noise, accept_lower_energies)
         return run_thinking(self, tokens, init, schedule, options, rows, caches)

@@ -18,7 +18,7 @@ from torch import nn
 from ebt.models import image_gradient
 from ebt.models.dit import ImageShape
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
-from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
 
 
@@ -142,6 +142,11 @@ class ImageEnergyTransformer(nn.Module):
             (gradient,) = torch.autograd.grad(energies.sum(), images, create_graph=create_graph)
         return (energies if create_graph else energies.detach()), gradient
 
+    def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
+        """The inference alpha (the trained one clamped at 1e-4): None the trained alpha;
+        0 < a < 1 a times it; a >= 1 a itself."""
+        return resolve_step_size(self.step_size.detach().clamp(min=1e-4), step_size)
+
     def think(
         self,
         noisy: torch.Tensor,
@@ -159,10 +164,5 @@ class ImageEnergyTransformer(nn.Module):
         the image step k starts from.
         """
         schedule = step_schedule(1, steps or self.args.inference_steps)
-        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
-        options = StepOptions(
-            step_size=resolve_step_size(self.step_size.detach().clamp(min=1e-4), step_size),
-            langevin_std=noise,
-            accept_lower_energies=accept_lower_energies,
-        )
+        options = step_options(self, step_size, langevin_noise, accept_lower_energies)
         return run_thinking(self, None, noisy, schedule, options)
