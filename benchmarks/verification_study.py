@@ -29,7 +29,7 @@ import torch
 
 from ebt.api import load_run
 from ebt.data import build_token_dataset, iter_eval_batches
-from ebt.thinking.selection import _final_energies, auroc
+from ebt.thinking.selection import auroc, encode_cache, final_energies
 
 
 def _candidates(model, tokens, steps: list[int], samples: int, noise) -> dict[int, tuple]:
@@ -48,7 +48,8 @@ def _candidates(model, tokens, steps: list[int], samples: int, noise) -> dict[in
             trajectory = model.think(tokens, init, steps=k, rows=rows, langevin_noise=noise)
         index = k - 1 if one_landscape else -1
         state, landscape = trajectory.states[index], trajectory.landscapes[index]
-        energies = _final_energies(model, tokens, state, rows, landscape)  # (B, N * S)
+        cache = encode_cache(model, tokens, landscape)
+        energies = final_energies(model, cache, state, rows, landscape)  # (B, N * S)
         shape = (batch, samples, length)
         result[k] = (state.view(*shape, -1), energies.view(shape))
     return result

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from ebt.models import candidate_gradient
+from ebt.models.energy_plumbing import EnergyPlumbing, autograd_energies_and_gradient
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
-from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
 
 
@@ -80,19 +81,14 @@ class EnergyTransformerArgs:
     frame_dim: int = 0  # 0: text (token ids, vocabulary candidates); > 0: frame vectors
 
 
-class EnergyTransformer(nn.Module):
+class EnergyTransformer(EnergyPlumbing, nn.Module):
     """Scores (context, candidate distribution) pairs with one scalar energy per position."""
 
     def __init__(self, args: EnergyTransformerArgs) -> None:
         super().__init__()
         self.args = args
         self.variant = args.variant
-        self.step_size = nn.Parameter(
-            torch.tensor(float(args.step_size)), requires_grad=args.step_size_learnable
-        )
-        self.langevin_std = nn.Parameter(
-            torch.tensor(float(args.langevin_noise)), requires_grad=False
-        )
+        self.init_thinking_parameters(args.step_size, args.step_size_learnable, args.langevin_noise)
         if args.frame_dim:  # one Linear embeds real and candidate frames
             self.frame_embedding = nn.Linear(args.frame_dim, args.dim)
         else:
@@ -357,14 +353,9 @@ class EnergyTransformer(nn.Module):
         noise = torch.randn(shape, dtype=candidates.dtype, device=candidates.device)
         return noise * langevin_std  # (B, R, D)
 
-    def hand_written_path(self, example: torch.Tensor) -> bool:
-        """Whether the hand-written passes (candidate_gradient) apply: float32 or float64
-        outside autocast, with ordinary (not FSDP-sharded DTensor) parameters, and not turned
-        off (`hand_written_gradients = False` forces autograd everywhere, for comparison)."""
-        autocast = torch.is_autocast_enabled(example.device.type)
-        plain = type(self.energy_head.weight) is nn.Parameter
-        floating = example.dtype in (torch.float32, torch.float64)
-        return self.hand_written_gradients and plain and not autocast and floating
+    def head_weight(self) -> torch.Tensor:
+        """The energy head's weight (hand_written_path: is it an ordinary parameter?)."""
+        return self.energy_head.weight
 
     def energies_and_gradient(
         self,
@@ -395,14 +386,11 @@ class EnergyTransformer(nn.Module):
                     self, cache, probabilities.detach(), rows, landscape, noise
                 )  # inference tensors: clone for use where autograd records (a learnable alpha)
             return energies.clone(), gradient.clone()
-        with torch.enable_grad():
-            if not create_graph:
-                probabilities = probabilities.detach().requires_grad_()
-            energies = self.energies(cache, probabilities, rows, landscape, langevin_std)
-            (gradient,) = torch.autograd.grad(
-                energies.sum(), probabilities, create_graph=create_graph
-            )
-        return (energies if create_graph else energies.detach()), gradient
+
+        def energy(candidates: torch.Tensor) -> torch.Tensor:
+            return self.energies(cache, candidates, rows, landscape, langevin_std)  # (B, R)
+
+        return autograd_energies_and_gradient(energy, probabilities, create_graph, False)
 
     def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
         """None: the trained alpha; 0 < a < 1: a times the trained alpha; a >= 1: a itself."""
@@ -437,10 +425,5 @@ class EnergyTransformer(nn.Module):
             shape = (tokens.shape[0], count, self.candidate_dim)  # (B, R, V or frame_dim)
             init = torch.randn(shape, device=tokens.device)
         schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
-        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
-        options = StepOptions(
-            step_size=self.resolve_step_size(step_size),
-            langevin_std=noise,
-            accept_lower_energies=accept_lower_energies,
-        )
+        options = step_options(self, step_size, langevin_noise, accept_lower_energies)
         return run_thinking(self, tokens, init, schedule, options, rows, caches)

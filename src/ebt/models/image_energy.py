@@ -17,8 +17,9 @@ from torch import nn
 
 from ebt.models import image_gradient
 from ebt.models.dit import ImageShape
+from ebt.models.energy_plumbing import EnergyPlumbing, autograd_energies_and_gradient
 from ebt.nn.dit import AdaLNHead, DiTBlock, PatchEmbedding, init_dit_weights
-from ebt.thinking.loop import StepOptions, Trajectory, resolve_step_size, step_schedule
+from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
 
 
@@ -37,7 +38,7 @@ class ImageEnergyArgs(ImageShape):
     inference_steps: int = 1  # default number of thinking steps at inference
 
 
-class ImageEnergyTransformer(nn.Module):
+class ImageEnergyTransformer(EnergyPlumbing, nn.Module):
     """Scores candidate images with one scalar energy each (lower = more plausible).
 
     It meets the shared thinking loop's EnergyModel protocol (thinking.py) with no context
@@ -49,12 +50,7 @@ class ImageEnergyTransformer(nn.Module):
     def __init__(self, args: ImageEnergyArgs) -> None:
         super().__init__()
         self.args = args
-        self.step_size = nn.Parameter(
-            torch.tensor(float(args.step_size)), requires_grad=args.step_size_learnable
-        )
-        self.langevin_std = nn.Parameter(
-            torch.tensor(float(args.langevin_noise)), requires_grad=False
-        )
+        self.init_thinking_parameters(args.step_size, args.step_size_learnable, args.langevin_noise)
         size = args.image_size
         self.patch_embedding = PatchEmbedding(args.channels, args.dim, args.patch_size, size, size)
         ffn_dim = args.ffn_dim or args.dim
@@ -100,14 +96,10 @@ class ImageEnergyTransformer(nn.Module):
         module hooks run); cache, rows and landscape are unused."""
         return self(images)  # (B,)
 
-    def hand_written_path(self, images: torch.Tensor) -> bool:
-        """Whether the written-out energy and dE/dx (image_gradient) apply: float32 or float64
-        outside autocast, with ordinary (not FSDP-sharded DTensor) parameters, and not turned
-        off (`hand_written_gradients = False` forces autograd, for comparison)."""
-        autocast = torch.is_autocast_enabled(images.device.type)
-        plain = type(self.energy_head.linear.weight) is nn.Parameter
-        floating = images.dtype in (torch.float32, torch.float64)
-        return self.hand_written_gradients and plain and not autocast and floating
+    def head_weight(self) -> torch.Tensor:
+        """The energy head's weight (hand_written_path, with image_gradient's written-out
+        energy and dE/dx: is it an ordinary parameter?)."""
+        return self.energy_head.linear.weight
 
     def energies_and_gradient(
         self,
@@ -135,12 +127,12 @@ class ImageEnergyTransformer(nn.Module):
             with torch.inference_mode():
                 energies, gradient = image_gradient.energies_and_gradient(self, images.detach())
             return energies.clone(), gradient.clone()  # normal tensors, for autograd's use
-        with torch.enable_grad():
-            if not create_graph or not images.requires_grad:
-                images = images.detach().requires_grad_()
-            energies = self(images)  # (B,)
-            (gradient,) = torch.autograd.grad(energies.sum(), images, create_graph=create_graph)
-        return (energies if create_graph else energies.detach()), gradient
+        return autograd_energies_and_gradient(self, images, create_graph)  # (B,), (B, C, H, W)
+
+    def resolve_step_size(self, step_size: float | None) -> torch.Tensor:
+        """The inference alpha (the trained one clamped at 1e-4): None the trained alpha;
+        0 < a < 1 a times it; a >= 1 a itself."""
+        return resolve_step_size(self.step_size.detach().clamp(min=1e-4), step_size)
 
     def think(
         self,
@@ -159,10 +151,5 @@ class ImageEnergyTransformer(nn.Module):
         the image step k starts from.
         """
         schedule = step_schedule(1, steps or self.args.inference_steps)
-        noise = self.langevin_std.detach() if langevin_noise is None else langevin_noise
-        options = StepOptions(
-            step_size=resolve_step_size(self.step_size.detach().clamp(min=1e-4), step_size),
-            langevin_std=noise,
-            accept_lower_energies=accept_lower_energies,
-        )
+        options = step_options(self, step_size, langevin_noise, accept_lower_energies)
         return run_thinking(self, None, noisy, schedule, options)

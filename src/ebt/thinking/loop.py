@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 class EnergyModel(Protocol):
     context_depends_on_landscape: bool
     step_size: torch.Tensor
+    langevin_std: torch.Tensor  # the trained Langevin sigma (inference default)
 
     def encode_context(self, context: torch.Tensor | None, landscape: int = 0): ...
 
@@ -33,6 +34,7 @@ class EnergyModel(Protocol):
 
     def energies(self, cache, candidates: torch.Tensor, rows=None, landscape=None): ...
 
+    # for inference (step_options): resolve_step_size(step_size) -> the inference alpha;
     # optional: energies_and_gradient(cache, candidates, rows, landscape, create_graph);
     # langevin_after_embedding = True: Langevin noise goes to the embedded candidates (video,
     # as the paper's code), passed as energies(..., langevin_std=...), not to the state
@@ -104,6 +106,29 @@ def resolve_step_size(trained: torch.Tensor, step_size: float | None) -> torch.T
     if step_size is None or step_size == 0:
         return trained
     return trained * step_size if step_size < 1 else torch.full_like(trained, step_size)
+
+
+def step_options(
+    model: EnergyModel,
+    step_size: float | None = None,
+    langevin_noise: float | None = None,
+    accept_lower_energies: bool = False,
+) -> StepOptions:
+    """How a trained model steps at inference (the one place inference options become
+    StepOptions): alpha from model.resolve_step_size(step_size) (None: the trained one), the
+    trained Langevin sigma unless `langevin_noise` is given (0: none)."""
+    noise = model.langevin_std.detach() if langevin_noise is None else langevin_noise
+    return StepOptions(
+        step_size=model.resolve_step_size(step_size),
+        langevin_std=noise,
+        accept_lower_energies=accept_lower_energies,
+    )
+
+
+def cache_of(model: EnergyModel, caches: dict, landscape: int):
+    """The context cache steps on `landscape` read (caches[0] when the context does not depend
+    on the landscape)."""
+    return caches[landscape if model.context_depends_on_landscape else 0]
 
 
 def step_schedule(
@@ -250,7 +275,7 @@ def think(
     last = len(schedule) - 1
     with torch.enable_grad():
         for index, landscape in enumerate(schedule):
-            cache = caches[landscape if model.context_depends_on_landscape else 0]
+            cache = cache_of(model, caches, landscape)
             if options.detach or not options.create_graph or not state.requires_grad:
                 state = state.detach().requires_grad_()
             keep_graph = options.create_graph and (not options.truncate or index == last)

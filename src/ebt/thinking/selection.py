@@ -6,6 +6,10 @@ each other. The candidate with the lowest final energy wins, independently per t
 paper's rule, the default); `Selection` offers two others: the candidates' probabilities averaged
 with weights softmax(-E / T) per token ("weighted"), and one candidate index for a whole sequence,
 the lowest summed energy ("sequence").
+
+`self_verify` is the one best-of-N of every modality (text here, images in
+ebt.modalities.image.denoise, video frames in ebt.modalities.video.thinking): final energies,
+the selection rule, the steps and passes of the chosen candidate.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from ebt.models import EnergyTransformer, TransformerPP
+from ebt.models import TransformerPP
 from ebt.thinking.halting import adaptive_think
-from ebt.thinking.loop import InferenceOptions
+from ebt.thinking.loop import EnergyModel, InferenceOptions
 
 SELECTION_RULES = ("lowest", "weighted", "sequence")
 
@@ -54,9 +58,17 @@ class Verdict:
 
 
 @torch.no_grad()
-def _final_energies(model: EnergyTransformer, tokens, states, rows, landscape: int):
-    cache = model.encode_context(tokens, landscape if model.context_depends_on_landscape else 0)
-    return model.energies(cache, model.candidate_input(states), rows, landscape)  # (B, N * S)
+def final_energies(
+    model: EnergyModel,
+    cache: Any,
+    states: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    landscape: int | None = None,
+) -> torch.Tensor:
+    """The energy of every final state, as verification reads it (one forward, no gradient, no
+    Langevin noise): text states (B, R, V) -> (B, R) against the context `cache` at `rows`;
+    video frames (B, N, F) -> (B, N); images (B, C, H, W) -> (B,) (cache, rows unused)."""
+    return model.energies(cache, model.candidate_input(states), rows, landscape)
 
 
 def select_lowest(
@@ -74,13 +86,17 @@ def select_lowest(
 
 
 def select(
-    candidates: torch.Tensor, energies: torch.Tensor, selection: Selection
+    candidates: torch.Tensor, energies: torch.Tensor, selection: Selection, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text best-of-N by `selection`: candidates (B, N, S, V) raw logits, energies (B, N, S) ->
-    (logits (B, S, V), energies (B, S)). The weighted mixture comes back as log-probabilities
-    (valid logits) with the weighted mean energy."""
+    """Best-of-N by `selection` along `dim` (the samples) of energies, candidates as in
+    select_lowest. "lowest" serves every layout; "sequence" and "weighted" read the text
+    layout, candidates (B, N, S, V) raw logits and energies (B, N, S), to (logits (B, S, V),
+    energies (B, S)): the weighted mixture comes back as log-probabilities (valid logits) with
+    the weighted mean energy."""
     if selection.rule == "lowest":
-        return select_lowest(candidates, energies, dim=1)
+        return select_lowest(candidates, energies, dim)
+    if dim != 1 or energies.dim() != 3:
+        raise ValueError(f"selection {selection.rule!r} needs text candidates (B, N, S, V)")
     if selection.rule == "sequence":
         best = energies.sum(-1).argmin(1)  # (B,) one candidate index per sequence
         rows = torch.arange(len(best), device=best.device)
@@ -99,8 +115,59 @@ def thinking_passes(steps: int, samples: int, evaluations_per_step: int) -> int:
     return steps * evaluations_per_step * samples + (samples if samples > 1 else 0)
 
 
+@dataclass
+class Thought:
+    """Candidates after thinking, before verification: final states, the energy evaluations
+    each spent, and (adaptive halting) the steps each took, in the energies' layout."""
+
+    states: torch.Tensor
+    evaluations: float
+    steps: torch.Tensor | None = None
+
+
+@dataclass
+class Chosen:
+    """What best-of-N keeps: the chosen states, their final energies, the steps they took
+    (when the thought had them), and the energy evaluations spent per prediction."""
+
+    states: torch.Tensor
+    energies: torch.Tensor
+    steps: torch.Tensor | None
+    passes: float
+
+
+def self_verify(
+    model: EnergyModel,
+    thought: Thought,
+    cache: Any,
+    rows: torch.Tensor | None,
+    landscape: int | None,
+    layout: tuple[int, ...],
+    dim: int,
+    selection: Selection | None = None,
+) -> Chosen:
+    """Best-of-N for every modality: the final energies of thought.states (final_energies, on
+    `landscape` against `cache` at `rows`), viewed as `layout` with the N samples along `dim`
+    (text (B, N, S), dim 1; images (N, B), dim 0; video (B, N), dim 1), the candidate that
+    `selection` (default: the lowest energy) picks, its steps, and the passes spent per
+    prediction (as thinking_passes: every sample's evaluations, plus N verification forwards
+    when N > 1)."""
+    energies = final_energies(model, cache, thought.states, rows, landscape)
+    own = thought.states.shape[energies.dim() :]  # the candidate's own dims
+    energies = energies.view(layout)  # samples along dim
+    candidates = thought.states.view(*layout, *own)
+    chosen, lowest = select(candidates, energies, selection or Selection(), dim)
+    steps = None
+    if thought.steps is not None:
+        taken = thought.steps.view(layout).unsqueeze(-1).to(energies.dtype)  # (*layout, 1)
+        steps = select_lowest(taken, energies, dim)[0].squeeze(-1).long()
+    samples = layout[dim]
+    passes = thought.evaluations * samples + (samples if samples > 1 else 0)
+    return Chosen(chosen, lowest, steps, passes)
+
+
 def best_of_n(
-    model: EnergyTransformer,
+    model: EnergyModel,
     tokens: torch.Tensor,
     steps: int,
     samples: int,
@@ -115,13 +182,20 @@ def best_of_n(
     init = torch.randn(batch, samples * length, model.vocab_size, device=tokens.device)
     arguments = options.think_arguments()
     trajectory = model.think(tokens, init, steps=steps, rows=rows, **arguments)
-    final = trajectory.states[-1]  # (B, N * S, V)
-    energies = _final_energies(model, tokens, final, rows, trajectory.landscapes[-1])
-    energies = energies.view(batch, samples, length)  # (B, N, S)
-    candidates = final.view(batch, samples, length, -1)  # (B, N, S, V)
-    chosen, lowest = select(candidates, energies, selection or Selection())  # (B, S, V), (B, S)
-    passes = thinking_passes(len(trajectory.states), samples, options.evaluations_per_step)
-    return Verdict(chosen, lowest, float(passes))
+    landscape = trajectory.landscapes[-1]
+    cache = encode_cache(model, tokens, landscape)
+    evaluations = len(trajectory.states) * options.evaluations_per_step
+    thought = Thought(trajectory.states[-1], evaluations)  # (B, N * S, V)
+    chosen = self_verify(
+        model, thought, cache, rows, landscape, (batch, samples, length), 1, selection
+    )
+    return Verdict(chosen.states, chosen.energies, float(chosen.passes))
+
+
+def encode_cache(model: EnergyModel, tokens: torch.Tensor, landscape: int) -> Any:
+    """The context cache of tokens (B, S) that steps on `landscape` read, encoded afresh."""
+    landscape = landscape if model.context_depends_on_landscape else 0
+    return model.encode_context(tokens, landscape)
 
 
 def predict(

@@ -37,9 +37,9 @@ from ebt.modalities.image.diffusion import GaussianDiffusion
 from ebt.modalities.image.task import ImageModality, pixel_mse, psnr
 from ebt.models.dit import DiT
 from ebt.models.image_energy import NoContext
-from ebt.thinking.halting import halt_per_candidate
-from ebt.thinking.loop import InferenceOptions, StepOptions, resolve_step_size
-from ebt.thinking.selection import select_lowest, thinking_passes
+from ebt.thinking.halting import halt, shared_context
+from ebt.thinking.loop import InferenceOptions, step_options, step_schedule
+from ebt.thinking.selection import Thought, final_energies, self_verify
 
 
 @dataclass
@@ -65,12 +65,6 @@ class DenoiseOptions:
 Denoiser = Callable[[torch.Tensor], ImageVerdict]
 
 
-@torch.no_grad()
-def final_energies(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Energy per image (B,) of images (B, C, H, W) (one forward, no gradient)."""
-    return model(images)  # (B,)
-
-
 def think_images(
     model: torch.nn.Module,
     noisy: torch.Tensor,
@@ -83,11 +77,11 @@ def think_images(
     starts = noisy.expand(samples, *noisy.shape).clone()  # (N, B, C, H, W)
     starts[1:] += opts.perturbation * torch.randn_like(starts[1:])  # sample 0: the noisy image
     trajectory = model.think(starts.flatten(0, 1), steps=steps, **opts.thinking.think_arguments())
-    final = trajectory.states[-1].view(samples, *noisy.shape)  # (N, B, C, H, W)
-    energies = final_energies(model, final.flatten(0, 1)).view(samples, -1)  # (N, B)
-    chosen, lowest = select_lowest(final, energies, dim=0)  # (B, C, H, W), (B,)
-    per_step = opts.thinking.evaluations_per_step
-    return ImageVerdict(chosen, lowest, thinking_passes(len(trajectory.states), samples, per_step))
+    evaluations = len(trajectory.states) * opts.thinking.evaluations_per_step
+    thought = Thought(trajectory.states[-1], evaluations)  # (N B, C, H, W)
+    layout = (samples, len(noisy))  # (N, B)
+    chosen = self_verify(model, thought, NoContext(), None, None, layout, dim=0)
+    return ImageVerdict(chosen.states, chosen.energies, chosen.passes)  # (B, C, H, W), (B,)
 
 
 def halt_images(
@@ -96,17 +90,13 @@ def halt_images(
     """Adaptive halting from noisy images (B, C, H, W), at most `steps` steps per image
     (None: the trained number)."""
     thinking, steps = opts.thinking, steps or model.args.inference_steps
-    trained = model.step_size.detach().clamp(min=1e-4)
-    noise = thinking.langevin_noise
-    step = StepOptions(
-        step_size=resolve_step_size(trained, thinking.step_size),
-        langevin_std=model.langevin_std.detach() if noise is None else noise,
-    )
-    images, _, taken, evaluations = halt_per_candidate(
-        model, NoContext(), noisy, steps, opts.tolerance, step, dim=0
-    )  # (B, C, H, W), (B,), (B,), (B,)
-    energies = final_energies(model, images)  # (B,)
-    return ImageVerdict(images, energies, float(evaluations.mean()), taken)
+    options = step_options(model, thinking.step_size, thinking.langevin_noise)
+    context = shared_context(model, {0: NoContext()}, None)
+    schedule = step_schedule(1, steps)
+    halted = halt(model, noisy.clone(), schedule, options, context, opts.tolerance, dim=0)
+    energies = final_energies(model, NoContext(), halted.state)  # (B,)
+    passes = float(halted.evaluations.mean())
+    return ImageVerdict(halted.state, energies, passes, halted.steps)  # (B, C, H, W)
 
 
 def make_denoiser(

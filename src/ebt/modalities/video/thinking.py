@@ -1,6 +1,7 @@
 """Thinking about the next frame at inference (video): steps, step-size and Langevin-noise
 overrides, best-of-N from perturbed starts, adaptive halting per frame, and the final energy of
-every predicted frame (the model's uncertainty, frame by frame).
+every predicted frame (the model's uncertainty, frame by frame): the one halting loop
+(ebt.thinking.halting) and best-of-N (ebt.thinking.selection.self_verify) of every modality.
 
 The N starts of a frame share one context cache: the newest context row is repeated N times
 (`rows`), and since a candidate reads only the context and itself, the N copies never see each
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ebt.models import ContextCache, EnergyTransformer
-from ebt.thinking.loop import InferenceOptions, StepOptions, step_schedule, take_step
-from ebt.thinking.selection import select_lowest
+from ebt.thinking.halting import halt, owned_context
+from ebt.thinking.loop import InferenceOptions, cache_of, step_options, step_schedule
+from ebt.thinking.selection import Thought, self_verify
 
 INITS = ("zeros", "random_noise", "last_frame")
 
@@ -100,19 +102,9 @@ def initial_frames(
     return starts
 
 
-@torch.no_grad()
-def final_energies(
-    model: EnergyTransformer, caches: dict[int, ContextCache], frames: torch.Tensor, rows
-) -> torch.Tensor:
-    """Energies (B, N) of frames (B, N, F) on the last landscape, without Langevin noise."""
-    last = model.args.landscapes - 1
-    cache = caches[last if model.context_depends_on_landscape else 0]
-    return model.energies(cache, frames, rows, landscape=last)  # (B, N)
-
-
-def _fixed_steps(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, ...]:
-    """Every start thinks the same number of steps: (final states (B, N, F), steps (B, N),
-    energy evaluations per start)."""
+def _fixed_steps(model, caches, starts, rows, thinking) -> Thought:
+    """Every start thinks the same number of steps: final states (B, N, F), energy evaluations
+    per start, steps (B, N)."""
     arguments = thinking.options.think_arguments()
     trajectory = model.think(
         None, starts, steps=thinking.steps, rows=rows, caches=caches, **arguments
@@ -120,53 +112,25 @@ def _fixed_steps(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, .
     taken = len(trajectory.states)
     steps = torch.full(starts.shape[:2], taken, device=starts.device)  # (B, N)
     evaluations = float(taken * thinking.options.evaluations_per_step)
-    return trajectory.states[-1].detach(), steps, evaluations  # (B, N, F), (B, N), float
+    return Thought(trajectory.states[-1].detach(), evaluations, steps)
 
 
-def _step_options(model: EnergyTransformer, options: InferenceOptions) -> StepOptions:
-    """The steps EnergyTransformer.think would take with these inference options."""
-    noise = (
-        model.langevin_std.detach() if options.langevin_noise is None else options.langevin_noise
-    )
-    return StepOptions(step_size=model.resolve_step_size(options.step_size), langevin_std=noise)
-
-
-def _halting(model, caches, starts, rows, thinking) -> tuple[torch.Tensor, ...]:
+def _halting(model, caches, starts, rows, thinking) -> Thought:
     """Every start of every clip stops on its own within the budget (thinking.steps per
-    landscape): (final states (B, N, F), steps (B, N), mean energy evaluations per start).
-
-    As ebt.thinking.halting: a start halts at the step whose starting energy moved less than the
-    tolerance (that step is not kept). The active starts of all clips think as one batch, each
-    against its clip's rows of the context caches, so a step is one pass however many clips.
-    """
+    landscape), by ebt.thinking.halting: final states (B, N, F), mean energy evaluations per
+    start, steps (B, N). The active starts of all clips think as one batch, each against its
+    clip's rows of the context caches, so a step is one pass however many clips."""
     batch, samples, size = starts.shape
     budget = thinking.steps or model.args.inference_steps
-    options = _step_options(model, thinking.options)
+    options = step_options(model, thinking.options.step_size, thinking.options.langevin_noise)
     owner = torch.arange(batch, device=starts.device).repeat_interleave(samples)  # (B N,)
     state = starts.reshape(batch * samples, 1, size).clone()  # (B N, 1, F)
-    active = torch.arange(batch * samples, device=starts.device)  # starts still thinking
-    previous = torch.full((batch * samples,), math.inf, dtype=starts.dtype, device=starts.device)
-    steps = torch.zeros(batch * samples, dtype=torch.long, device=starts.device)
-    evaluations = 0
-    for landscape in step_schedule(model.args.landscapes, budget):
-        cache = caches[landscape if model.context_depends_on_landscape else 0]
-        cache = cache.select(owner[active], landscape)  # (A, ...) rows of the active starts
-        current = state[active].requires_grad_()  # (A, 1, F)
-        with torch.enable_grad():
-            new, energies = take_step(
-                model, cache, current, options, False, rows[:1], landscape=landscape
-            )
-        energies = energies.reshape(-1)  # (A,)
-        evaluations += len(active)
-        moving = (previous[active] - energies).abs() >= thinking.halt_tolerance  # (A,)
-        state[active[moving]] = new.detach()[moving]
-        previous[active] = energies
-        steps[active[moving]] += 1
-        active = active[moving]
-        if not len(active):
-            break
-    shape = (batch, samples)
-    return state.view(batch, samples, size), steps.view(shape), evaluations / (batch * samples)
+    context = owned_context(model, caches, owner, rows[:1])
+    schedule = step_schedule(model.args.landscapes, budget)
+    halted = halt(model, state, schedule, options, context, thinking.halt_tolerance, dim=0)
+    evaluations = float(halted.evaluations.sum()) / (batch * samples)
+    steps = halted.steps.view(batch, samples)  # (B, N)
+    return Thought(halted.state.view(batch, samples, size), evaluations, steps)
 
 
 def think_next_frame(
@@ -177,13 +141,11 @@ def think_next_frame(
     thinking: FrameThinking,
 ) -> FrameVerdict:
     """Think from starts (B, N, F) about the frame after context row `row` of `caches` (by
-    landscape, as landscapes_of); keep the lowest-energy start per clip."""
+    landscape, as landscapes_of); keep the lowest-energy start per clip (self_verify)."""
     rows = torch.full((starts.shape[1],), row, device=starts.device)  # (N,)
     think = _fixed_steps if thinking.halt_tolerance is None else _halting
-    states, steps, evaluations = think(model, caches, starts, rows, thinking)  # (B, N, F), (B, N)
-    energies = final_energies(model, caches, states, rows)  # (B, N)
-    chosen, lowest = select_lowest(states, energies, dim=1)  # (B, F), (B,)
-    taken, _ = select_lowest(steps.unsqueeze(-1).to(energies.dtype), energies, dim=1)  # (B, 1)
-    samples = thinking.samples
-    passes = evaluations * samples + (samples if samples > 1 else 0)  # as thinking_passes
-    return FrameVerdict(chosen, lowest, taken.squeeze(-1).long(), passes)
+    thought = think(model, caches, starts, rows, thinking)  # (B, N, F)
+    last = model.args.landscapes - 1
+    cache = cache_of(model, caches, last)
+    chosen = self_verify(model, thought, cache, rows, last, starts.shape[:2], dim=1)
+    return FrameVerdict(chosen.states, chosen.energies, chosen.steps, chosen.passes)
