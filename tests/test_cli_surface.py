@@ -219,3 +219,18 @@ def test_rollout_summary_names_the_files_it_wrote(tmp_path, capsys):
     for name, file in (("strip", "s.png"), ("gif", "r.gif"), ("plot", "e.png")):
         assert f"wrote {name}: {pictures / file}" in printed
     assert sorted(path.name for path in pictures.iterdir()) == ["e.png", "r.gif", "s.png"]
+
+
+def test_the_final_evaluation_shows_progress(tmp_path, monkeypatch, one_thread):
+    """After the `train` bar reaches 100%, the final evaluation (minutes for a DiT) has a bar."""
+    import ebt.training.evaluate as evaluate_module
+
+    bars: list[dict] = []
+
+    def recording_tqdm(iterable, desc=None, **kwargs):
+        bars.append({"desc": desc, "disable": kwargs.get("disable", False)})
+        return iterable
+
+    monkeypatch.setattr(evaluate_module, "tqdm", recording_tqdm)
+    train(video_config(tmp_path / "run", "tiny.toml", "train.progress=true"))
+    assert {"desc": "eval", "disable": False} in bars
