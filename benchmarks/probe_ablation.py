@@ -21,7 +21,6 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 VARIANTS = {
     "full System-2 recipe": [],
@@ -49,22 +48,13 @@ def train_variant(config: str, out: Path, overrides: list[str]) -> Path:
 
 
 def probe_variant(run: Path, args: argparse.Namespace) -> dict:
-    from ebt.cli.probe import probe_run
+    from ebt.cli.probe import ProbeCommand, probe_run
+    from ebt.modalities.text.probe import ProbeRequest
     from ebt.thinking.loop import InferenceOptions
 
-    namespace = SimpleNamespace(
-        probe="dyck",
-        source="",
-        steps=args.steps,
-        samples=args.samples,
-        problems=args.problems,
-        batch_size=64,
-        seed=0,
-        options=InferenceOptions(),
-        selection=args.selection,
-        selection_temperature=args.selection_temperature,
-    )
-    return probe_run(str(run), [], namespace)
+    measure = ProbeRequest(args.steps, args.samples, args.problems, 64, 0, InferenceOptions())
+    command = ProbeCommand("dyck", "", measure, args.selection, args.selection_temperature)
+    return probe_run(str(run), [], command)
 
 
 def table(rows: dict[str, dict]) -> str:

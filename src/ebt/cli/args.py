@@ -65,10 +65,11 @@ def print_json(payload: dict[str, Any]) -> None:
 
 
 def thinking_options(args: argparse.Namespace) -> InferenceOptions:
-    """The inference thinking options of `think` / `generate`, checked against --halt-tolerance."""
+    """The inference thinking options of `think` / `generate`, checked against --halt-tolerance
+    (where the command has that flag)."""
     options = InferenceOptions(args.step_size, args.langevin_noise, args.accept_lower_energies)
     try:
-        options.check_halting(args.halt_tolerance)
+        options.check_halting(getattr(args, "halt_tolerance", None))
     except ValueError:
         raise ConfigError(
             "--halt-tolerance does not combine with --accept-lower-energies"
@@ -127,8 +128,9 @@ def add_selection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def selection_options(args: argparse.Namespace, think: Any) -> Any:
-    """The Selection (ebt.thinking.selection) of the parsed --selection flags, else the run's."""
+def selection_options(args: Any, think: Any) -> Any:
+    """The Selection (ebt.thinking.selection) of the --selection flags (anything with
+    `selection` and `selection_temperature`: the parsed flags, a request), else the run's."""
     from ebt.thinking.selection import Selection
 
     rule = args.selection or think.selection

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ebt.cli.args import (
     COUNT,
@@ -20,19 +20,64 @@ from ebt.cli.args import (
     print_json,
     thinking_options,
 )
+from ebt.config import ConfigError
+from ebt.outputs import IMAGE, PNG, Output, atomic_path, check_outputs
+
+if TYPE_CHECKING:
+    from ebt.modalities.image.tiling import PhotoRequest
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations and output paths `ebt denoise` refuses before anything loads (one
+    line: ConfigError, OutputError)."""
+    photo = {"--output": args.output, "--add-noise": args.add_noise}
+    photo["--tile-stride"] = args.tile_stride
+    curves = {"--compare": args.compare, "--classical": args.classical, "--grid": args.grid}
+    if not args.input:
+        used = [flag for flag, value in photo.items() if value]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: only with --input PHOTO")
+        check_outputs([Output("--grid", args.grid, PNG)])
+        return
+    if not args.output:
+        raise ConfigError("--input needs --output FILE (where the denoised image goes)")
+    used = [flag for flag, value in curves.items() if value]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: only without --input (denoising curves)")
+    for flag, values in (("--steps", args.steps), ("--samples", args.samples)):
+        if values and len(values) > 1:
+            raise ConfigError(f"{flag}: one value with --input, got {len(values)}")
+    if args.halt_tolerance is not None and args.samples and args.samples[0] > 1:
+        raise ConfigError("--halt-tolerance thinks one sample per tile: drop --samples")
+    check_outputs([Output("--output", args.output, IMAGE)], inputs=[args.input])
+
+
+def photo_request(args: argparse.Namespace) -> PhotoRequest:
+    """The typed request of `ebt denoise --input` (one value of --steps / --samples)."""
+    from ebt.modalities.image.tiling import PhotoRequest
+
+    return PhotoRequest(
+        input=args.input,
+        output=args.output,
+        add_noise=args.add_noise,
+        level=args.noise_level[0] if args.noise_level else None,
+        tile_stride=args.tile_stride,
+        steps=args.steps[0] if args.steps else None,
+        samples=args.samples[0] if args.samples else 1,
+    )
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
     from ebt.api import load_run
     from ebt.modalities.image import denoise as dn
-    from ebt.modalities.image.tiling import check_flags, photo_command, photo_summary
+    from ebt.modalities.image.tiling import photo_command, photo_summary
 
     options = dn.DenoiseOptions(thinking_options(args), args.perturbation, args.halt_tolerance)
-    check_flags(args)  # invalid combinations fail before any loading
+    check_flags(args)  # invalid combinations and output paths fail before any loading
     run = load_run(args.run, args.overrides, modality="image", verb="ebt denoise")
     seed = run.config.train.seed if args.seed is None else args.seed
     if args.input:
-        result = photo_command(run, args, options, seed)
+        result = photo_command(run, photo_request(args), options, seed)
         print_json(result) if args.json else print(photo_summary(result))
         return 0
     dit = None
@@ -51,7 +96,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if dit is not None:
         result["compare"] = str(dit.checkpoint)
     if args.grid:
-        result["grid"] = str(dn.write_grid(galleries, args.grid))
+        with atomic_path(args.grid) as temporary:
+            dn.write_grid(galleries, temporary)
+        result["grid"] = args.grid
     print_json(result) if args.json else print(json.dumps(result, indent=2))
     return 0
 

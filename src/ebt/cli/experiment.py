@@ -7,16 +7,20 @@ import json
 from typing import Any
 
 from ebt.cli.args import COUNT, INT_0, STEPS_LIST
+from ebt.outputs import DIRECTORY, MARKDOWN, PNG, Output, check_outputs
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from ebt.config import ConfigError
+    from ebt.config import ConfigError, load_config
     from ebt.experiment.axes import parse_values
     from ebt.experiment.preset import read_preset
     from ebt.experiment.scaling import Study, parse_models, run_study
     from ebt.training.distributed import is_main_process
 
-    preset = read_preset(args.config) or {"config": args.config}
+    preset = read_preset(args.config)
+    if preset is None:  # a plain config: a missing or malformed file is named here, in one line
+        load_config(args.config)
+        preset = {"config": args.config}
     chosen = {key: getattr(args, key) for key in ("axis", "values", "models", "metric", "out")}
     settings = preset | {key: value for key, value in chosen.items() if value is not None}
     settings.setdefault("models", "ebt,baseline")
@@ -24,6 +28,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     for flag in ("axis", "values"):
         if flag not in settings:
             raise ConfigError(f"--{flag} is required (or use a study preset with [study] {flag})")
+    check_outputs([Output("--out", settings["out"], DIRECTORY)])  # before any training
     study = Study(
         config=settings["config"],
         axis=settings["axis"],
@@ -43,6 +48,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 def cmd_thinking_shift(args: argparse.Namespace) -> int:
     from ebt.experiment.shift import thinking_shift
 
+    check_outputs([Output("--plot", args.plot, PNG)])  # before anything loads
     result = thinking_shift(
         args.run,
         args.data,
@@ -61,6 +67,7 @@ def cmd_thinking_shift(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ebt.experiment.run_report import write_run_report
 
+    check_outputs([Output("-o", args.output, MARKDOWN)], inputs=args.runs)
     print(write_run_report(args.runs, args.output))
     return 0
 

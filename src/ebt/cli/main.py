@@ -32,6 +32,7 @@ from ebt.cli.probe import add_probe_command
 from ebt.cli.rollout import add_rollout_command
 from ebt.config import ConfigError, load_config
 from ebt.errors import EbtError
+from ebt.outputs import DIRECTORY, JSONL, PNG, Output, atomic_path, check_outputs
 from ebt.runtime import keep_freed_memory
 from ebt.thinking.loop import ThinkingError
 
@@ -129,6 +130,8 @@ def cmd_think(args: argparse.Namespace) -> int:
     from ebt.thinking.selection import thinking_curves
 
     options = thinking_options(args)  # invalid combinations fail before any loading
+    outputs = [Output("--plot", args.plot, PNG), Output("--tokens", args.tokens, JSONL)]
+    check_outputs(outputs)  # and so do output paths
     run = load_run(args.run, args.overrides, modality="text", verb="ebt think")
     data = run.config.data
     source = args.data or (data.ood_source if args.split == "ood" else None)
@@ -147,12 +150,15 @@ def cmd_think(args: argparse.Namespace) -> int:
         selection_options(args, run.config.think),
     )
     if args.plot:
-        plot_thinking(result, args.plot, title=f"{run.checkpoint} ({source or split})")
+        with atomic_path(args.plot) as temporary:
+            plot_thinking(result, temporary, title=f"{run.checkpoint} ({source or split})")
     if args.tokens:
-        _write_token_records(args.tokens, result)
+        with atomic_path(args.tokens) as temporary:
+            _write_token_records(str(temporary), result)
     result.pop("tokens", None)
     result.pop("adaptive_tokens", None)
     result |= {"split": source or split, "checkpoint": str(run.checkpoint)}
+    result |= {name: path for name, path in (("plot", args.plot), ("tokens", args.tokens)) if path}
     print_json(result) if args.json else print(json.dumps(result, indent=2))
     return 0
 
@@ -199,7 +205,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from ebt.data import tokenizer_train_command
 
-    tokenizer_train_command(args.source, args.vocab_size, args.out, args.max_documents)
+    check_outputs([Output("--out", args.out, DIRECTORY)])  # before reading any text
+    path = tokenizer_train_command(args.source, args.vocab_size, args.out, args.max_documents)
+    print(f"wrote tokenizer: {path}")
     return 0
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ebt.cli.args import (
     COUNT,
@@ -20,6 +21,10 @@ from ebt.cli.args import (
 )
 from ebt.config import ConfigError
 from ebt.data import probes as probe_data
+from ebt.outputs import PNG, Output, atomic_path, check_outputs
+
+if TYPE_CHECKING:
+    from ebt.modalities.text.probe import ProbeRequest
 
 DEFAULT_PROBLEMS, DEFAULT_BATCH = 256, 64
 
@@ -40,19 +45,43 @@ def resolve_spec(probe: str, source: str, run_source: str) -> probe_data.Spec:
     return probe_data.parse_source(probe)
 
 
-def probe_run(path: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ProbeCommand:
+    """What `ebt probe` measures on a run: the probe, its problems' source ("" = the run's or
+    the probe's defaults), the points (steps x best-of-N, problems, batch, seed, thinking
+    options) and the best-of-N selection flags (None: the run's think.selection*)."""
+
+    probe: str
+    source: str
+    measure: ProbeRequest
+    selection: str | None = None
+    selection_temperature: float | None = None
+
+
+def probe_command(args: argparse.Namespace) -> ProbeCommand:
+    """The typed request of the parsed flags (probes think without halting)."""
+    from ebt.cli.args import thinking_options
+    from ebt.modalities.text.probe import ProbeRequest
+
+    measure = ProbeRequest(
+        args.steps, args.samples, args.problems, args.batch_size, args.seed, thinking_options(args)
+    )
+    return ProbeCommand(
+        args.probe, args.source, measure, args.selection, args.selection_temperature
+    )
+
+
+def probe_run(path: str, overrides: list[str], command: ProbeCommand) -> dict[str, Any]:
     """Load a run, build its probe sets and measure every point."""
     from ebt.api import load_run
-    from ebt.modalities.text.probe import ProbeRequest, probe_sets, run_probe
+    from ebt.modalities.text.probe import probe_sets, run_probe
 
     run = load_run(path, overrides, modality="text", verb="ebt probe")
     data = run.config.data
-    spec = resolve_spec(args.probe, args.source, data.source)
-    sets = probe_sets(spec, run.tokenizer, data.seq_len, args.problems, data.val_fraction)
-    request = ProbeRequest(
-        args.steps, args.samples, args.problems, args.batch_size, args.seed, args.options
-    )
-    request.selection = selection_options(args, run.config.think)
+    spec = resolve_spec(command.probe, command.source, data.source)
+    problems = command.measure.problems
+    sets = probe_sets(spec, run.tokenizer, data.seq_len, problems, data.val_fraction)
+    request = replace(command.measure, selection=selection_options(command, run.config.think))
     result = run_probe(run.model, sets, request) | {"checkpoint": str(run.checkpoint)}
     return result | {"selection": vars(request.selection)}
 
@@ -105,17 +134,17 @@ def _plot_panel(axis: Any, result: dict[str, Any], split: str, key: str) -> None
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ebt.cli.args import thinking_options
-
-    args.halt_tolerance = None
-    args.options = thinking_options(args)
-    result = {"probe": args.probe} | probe_run(args.run, args.overrides, args)
-    result["options"] = vars(args.options)
+    command = probe_command(args)
+    check_outputs([Output("--plot", args.plot, PNG)])  # before anything loads
+    result = {"probe": args.probe} | probe_run(args.run, args.overrides, command)
+    result["options"] = vars(command.measure.options)
     if args.baseline:  # the same problems
-        args.source = result["sources"]["in"]
-        result["baseline"] = probe_run(args.baseline, [], args)
+        same = replace(command, source=result["sources"]["in"])
+        result["baseline"] = probe_run(args.baseline, [], same)
     if args.plot:
-        plot_probe(result, args.plot)
+        with atomic_path(args.plot) as temporary:
+            plot_probe(result, temporary)
+        result["plot"] = args.plot
     print_json(result) if args.json else print(json.dumps(result, indent=2))
     return 0
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +25,8 @@ from ebt.cli.args import (
     thinking_options,
 )
 from ebt.config import ConfigError
+from ebt.outputs import GIF, PNG, Output, atomic_path, check_outputs, written_lines
+from ebt.thinking.loop import InferenceOptions
 
 if TYPE_CHECKING:
     from ebt.api import LoadedRun
@@ -33,20 +37,60 @@ if TYPE_CHECKING:
 ANCHOR = "copy_last"
 
 
-def frame_thinking(args: argparse.Namespace, config: Config) -> FrameThinking:
-    """The FrameThinking of the flags (the run's think.init and init_scale)."""
+@dataclass(frozen=True)
+class RolloutRequest:
+    """What `ebt rollout` rolls out and how: the clips (`video`: a file, else the run's `split`),
+    the frames given and predicted, the EBT's thinking, and the optional benchmark."""
+
+    context: int = 4
+    frames: int = 12
+    clips: int = 8
+    video: str = ""
+    stride: int | None = None
+    split: str = "val"
+    seed: int | None = None
+    steps: int | None = None
+    samples: int = 1
+    perturbation: float = 0.1
+    halt_tolerance: float | None = None
+    options: InferenceOptions = field(default_factory=InferenceOptions)
+    bench: bool = False
+    repeats: int = 3
+
+
+def rollout_request(args: argparse.Namespace) -> RolloutRequest:
+    """The typed request of the parsed flags (bad thinking-flag combinations fail here)."""
+    return RolloutRequest(
+        context=args.context,
+        frames=args.frames,
+        clips=args.clips,
+        video=args.video,
+        stride=args.stride,
+        split="ood" if args.ood else args.split,
+        seed=args.seed,
+        steps=args.steps,
+        samples=args.samples,
+        perturbation=args.perturbation,
+        halt_tolerance=args.halt_tolerance,
+        options=thinking_options(args),  # refuses --halt-tolerance with --accept-lower-energies
+        bench=args.bench,
+        repeats=args.repeats,
+    )
+
+
+def frame_thinking(request: RolloutRequest, config: Config) -> FrameThinking:
+    """The FrameThinking of the request (the run's think.init and init_scale)."""
     from ebt.modalities.video.thinking import FrameThinking
 
-    options = thinking_options(args)  # refuses --halt-tolerance with --accept-lower-energies
     think = config.think
     return FrameThinking(
-        args.steps,
-        args.samples,
-        args.perturbation,
-        args.halt_tolerance,
+        request.steps,
+        request.samples,
+        request.perturbation,
+        request.halt_tolerance,
         think.init,
         think.init_scale,
-        options,
+        request.options,
     )
 
 
@@ -81,26 +125,26 @@ def _check_context(runs: dict[str, LoadedRun], paths: dict[str, str], context: i
             )
 
 
-def _clips(args: argparse.Namespace, config: Config) -> tuple[torch.Tensor, str, str]:
-    """(clips (B, L, 3, S, S), source, split) from --video or the run's data."""
+def _clips(request: RolloutRequest, config: Config) -> tuple[torch.Tensor, str, str]:
+    """(clips (B, L, 3, S, S), source, split) from the request's video or the run's data."""
     from ebt.modalities.video import rollout as ro
 
-    length = args.context + args.frames
-    if args.video:
-        stride = args.stride or config.data.frame_stride
+    length = request.context + request.frames
+    if request.video:
+        stride = request.stride or config.data.frame_stride
+        size = config.data.frame_size
         clips = ro.video_file_clips(
-            args.video, args.context, length, args.clips, config.data.frame_size, stride
+            request.video, request.context, length, request.clips, size, stride
         )
         if clips.shape[1] < length:
             print(
-                f"ebt: warning: '{args.video}' has {clips.shape[1]} frames: rolling out "
-                f"{clips.shape[1] - args.context} instead of {args.frames}",
+                f"ebt: warning: '{request.video}' has {clips.shape[1]} frames: rolling out "
+                f"{clips.shape[1] - request.context} instead of {request.frames}",
                 file=sys.stderr,
             )
-        return clips, args.video, "file"
-    split = "ood" if args.ood else args.split
-    clips = ro.run_clips(config, split, length, args.clips)
-    return clips, config.data.source, split
+        return clips, request.video, "file"
+    clips = ro.run_clips(config, request.split, length, request.clips)
+    return clips, config.data.source, request.split
 
 
 def _named(runs: dict[str, LoadedRun]) -> dict[str, LoadedRun]:
@@ -113,25 +157,25 @@ def _named(runs: dict[str, LoadedRun]) -> dict[str, LoadedRun]:
     return named
 
 
-def _predictor(args: argparse.Namespace, run: LoadedRun, cached: bool = True) -> FramePredictor:
-    """A run's rollout predictor; an EBT thinks per the flags from its own think.init."""
+def _predictor(request: RolloutRequest, run: LoadedRun, cached: bool = True) -> FramePredictor:
+    """A run's rollout predictor; an EBT thinks per the request from its own think.init."""
     from ebt.modalities.video import rollout as ro
 
-    return ro.predictor_for(run.model, frame_thinking(args, run.config), cached=cached)
+    return ro.predictor_for(run.model, frame_thinking(request, run.config), cached=cached)
 
 
-def rollout_report(args: argparse.Namespace, runs: dict[str, LoadedRun]) -> tuple:
+def rollout_report(request: RolloutRequest, runs: dict[str, LoadedRun]) -> tuple:
     """(the JSON report, the rollouts by model, the clips (B, L, 3, S, S), the FrameCodec)."""
     from ebt.modalities.video import rollout as ro
 
     config = runs["run"].config
-    clips, source, split = _clips(args, config)
+    clips, source, split = _clips(request, config)
     codec = ro.FrameCodec(config)
     vectors = codec.encode(clips)  # (B, L, F)
-    context, truth = vectors[:, : args.context], vectors[:, args.context :]
-    seed = config.train.seed if args.seed is None else args.seed
+    context, truth = vectors[:, : request.context], vectors[:, request.context :]
+    seed = config.train.seed if request.seed is None else request.seed
     reports, rollouts = {}, {}
-    predictors = {name: _predictor(args, run) for name, run in _named(runs).items()}
+    predictors = {name: _predictor(request, run) for name, run in _named(runs).items()}
     for name, predictor in (predictors | {ANCHOR: ro.CopyLast()}).items():
         torch.manual_seed(seed)
         reports[name], rollouts[name] = ro.model_report(predictor, context, truth, clips, codec)
@@ -140,22 +184,22 @@ def rollout_report(args: argparse.Namespace, runs: dict[str, LoadedRun]) -> tupl
         "checkpoint": str(runs["run"].checkpoint),
         "source": source,
         "split": split,
-        "context": args.context,
+        "context": request.context,
         "frames": truth.shape[1],
         "clips": clips.shape[0],
         "seed": seed,
-        "thinking": _thinking_summary(frame_thinking(args, thinker.config)),
+        "thinking": _thinking_summary(frame_thinking(request, thinker.config)),
         "models": reports,
     }
     if "compare" in runs:
         report["compare"] = str(runs["compare"].checkpoint)
-    if args.bench:
+    if request.bench:
         report["bench"] = {
             name: ro.benchmark(
-                lambda cached, run=run: _predictor(args, run, cached),
+                lambda cached, run=run: _predictor(request, run, cached),
                 context,
                 truth.shape[1],
-                args.repeats,
+                request.repeats,
                 seed,
             )
             for name, run in _named(runs).items()
@@ -168,22 +212,34 @@ def _thinking_summary(thinking: FrameThinking) -> dict[str, Any]:
     return summary | vars(thinking.options)
 
 
-def _pictures(args: argparse.Namespace, report: dict, outcome: tuple) -> None:
-    """The strip / GIF of the first clip and the energy plot the flags ask for."""
+def picture_outputs(args: argparse.Namespace) -> list[Output]:
+    """The strip, GIF and plot the flags ask for, checked before anything loads."""
+    outputs = [Output("--strip", args.strip, PNG), Output("--gif", args.gif, GIF)]
+    outputs.append(Output("--plot", args.plot, PNG))
+    return check_outputs(outputs, inputs=[args.video])
+
+
+def _pictures(outputs: list[Output], context: int, report: dict, outcome: tuple) -> None:
+    """The strip / GIF of the first clip and the energy plot asked for: each drawn into a
+    temporary file, and all renamed into place only when every one was drawn."""
     from ebt.modalities.video import figures as figures
 
     _, rollouts, clips, codec = outcome
     rows = {"truth": clips[0]}  # (L, 3, S, S)
     for name, result in rollouts.items():
         predicted = codec.decode(result.frames[:1])[0]  # (H, 3, S, S)
-        rows[name] = torch.cat((clips[0, : args.context], predicted))  # (L, 3, S, S)
-    if args.strip:
-        report["strip"] = str(figures.write_strip(rows, args.context, args.strip))
-    if args.gif:
-        report["gif"] = str(figures.write_gif(rows, args.gif))
-    if args.plot:
-        energies = next((r.energies for r in rollouts.values() if r.energies is not None), None)
-        report["plot"] = str(figures.plot_energy(report, args.plot, energies))
+        rows[name] = torch.cat((clips[0, :context], predicted))  # (L, 3, S, S)
+    energies = next((r.energies for r in rollouts.values() if r.energies is not None), None)
+    draw = {
+        "--strip": lambda path: figures.write_strip(rows, context, path),
+        "--gif": lambda path: figures.write_gif(rows, path),
+        "--plot": lambda path: figures.plot_energy(report, path, energies),
+    }
+    with ExitStack() as stack:
+        for output in outputs:
+            draw[output.flag](stack.enter_context(atomic_path(output.path)))
+    for output in outputs:
+        report[output.flag.removeprefix("--")] = output.path
 
 
 def summary_lines(report: dict) -> str:
@@ -214,7 +270,8 @@ def summary_lines(report: dict) -> str:
 def cmd_rollout(args: argparse.Namespace) -> int:
     if args.ood and args.video:
         raise ConfigError("--ood picks the run's held-out data; it does not combine with --video")
-    thinking_options(args)  # bad flag combinations fail before anything loads
+    request = rollout_request(args)  # bad flag combinations fail before anything loads
+    outputs = picture_outputs(args)  # and so do output paths
     from ebt.api import load_run
 
     run = load_run(args.run, args.overrides, modality="video", verb="ebt rollout")
@@ -226,13 +283,19 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     try:  # the run's train.num_threads, as ebt bench (tiny models: 1 is fastest)
         torch.set_num_threads(run.config.train.num_threads or threads)
-        outcome = rollout_report(args, runs)
+        outcome = rollout_report(request, runs)
         outcome[0]["threads"] = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
     report = outcome[0]
-    _pictures(args, report, outcome)
-    print_json(report) if args.json else print(summary_lines(report))
+    _pictures(outputs, args.context, report, outcome)
+    if args.json:
+        print_json(report)
+        return 0
+    print(summary_lines(report))
+    written = written_lines({name: report.get(name, "") for name in ("strip", "gif", "plot")})
+    if written:
+        print(written)
     return 0
 
 

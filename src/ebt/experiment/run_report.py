@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ebt.errors import EbtError
+from ebt.outputs import atomic_path
 from ebt.training.rundir import flatten_config
 from ebt.training.tracking import METRICS_FILE
 
@@ -222,5 +223,6 @@ def write_run_report(runs: list[str], output: str | Path) -> Path:
         picture = output.with_name(f"{output.stem}-{index}.png")
         lines += [f"## {name}: samples", "", *_showcase(path, configs[name], picture), ""]
     lines += ["## Config", "", *_config_lines(configs)]
-    output.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_path(output) as temporary:  # never a half-written report
+        temporary.write_text("\n".join(lines), encoding="utf-8")
     return output

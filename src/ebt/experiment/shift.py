@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ebt.errors import EbtError
+from ebt.outputs import atomic_path
 
 DEFAULT_SETS = ("val", "pydoc")
 PROBE_SETS = ("dyck", "arithmetic")
@@ -112,7 +113,9 @@ def thinking_shift(
     result |= {"from_steps": start, "selection": think.selection}
     result["sets"] = rows
     if plot:
-        result["plot"] = str(plot_shift(result, Path(plot)))
+        with atomic_path(plot) as temporary:
+            plot_shift(result, temporary)
+        result["plot"] = str(plot)
     return result
 
 

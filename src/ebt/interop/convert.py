@@ -4,14 +4,14 @@
     export_reference("runs/imported", "back.ckpt")
 
 Reading never unpickles code: `torch.load(weights_only=True)`, with only Lightning's
-`AttributeDict` (read as a plain dict) and `argparse.Namespace` allowed beyond torch's own list
-of tensors and plain containers.
+`AttributeDict` (read as a plain dict) and the standard library's `Namespace` (read as a
+`types.SimpleNamespace`) allowed beyond torch's own list of tensors and plain containers.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,14 @@ _ATTRIBUTE_DICTS = (
     "lightning.pytorch.utilities.parsing.AttributeDict",
 )
 _PLAIN = (int, float, str, bool, type(None))
+# The paper's hyper-parameters may be pickled as its command line's parsed flags: a plain
+# attribute container, rebuilt here as a SimpleNamespace (this library never parses them).
+_PARSED_FLAGS = "argparse.Namespace"
 
 
 def _safe_globals() -> list[Any]:
-    """Lightning's AttributeDict is rebuilt as a plain dict; Namespace is a plain container."""
-    return [(dict, name) for name in _ATTRIBUTE_DICTS] + [argparse.Namespace]
+    """Lightning's AttributeDict is rebuilt as a plain dict, parsed flags as a SimpleNamespace."""
+    return [(dict, name) for name in _ATTRIBUTE_DICTS] + [(types.SimpleNamespace, _PARSED_FLAGS)]
 
 
 def _unsafe_message(path: Path, refused: str) -> str:
@@ -83,7 +86,7 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise InteropError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' dict")
     hparams = checkpoint.get("hyper_parameters") or {}
-    if isinstance(hparams, argparse.Namespace):
+    if isinstance(hparams, types.SimpleNamespace):
         hparams = vars(hparams)
     if not isinstance(hparams, dict):
         raise InteropError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")

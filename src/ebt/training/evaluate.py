@@ -3,10 +3,12 @@ task's own metrics (text: perplexity; images: PSNR) over a split."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ebt.training.distributed import all_reduce_sum
 from ebt.training.objective import Objective
@@ -20,6 +22,7 @@ def evaluate(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the objective in eval mode (no randomised recipe knobs, no second-order graph).
 
@@ -29,7 +32,8 @@ def evaluate(
     tokens; images: images). Returns loss (the final step's), loss_per_step, energy_per_step,
     energy_gap, forward_passes (model evaluations per prediction: EBT steps, 1 for
     Transformer++, DDIM's timestep + 1 for the DiT) and the task's summary (text: ppl; images:
-    psnr, mse, noise_level).
+    psnr, mse, noise_level). `progress`: an `eval` bar on stderr (after 2 s) counting the
+    batches done, so a long evaluation (a DiT's DDIM) shows that it is working.
     """
     was_training = objective.training
     objective.eval()
@@ -38,7 +42,8 @@ def evaluate(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for batch in batches:
+        shown = tqdm(batches, "eval", unit="batch", file=sys.stderr, delay=2, disable=not progress)
+        for batch in shown:
             batch = batch.to(device)
             count = objective.task.weight(batch)
             metrics = objective(batch).metrics

@@ -172,10 +172,21 @@ class RunLock:
         self.release()
 
 
+def _short_command(argv: list[str], width: int = 200) -> str:
+    """The command line, whole arguments only: those that fit in `width` characters, then how
+    many more there are (a path is never cut in the middle)."""
+    kept = argv[:1]
+    for argument in argv[1:]:
+        if len(" ".join([*kept, argument])) > width:
+            return " ".join(kept) + f" ... (+{len(argv) - len(kept)} more arguments)"
+        kept.append(argument)
+    return " ".join(kept)
+
+
 def _holder() -> dict[str, Any]:
     """Who holds the lock, for the message a second process prints."""
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+    command = _short_command([Path(sys.argv[0]).name, *sys.argv[1:]])
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),

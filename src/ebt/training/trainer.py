@@ -207,7 +207,13 @@ class Trainer:
             world_size=self.context.world_size,
         )
         with gathered(self.objective):  # FSDP: one all-gather, then collective-free batches
-            metrics = evaluate(self.objective, batches, self.context.device, seed=train.seed)
+            metrics = evaluate(
+                self.objective,
+                batches,
+                self.context.device,
+                seed=train.seed,
+                progress=train.progress and self.context.is_main,  # a long eval shows
+            )
         return {"step": self.step, "split": name} | metrics
 
     def _rank_state(self) -> dict[str, Any]:

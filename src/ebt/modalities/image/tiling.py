@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ebt.modalities.image.denoise import (
 )
 from ebt.modalities.image.diffusion import GaussianDiffusion
 from ebt.modalities.image.task import psnr
+from ebt.outputs import atomic_path
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -94,8 +96,15 @@ def denoise_tiled(
     total = torch.zeros(padded.shape, dtype=torch.float64)  # (C, H', W')
     weights = torch.zeros(padded.shape[1:], dtype=torch.float64)  # (H', W')
     passes = 0.0
-    chunks = range(0, len(corners), batch_size)
-    for start in tqdm(chunks, desc="tiles", file=sys.stderr, delay=2, disable=not progress):
+    bar = tqdm(
+        total=len(corners),
+        desc="tiles",
+        unit="tile",
+        file=sys.stderr,
+        delay=2,
+        disable=not progress,
+    )  # counts tiles, not batches
+    for start in range(0, len(corners), batch_size):
         chunk = corners[start : start + batch_size]
         tiles = torch.stack([padded[:, t : t + tile, c : c + tile] for t, c in chunk])
         verdict = denoise(tiles)  # images (n, C, tile, tile)
@@ -103,6 +112,8 @@ def denoise_tiled(
         for (top, left), out in zip(chunk, verdict.images.detach().cpu(), strict=True):
             total[:, top : top + tile, left : left + tile] += out.double() * window
             weights[top : top + tile, left : left + tile] += window
+        bar.update(len(chunk))
+    bar.close()
     blended = (total / weights).to(image.dtype)  # (C, H', W')
     return blended[:, :height, :width], passes / len(corners), len(corners)
 
@@ -146,8 +157,8 @@ def denoise_photo(
     seconds = time.perf_counter() - started
     import imageio.v3 as iio
 
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(output, pixels.numpy())
+    with atomic_path(output) as temporary:  # never a half-written photograph
+        iio.imwrite(temporary, pixels.numpy())
     result = {"input": str(path), "output": str(output), "height": height, "width": width}
     result |= {"tile": tile, "stride": stride, "tiles": tiles, "seconds": seconds}
     result |= {"forward_passes_per_tile": per_tile, "forward_passes": per_tile * tiles}
@@ -159,26 +170,40 @@ def denoise_photo(
     return result
 
 
-def photo_command(run: LoadedRun, args: Any, options: DenoiseOptions, seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PhotoRequest:
+    """`ebt denoise --input`: the photograph, where the result goes, and how to denoise it.
+    `level`: the noise level the denoiser assumes when nothing is added (None: the run's
+    data.noise_level); `add_noise`: first add the paper's noise at this level."""
+
+    input: str
+    output: str
+    add_noise: float | None = None
+    level: float | None = None
+    tile_stride: int | None = None
+    steps: int | None = None
+    samples: int = 1
+
+
+def photo_command(
+    run: LoadedRun, request: PhotoRequest, options: DenoiseOptions, seed: int
+) -> dict[str, Any]:
     """`ebt denoise RUN --input P --output Q [--add-noise L]`: the run's denoiser (EBT thinking
-    with the flags' steps, samples and knobs; DiT: DDIM from --add-noise's level, else the first
-    --noise-level, else data.noise_level) applied tile by tile."""
+    with the request's steps, samples and knobs; DiT: DDIM from add_noise's level, else
+    `level`, else data.noise_level) applied tile by tile."""
     diffusion, data = run_diffusion(run), run.config.data
-    level = args.add_noise or (args.noise_level or [data.noise_level])[0]
+    level = request.add_noise or request.level or data.noise_level
     check_levels(diffusion, [level])
     tile, patch = data.image_size, run.model.patch_size
-    if args.tile_stride and args.tile_stride > tile:
-        raise ConfigError(f"--tile-stride {args.tile_stride}: at most the tile ({tile})")
-    steps = args.steps[0] if args.steps else None
-    samples = args.samples[0] if args.samples else 1
+    if request.tile_stride and request.tile_stride > tile:
+        raise ConfigError(f"--tile-stride {request.tile_stride}: at most the tile ({tile})")
     timestep = diffusion.timestep_for_level(level)
-    denoise = make_denoiser(run.model, diffusion, timestep, steps, samples, options)
-    noise = (diffusion, args.add_noise, seed) if args.add_noise else None
+    denoise = make_denoiser(run.model, diffusion, timestep, request.steps, request.samples, options)
+    noise = (diffusion, request.add_noise, seed) if request.add_noise else None
+    stride = request.tile_stride or 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        result = denoise_photo(
-            args.input, args.output, denoise, tile, patch, args.tile_stride, noise
-        )
+        result = denoise_photo(request.input, request.output, denoise, tile, patch, stride, noise)
     return result | {"checkpoint": str(run.checkpoint), "seed": seed}
 
 
@@ -195,33 +220,3 @@ def photo_summary(result: dict[str, Any]) -> str:
             f"{result['psnr_denoised']:.2f} dB ({result['psnr_gain']:+.2f} dB)"
         )
     return line
-
-
-WRITABLE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def check_flags(args: Any) -> None:
-    """Flag combinations `ebt denoise` refuses before anything loads (one-line ConfigError)."""
-    photo = {
-        "--output": args.output,
-        "--add-noise": args.add_noise,
-        "--tile-stride": args.tile_stride,
-    }
-    curves = {"--compare": args.compare, "--classical": args.classical, "--grid": args.grid}
-    if not args.input:
-        used = [flag for flag, value in photo.items() if value]
-        if used:
-            raise ConfigError(f"{', '.join(used)}: only with --input PHOTO")
-        return
-    if not args.output:
-        raise ConfigError("--input needs --output FILE (where the denoised image goes)")
-    if Path(args.output).suffix.lower() not in WRITABLE:
-        raise ConfigError(f"--output {args.output}: name a {'/'.join(WRITABLE)} file")
-    used = [flag for flag, value in curves.items() if value]
-    if used:
-        raise ConfigError(f"{', '.join(used)}: only without --input (denoising curves)")
-    for flag, values in (("--steps", args.steps), ("--samples", args.samples)):
-        if values and len(values) > 1:
-            raise ConfigError(f"{flag}: one value with --input, got {len(values)}")
-    if args.halt_tolerance is not None and args.samples and args.samples[0] > 1:
-        raise ConfigError("--halt-tolerance thinks one sample per tile: drop --samples")

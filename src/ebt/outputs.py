@@ -1,0 +1,124 @@
+"""Files a command writes where the user said: checked before any compute, written atomically.
+
+    outputs = [Output("--output", args.output, IMAGE), Output("--grid", args.grid, PNG)]
+    check_outputs(outputs, inputs=[args.input])   # OutputError (one line) before loading
+    with atomic_path(args.output) as temporary:   # write `temporary`; renamed over the target
+        write_image(temporary)
+
+`check_outputs` refuses, naming the flag: a path that is (or names, with a trailing `/`) a
+directory, a suffix the format does not fit, a symbolic link (it would write to its target), a
+path that is one of the command's inputs or another of its outputs (also through another
+spelling, a link or a hard link), and a parent directory that cannot be made or written.
+`atomic_path` writes into a temporary file beside the target and renames it over the target
+(`os.replace`), so a failed write leaves neither a half-written file nor a temporary one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebt.errors import EbtError
+
+PNG = (".png",)
+GIF = (".gif",)
+IMAGE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MARKDOWN = (".md",)
+JSONL = (".jsonl",)
+DIRECTORY: tuple[str, ...] = ()  # the output is a directory (made if missing)
+
+
+class OutputError(EbtError):
+    """An output path the command cannot or must not write (checked before any compute)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One file (or directory) a command writes: its flag, the path as typed ("" = not asked)
+    and the suffixes its format takes (DIRECTORY: a directory)."""
+
+    flag: str
+    path: str
+    suffixes: tuple[str, ...]
+
+
+def _same(first: Path, second: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or the same inode."""
+    if os.path.realpath(first) == os.path.realpath(second):
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _check_parent(output: Output, path: Path) -> None:
+    """The nearest existing ancestor must be a directory this process can write into."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        if ancestor.is_symlink():  # a dangling link: mkdir would fail
+            break
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{output.flag} {output.path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{output.flag} {output.path}: cannot write into {ancestor}")
+
+
+def _check_format(output: Output, path: Path) -> None:
+    if not output.suffixes:  # a directory
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{output.flag} {output.path}: a file, not a directory")
+        return
+    if output.path.endswith(("/", os.sep)) or path.is_dir():
+        raise OutputError(
+            f"{output.flag} {output.path}: a directory; name a {'/'.join(output.suffixes)} file"
+        )
+    if path.suffix.lower() not in output.suffixes:
+        raise OutputError(f"{output.flag} {output.path}: name a {'/'.join(output.suffixes)} file")
+    if path.is_symlink():
+        raise OutputError(
+            f"{output.flag} {output.path}: a symbolic link (to {os.path.realpath(path)}); "
+            "name the file itself"
+        )
+
+
+def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path] = ()) -> list[Output]:
+    """The outputs asked for (path given), each checked (see the module docstring); OutputError,
+    one line naming the flag, for the first that fails. Creates nothing."""
+    asked = [output for output in outputs if output.path]
+    given = [Path(path) for path in inputs if path]
+    for index, output in enumerate(asked):
+        path = Path(output.path)
+        _check_format(output, path)
+        for source in given:
+            if _same(path, source):
+                raise OutputError(f"{output.flag} {output.path}: that is an input ({source})")
+        for other in asked[:index]:
+            if _same(path, Path(other.path)):
+                raise OutputError(f"{output.flag} {output.path}: also written by {other.flag}")
+        _check_parent(output, path)
+    return asked
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix, so writers pick the same format) to write;
+    renamed over `path` when the block ends, deleted if it raises. Parent folders are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def written_lines(files: dict[str, str]) -> str:
+    """`wrote NAME: PATH` lines for a human-readable summary (empty when nothing was written)."""
+    return "\n".join(f"wrote {name}: {path}" for name, path in files.items() if path)
