@@ -20,7 +20,7 @@ from typing import Any
 
 from ebt.config_checks import BASELINES, KINDS, MODALITIES, VARIANTS, check_value, cross_checks
 from ebt.configs import find_config
-from ebt.errors import EbtError
+from ebt.errors import ConfigError
 
 __all__ = ["BASELINES", "KINDS", "MODALITIES", "VARIANTS", "Config", "ConfigError", "load_config"]
 
@@ -38,10 +38,6 @@ SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
     "large": (24, 16, 1536),
     "xl": (24, 32, 2048),
 }
-
-
-class ConfigError(EbtError, ValueError):
-    """A config file or override names something that does not exist or has a bad value."""
 
 
 @dataclass

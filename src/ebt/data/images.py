@@ -40,8 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ebt.data.corpus import DataError, expand_paths, hash_fraction, open_hf_dataset
+from ebt.data.corpus import expand_paths, open_hf_dataset
 from ebt.data.loader import BatchIterator
+from ebt.data.splits import hash_fraction
+from ebt.errors import DataError
 
 SKIMAGE_PHOTOS = tuple(
     "astronaut brick camera cell chelsea clock coffee coins grass gravel hubble_deep_field "
