@@ -90,6 +90,12 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0  # (..., 3, H, W)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (..., 3, H, W) (any shape) as uint8 pixels 0-255, the same shape (the
+    inverse of `to_float`, up to rounding)."""
+    return ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def square_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """The centred square of `pixels` (C, H, W) resized to (C, size, size), antialiased, uint8."""
     _, height, width = pixels.shape

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from ebt.models import EnergyTransformer, TransformerPP
 from ebt.thinking.halting import adaptive_think
 from ebt.thinking.loop import InferenceOptions
+from ebt.thinking.metrics import perplexity
 
 SELECTION_RULES = ("lowest", "weighted", "sequence")
 
@@ -251,7 +252,7 @@ def _evaluate_point(
         "steps": steps,
         "samples": samples,
         "loss": mean,
-        "ppl": math.exp(min(mean, 700.0)),  # a barely trained model: no OverflowError
+        "ppl": perplexity(mean),
         "forward_passes_per_token": passes,
     }
     tokens = {
