@@ -18,6 +18,11 @@ KINDS = ("ebt", "transformer_pp", "dit")
 MODALITIES = ("text", "image", "video")
 VAE_DOWNSAMPLING, VAE_CHANNELS = 8, 4  # the SD VAEs' latent geometry (224 x 224 -> 4 x 28 x 28)
 CHANNELS = 3  # images and video frames are RGB
+THINK_INITS = ("random_noise", "zeros", "last_frame")  # the first candidate; last_frame: video
+# best-of-N rules (ebt.thinking.selection; the first, the paper's, is the default) and the
+# temperature of `weighted`, in energy units: measured best on tiny-s2 (docs/verification.md)
+SELECTION_RULES = ("lowest", "weighted", "sequence")
+SELECTION_TEMPERATURE = 0.1
 # the like-for-like baseline of each modality
 BASELINES = {"text": "transformer_pp", "image": "dit", "video": "transformer_pp"}
 
@@ -72,10 +77,10 @@ RULES: dict[str, Rule] = {
     "think.replay_fraction": _interval("(0, 1]"),
     "think.grad_clamp": _ge(0, "0 = off"),
     "think.absolute_clamp": _ge(0, "0 = off"),
-    "think.init": _choice("random_noise", "zeros", "last_frame"),
+    "think.init": _choice(*THINK_INITS),
     "think.init_scale": POSITIVE,
     "think.samples": _ge(1),
-    "think.selection": _choice("lowest", "weighted", "sequence"),
+    "think.selection": _choice(*SELECTION_RULES),
     "think.selection_temperature": POSITIVE,
     "data.source": NOT_EMPTY,
     "data.text_field": NOT_EMPTY,

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ebt.config_checks import SELECTION_RULES, SELECTION_TEMPERATURE
 from ebt.models import EnergyTransformer, TransformerPP
 from ebt.thinking.halting import adaptive_think
 from ebt.thinking.loop import InferenceOptions
 from ebt.thinking.metrics import perplexity
-
-SELECTION_RULES = ("lowest", "weighted", "sequence")
 
 
 @dataclass
@@ -34,8 +33,8 @@ class Selection:
     which by convexity never has a higher loss than the candidates' mean). sequence: the
     candidate index with the lowest energy summed over the sequence's positions."""
 
-    rule: str = "lowest"
-    temperature: float = 0.1  # energy units; measured best on tiny-s2 (docs/verification.md)
+    rule: str = SELECTION_RULES[0]
+    temperature: float = SELECTION_TEMPERATURE  # energy units
 
     def __post_init__(self) -> None:
         if self.rule not in SELECTION_RULES:

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ebt.config_checks import THINK_INITS as INITS
 from ebt.models import ContextCache, EnergyTransformer
 from ebt.thinking.loop import InferenceOptions, StepOptions, step_schedule, take_step
 from ebt.thinking.selection import select_lowest
-
-INITS = ("zeros", "random_noise", "last_frame")
 
 
 @dataclass
