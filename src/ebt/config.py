@@ -18,9 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ebt.config_checks import BASELINES, KINDS, MODALITIES, VARIANTS, check_value, cross_checks
+from ebt.config_checks import (
+    BASELINES,
+    KINDS,
+    MODALITIES,
+    SELECTION_RULES,
+    SELECTION_TEMPERATURE,
+    THINK_INITS,
+    VARIANTS,
+    check_value,
+    cross_checks,
+)
 from ebt.configs import find_config
-from ebt.errors import EbtError
+from ebt.errors import ConfigError
 
 __all__ = ["BASELINES", "KINDS", "MODALITIES", "VARIANTS", "Config", "ConfigError", "load_config"]
 
@@ -38,10 +48,6 @@ SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
     "large": (24, 16, 1536),
     "xl": (24, 32, 2048),
 }
-
-
-class ConfigError(EbtError, ValueError):
-    """A config file or override names something that does not exist or has a bad value."""
 
 
 @dataclass
@@ -80,14 +86,14 @@ class ThinkConfig:
     detach: bool = True  # detach the state between steps
     grad_clamp: float = 0.0  # clamp the step gradient to +-grad_clamp/alpha (0 = off)
     absolute_clamp: float = 0.0  # clamp the state to +-absolute_clamp (0 = off)
-    init: str = "random_noise"  # initial candidate: random_noise | zeros | last_frame (video)
+    init: str = THINK_INITS[0]  # initial candidate: random_noise | zeros | last_frame (video)
     init_scale: float = 1.0
     samples: int = 1  # candidates per token at inference (best-of-N by energy)
     # best-of-N at inference: lowest (final energy per token, the paper's rule) | weighted
     # (candidates' distributions averaged with weights softmax(-E / selection_temperature)) |
     # sequence (one candidate per sequence); `ebt think` / `ebt probe --selection` override it
-    selection: str = "lowest"
-    selection_temperature: float = 0.1
+    selection: str = SELECTION_RULES[0]
+    selection_temperature: float = SELECTION_TEMPERATURE
 
 
 @dataclass

@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ebt.data.probes import source_problems  # dyck / arithmetic parameters
+
 if TYPE_CHECKING:
     from ebt.config import Config
 
@@ -15,6 +17,12 @@ VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 KINDS = ("ebt", "transformer_pp", "dit")
 MODALITIES = ("text", "image", "video")
 VAE_DOWNSAMPLING, VAE_CHANNELS = 8, 4  # the SD VAEs' latent geometry (224 x 224 -> 4 x 28 x 28)
+CHANNELS = 3  # images and video frames are RGB
+THINK_INITS = ("random_noise", "zeros", "last_frame")  # the first candidate; last_frame: video
+# best-of-N rules (ebt.thinking.selection; the first, the paper's, is the default) and the
+# temperature of `weighted`, in energy units: measured best on tiny-s2 (docs/verification.md)
+SELECTION_RULES = ("lowest", "weighted", "sequence")
+SELECTION_TEMPERATURE = 0.1
 # the like-for-like baseline of each modality
 BASELINES = {"text": "transformer_pp", "image": "dit", "video": "transformer_pp"}
 
@@ -69,10 +77,10 @@ RULES: dict[str, Rule] = {
     "think.replay_fraction": _interval("(0, 1]"),
     "think.grad_clamp": _ge(0, "0 = off"),
     "think.absolute_clamp": _ge(0, "0 = off"),
-    "think.init": _choice("random_noise", "zeros", "last_frame"),
+    "think.init": _choice(*THINK_INITS),
     "think.init_scale": POSITIVE,
     "think.samples": _ge(1),
-    "think.selection": _choice("lowest", "weighted", "sequence"),
+    "think.selection": _choice(*SELECTION_RULES),
     "think.selection_temperature": POSITIVE,
     "data.source": NOT_EMPTY,
     "data.text_field": NOT_EMPTY,
@@ -142,8 +150,6 @@ def cross_checks(config: Config) -> list[str]:
         problems.append(
             f"model.dim / model.heads = {model.dim // model.heads} must be even (RoPE pairs)"
         )
-    from ebt.data.probes import source_problems  # dyck / arithmetic parameters
-
     problems += source_problems(config.data.source, "data.source")
     problems += source_problems(config.data.ood_source, "data.ood_source")
     if think.random_steps and think.random_steps_min > think.random_steps + 1:
@@ -181,3 +187,16 @@ def _modality_checks(config: Config) -> list[str]:
             "skimage-gif, video files or a folder of frames"
         ]
     return []
+
+
+def frame_dim(config: Config) -> int:
+    """Numbers in one video frame vector (0 for other modalities): data.frame_dim when set,
+    else the encoder's: RGB pixels, 3 * frame_size^2, or the SD VAEs' latents, 4 x (F/8)^2."""
+    data = config.data
+    if config.model.modality != "video":
+        return 0
+    if data.frame_dim:
+        return data.frame_dim
+    if data.frame_encoder == "vae":
+        return VAE_CHANNELS * (data.frame_size // VAE_DOWNSAMPLING) ** 2
+    return CHANNELS * data.frame_size**2

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebt.errors import EbtError
+from ebt.errors import EbtError, OutputError  # noqa: F401 (OutputError: raised here, defined there)
 
 PNG = (".png",)
 GIF = (".gif",)
@@ -30,10 +30,6 @@ IMAGE = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MARKDOWN = (".md",)
 JSONL = (".jsonl",)
 DIRECTORY: tuple[str, ...] = ()  # the output is a directory (made if missing)
-
-
-class OutputError(EbtError):
-    """An output path the command cannot or must not write (checked before any compute)."""
 
 
 @dataclass(frozen=True)

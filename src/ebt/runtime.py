@@ -1,9 +1,12 @@
-"""Process-wide settings for CPU tensor workloads (applied by the CLI, not on import)."""
+"""Process-wide settings: the device a process computes on, and the allocator of CPU tensor
+workloads (applied by the CLI, not on import)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger values on 64-bit
@@ -31,3 +34,10 @@ def keep_freed_memory() -> bool:
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _KEEP)
     )
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda:LOCAL_RANK when available, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -24,17 +24,9 @@ from ebt.checkpoint.layout import (
     resolve_checkpoint,
     step_dirs,
 )
-from ebt.errors import CheckpointError
+from ebt.errors import CheckpointError, CheckpointFileError
 
 _TRAIN_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "extra")
-
-
-class CheckpointFileError(CheckpointError):
-    """File `path` is unusable for `reason` (one line); `refused`: the pickled thing refused."""
-
-    def __init__(self, path: Path, reason: str, refused: str | None = None) -> None:
-        self.path, self.reason, self.refused = Path(path), " ".join(reason.split()), refused
-        super().__init__(f"{self.path}: {self.reason}")
 
 
 def _first_sentence(error: BaseException) -> str:

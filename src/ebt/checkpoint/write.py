@@ -24,7 +24,7 @@ from ebt.checkpoint.layout import (
     prune_checkpoints,
     step_dir_name,
 )
-from ebt.training.optim import unwrap
+from ebt.nn.wrappers import unwrap
 
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
 

@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ebt.errors import EbtError
+from ebt.data import probes  # generated reasoning probes: dyck, arithmetic
+from ebt.data.splits import SPLITS, in_split
+from ebt.errors import DataError
 
-SPLITS = ("train", "val", "all")
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 HF_BUILDERS = {
     ".json": "json",
@@ -46,26 +47,9 @@ HF_BUILDERS = {
 }
 
 
-class DataError(EbtError, ValueError):
-    """A data source is unknown, empty, too small or lacks the requested field."""
-
-
 # Local sources' text files, by the (path, size, mtime) of all their files: each is read once
 # per process to find the files that are not text (and say so once).
 _TEXT_FILES: dict[tuple[tuple[str, int, int], ...], list[Path]] = {}
-
-
-def hash_fraction(key: str) -> float:
-    """A stable number in [0, 1) from the SHA-1 of `key` (independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def in_split(key: str, split: str, val_fraction: float) -> bool:
-    """Whether the item with stable `key` belongs to `split` ("train", "val" or "all")."""
-    if split == "all":
-        return True
-    return (hash_fraction(key) < val_fraction) == (split == "val")
 
 
 def stdlib_root() -> Path:
@@ -299,8 +283,6 @@ def _resolve(source: str, text_field: str) -> Callable[[str, float], Iterator[st
         return _stdlib_documents
     if source == "pydoc":
         return _pydoc_documents
-    from ebt.data import probes  # generated reasoning probes: dyck, arithmetic
-
     if probes.is_probe_source(source):
         return probes.documents_function(source)
     if source.startswith(("hf-local:", "hf:")):
@@ -357,10 +339,6 @@ def iter_documents(
 
 def source_fingerprint(source: str) -> str:
     """A string that changes when the files behind a local source change (for cache keys)."""
-    import sys
-
-    from ebt.data import probes
-
     source = source.strip()
     if source in ("stdlib", "pydoc"):
         return f"{source}|{sys.version}|{stdlib_root()}"

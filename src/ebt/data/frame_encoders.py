@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from ebt.data.corpus import DataError
+from ebt.config_checks import CHANNELS, frame_dim
+from ebt.data.images import to_float
+from ebt.data.loader import cache_dir
+from ebt.errors import DataError
+from ebt.runtime import pick_device
 
 if TYPE_CHECKING:
     from ebt.config import Config
 
-CHANNELS = 3  # RGB frames
 ENCODERS = ("pixels", "vae")
 
 
@@ -169,8 +172,6 @@ def build_frame_encoder(config: Config) -> FrameEncoder:
     if data.frame_encoder == "pixels":
         return PixelEncoder()
     if data.frame_encoder == "vae":  # on the training device (its local rank's GPU under torchrun)
-        from ebt.training.distributed import pick_device
-
         device = pick_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
         return VaeEncoder(data.vae, data.vae_scaling, device=str(device))
     raise DataError(f"data.frame_encoder={data.frame_encoder!r}: use one of {', '.join(ENCODERS)}")
@@ -178,8 +179,6 @@ def build_frame_encoder(config: Config) -> FrameEncoder:
 
 def frame_cache_root(config: Config) -> Path:
     """data.cache_dir, or `$EBT_CACHE_DIR/frames` (default ~/.cache/ebt/frames)."""
-    from ebt.data.loader import cache_dir
-
     chosen = config.data.cache_dir
     return Path(chosen).expanduser() if chosen else cache_dir() / "frames"
 
@@ -253,8 +252,6 @@ class EncodedClips:
 
     def _video(self, number: int) -> torch.Tensor:
         if number not in self._videos:
-            from ebt.data.images import to_float
-
             frames = to_float(self.clips.videos[number])  # (N_i, 3, F, F)
             self._videos[number] = self.cache.encode(frames)  # (N_i, frame_dim)
         return self._videos[number]
@@ -275,8 +272,6 @@ def encoded_dataset(clips: Any, config: Config) -> Any:
     """`clips` as the model reads them: unchanged for pixels (the task flattens the frames),
     `EncodedClips` for a VAE. Raises DataError if the encoder's frame vectors do not have the
     model's frame_dim or the encoder cannot take the frame size."""
-    from ebt.models import frame_dim
-
     encoder = build_frame_encoder(config)
     size = _frame_side(clips, config)
     produced, expected = encoder.frame_dim(size), frame_dim(config)

@@ -40,8 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ebt.data.corpus import DataError, expand_paths, hash_fraction, open_hf_dataset
+from ebt.data.corpus import expand_paths, open_hf_dataset
 from ebt.data.loader import BatchIterator
+from ebt.data.splits import hash_fraction
+from ebt.errors import DataError
 
 SKIMAGE_PHOTOS = tuple(
     "astronaut brick camera cell chelsea clock coffee coins grass gravel hubble_deep_field "
@@ -86,6 +88,12 @@ def to_rgb(array: Any, name: str = "image") -> torch.Tensor:
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) as float32 in [-1, 1]."""
     return pixels.float() / 127.5 - 1.0  # (..., 3, H, W)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (..., 3, H, W) (any shape) as uint8 pixels 0-255, the same shape (the
+    inverse of `to_float`, up to rounding)."""
+    return ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def square_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:

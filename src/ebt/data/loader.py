@@ -22,13 +22,16 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ebt.config import DataConfig
 from ebt.data.corpus import DataError, iter_documents, source_fingerprint
 from ebt.data.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from ebt.config import DataConfig
 
 CACHE_FORMAT = 1
 ENCODE_CHUNK = 256  # documents per encode_batch call

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ebt.data.corpus import DataError, in_split
+from ebt.data.splits import in_split
+from ebt.errors import DataError
 
 PROBES_VERSION = 1  # bump when the generators change (cached token datasets are keyed by it)
 BRACKETS = ("()", "[]", "{}", "<>")

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ebt.data.corpus import iter_documents
+
 PAD_CANDIDATES = ("<pad>", "<|endoftext|>", "</s>", "<eos>")
 EOS_TOKEN = "<|endoftext|>"
 BYTE_MARKER = "ebt_tokenizer.json"  # what ByteTokenizer.save writes (HF files use tokenizer.json)
@@ -211,8 +213,6 @@ def tokenizer_train_command(
     text_field: str = "text",
 ) -> Path:
     """`ebt tokenizer train`: train a BPE on the train split of `source`, return tokenizer.json."""
-    from ebt.data.corpus import iter_documents
-
     stats = {"documents": 0, "chars": 0}
 
     def counted(documents: Iterable[str]) -> Iterable[str]:

@@ -15,14 +15,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ebt.config import Config
+from ebt.training.bench import _Stepper  # the same step `ebt bench train` times
 
 COUNTED_STEPS = 3
 
 
 def training_flops_per_step(config: Config, vocab_size: int, steps: int = COUNTED_STEPS) -> float:
     """Mean FLOPs of one training step (forward, backward, optimiser) of `config` on CPU."""
-    from ebt.training.bench import _Stepper  # the same step `ebt bench train` times
-
     stepper = _Stepper(config, vocab_size, torch.device("cpu"))
     counter = FlopCounterMode(display=False)
     with counter:

@@ -14,7 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ebt.api import load_run
 from ebt.errors import EbtError
+from ebt.modalities.image import denoise
+from ebt.modalities.text.generate import Sampling, generate
+from ebt.modalities.video.figures import write_strip
+from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
 from ebt.outputs import atomic_path
 from ebt.training.rundir import flatten_config
 from ebt.training.tracking import METRICS_FILE
@@ -128,9 +133,6 @@ def _evaluation_lines(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _text_sample(run_dir: Path) -> list[str]:
-    from ebt.api import load_run
-    from ebt.modalities.text.generate import Sampling, generate
-
     run = load_run(run_dir)
     pieces = generate(run, SAMPLE_PROMPT, max_new_tokens=120, sampling=Sampling(temperature=0))
     text = SAMPLE_PROMPT + "".join(pieces)
@@ -138,9 +140,6 @@ def _text_sample(run_dir: Path) -> list[str]:
 
 
 def _image_grid(run_dir: Path, path: Path) -> list[str]:
-    from ebt.api import load_run
-    from ebt.modalities.image import denoise
-
     run = load_run(run_dir, modality="image", verb="the report's denoising grid")
     diffusion = denoise.run_diffusion(run)
     level = run.config.data.noise_level
@@ -153,25 +152,21 @@ def _image_grid(run_dir: Path, path: Path) -> list[str]:
 
 
 def _video_strip(run_dir: Path, config: dict[str, Any], path: Path) -> list[str]:
-    """A rollout of 4 validation clips (`ebt rollout`): the strip of the first, PSNR per
+    """A rollout of 4 validation clips (as `ebt rollout`): the strip of the first, PSNR per
     horizon of all."""
-    import contextlib
-    import io
-
-    from ebt.cli.main import main
-
     context = max(1, min(4, config["data"]["frames"] - 1))
-    argv = ["rollout", str(run_dir), "--context", str(context), "--frames", "8", "--clips", "4"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        main([*argv, "--strip", str(path), "--json"])
-    models = json.loads(printed.getvalue())["models"]
-    horizons = next(iter(models.values()))["horizons"]
+    request = RolloutRequest(context=context, frames=8, clips=4)
+    runs = {"run": load_run(run_dir, modality="video", verb="the report's rollout strip")}
+    outcome = run_rollouts(request, runs)
+    write_strip(first_clip_rows(outcome, context), context, path)
+    models = dict(sorted(outcome.report["models"].items()))  # by name, as `ebt rollout --json`
+    horizons = sorted(next(iter(models.values()))["horizons"])
+    command = f"rollout {run_dir} --context {context} --frames 8 --clips 4"
     header = "| model | " + " | ".join(f"PSNR @{h}" for h in horizons)
-    lines = [f"Rollout ({context} real frames, then 8 predicted; `{' '.join(argv)}`):", ""]
+    lines = [f"Rollout ({context} real frames, then 8 predicted; `{command}`):", ""]
     lines += [header + " |", "|---" * (header.count("|")) + "|"]
     for name, report in models.items():
-        cells = " | ".join(f"{row['psnr']:.2f}" for row in report["horizons"].values())
+        cells = " | ".join(f"{report['horizons'][h]['psnr']:.2f}" for h in horizons)
         lines.append(f"| {name} | {cells} |")
     return [*lines, "", f"![strip]({path.name})"]
 

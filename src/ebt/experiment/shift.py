@@ -15,8 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ebt.api import load_run
+from ebt.data import build_token_dataset, iter_eval_batches
 from ebt.errors import EbtError
 from ebt.outputs import atomic_path
+from ebt.thinking.metrics import LOSS_CAP, perplexity
+from ebt.thinking.selection import Selection, thinking_curves
 
 DEFAULT_SETS = ("val", "pydoc")
 PROBE_SETS = ("dyck", "arithmetic")
@@ -29,8 +33,6 @@ def default_sets() -> list[str]:
 
 
 def _batches(run: Any, name: str, count: int) -> list:
-    from ebt.data import build_token_dataset, iter_eval_batches
-
     data = run.config.data
     if name == "val":
         dataset = build_token_dataset(data, run.tokenizer, "val")
@@ -43,12 +45,10 @@ def _batches(run: Any, name: str, count: int) -> list:
 def _gain(before: float, after: float) -> float:
     """Percentage perplexity improvement from `before` to `after` (positive: better), in log
     space so that the huge losses of an untrained model do not overflow."""
-    return -math.expm1(after - before) * 100.0 if after - before < 700 else -math.inf
+    return -math.expm1(after - before) * 100.0 if after - before < LOSS_CAP else -math.inf
 
 
 def _curves(run: Any, batches: list, steps: list[int], samples: list[int]) -> dict[str, Any]:
-    from ebt.thinking.selection import Selection, thinking_curves
-
     think = run.config.think  # best-of-N by the run's rule (think.selection)
     selection = Selection(think.selection, think.selection_temperature)
     result = thinking_curves(
@@ -90,8 +90,6 @@ def thinking_shift(
 ) -> dict[str, Any]:
     """Thinking gains (from `from_steps`, default the trained steps) and distance for every
     set; writes the plot when asked."""
-    from ebt.api import load_run
-
     verb = "ebt experiment thinking-shift"
     run = load_run(run_path, overrides or [], modality="text", verb=verb)
     if run.config.model.kind != "ebt":
@@ -123,7 +121,7 @@ def _add_distance(rows: list[dict[str, Any]], key: str) -> None:
     """distance = perplexity of each set / perplexity of the first set (validation)."""
     reference = rows[0][key]
     for row in rows:
-        row["distance"] = math.exp(min(row[key] - reference, 700.0))
+        row["distance"] = perplexity(row[key] - reference)
         row["distance_measured_by"] = "baseline" if key == "baseline_loss" else "ebt, trained steps"
 
 

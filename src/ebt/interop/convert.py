@@ -23,8 +23,6 @@ from ebt.checkpoint import (
     load_train_state,
     read_torch_file,
     resolve_checkpoint,
-    save_checkpoint,
-    write_run_config,
 )
 from ebt.config import Config, config_from_dict
 from ebt.data import ByteTokenizer, Tokenizer, load_tokenizer
@@ -36,6 +34,12 @@ from ebt.interop.image_config import (
     same_ffn_width,
 )
 from ebt.interop.image_reference import convert_image_state_dict, image_reference_state_dict
+from ebt.interop.imported import (
+    check_loads,
+    keeps_ffn_width,
+    model_order,
+    write_imported_run,
+)
 from ebt.interop.reference import (
     InteropError,
     config_from_hparams,
@@ -43,7 +47,7 @@ from ebt.interop.reference import (
     hparams_from_config,
     reference_state_dict,
 )
-from ebt.models import build_model
+from ebt.interop.video_reference import video_reference_checkpoint
 
 # Where Lightning versions define AttributeDict (a dict with attribute access).
 _ATTRIBUTE_DICTS = (
@@ -52,7 +56,6 @@ _ATTRIBUTE_DICTS = (
     "lightning.fabric.utilities.data.AttributeDict",
     "lightning.pytorch.utilities.parsing.AttributeDict",
 )
-_PLAIN = (int, float, str, bool, type(None))
 # The paper's hyper-parameters may be pickled as its command line's parsed flags: a plain
 # attribute container, rebuilt here as a SimpleNamespace (this library never parses them).
 _PARSED_FLAGS = "argparse.Namespace"
@@ -120,16 +123,6 @@ def resolve_tokenizer(
     return tokenizer, "byte" if isinstance(tokenizer, ByteTokenizer) else spec
 
 
-def _plain(value: Any) -> bool:
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, list | tuple):
-        return all(_plain(item) for item in value)
-    return isinstance(value, dict) and all(
-        isinstance(key, str) and _plain(item) for key, item in value.items()
-    )
-
-
 def _converted(reference: dict[str, torch.Tensor], image: bool = False) -> dict[str, torch.Tensor]:
     try:
         return convert_image_state_dict(reference) if image else convert_state_dict(reference)
@@ -140,22 +133,6 @@ def _converted(reference: dict[str, torch.Tensor], image: bool = False) -> dict[
         raise InteropError(str(error)) from None
 
 
-def _check_loads(config: Config, state: dict[str, torch.Tensor], vocab_size: int) -> None:
-    """Fail now, naming the mismatch, if the weights do not fit the model the config builds."""
-    with torch.device("meta"):  # shapes only, no memory or init cost
-        model = build_model(config, vocab_size)
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        shapes = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
-        raise InteropError(
-            "the weights do not fit the model the hyper-parameters describe: "
-            f"missing {missing}, unexpected {extra}, other shapes {shapes}"
-        )
-
-
 def _text_run(
     raw_state: dict[str, torch.Tensor], hparams: dict[str, Any], tokenizer: str | None, out: Path
 ) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -164,7 +141,7 @@ def _text_run(
     state = _converted(raw_state)
     vocab_size = int(state["token_embedding.weight"].shape[0])
     chosen, spec = resolve_tokenizer(tokenizer, vocab_size, hparams.get("tokenizer"))
-    _check_loads(config, state, vocab_size)
+    check_loads(config, state, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     chosen.save(out / "tokenizer")
     config.data.tokenizer = (
@@ -181,7 +158,7 @@ def _image_run(
         raise InteropError("--tokenizer is for text checkpoints; this one holds an image model")
     config = image_config_from_hparams(hparams, raw_state)
     state = _converted(raw_state, image=True)
-    _check_loads(config, state, 0)
+    check_loads(config, state, 0)
     return config, state
 
 
@@ -206,48 +183,11 @@ def import_reference(
     return write_imported_run(out, config, state, loaded, checkpoint)
 
 
-def write_imported_run(
-    out: Path, config: Config, state: dict[str, torch.Tensor], loaded: dict, checkpoint: Any
-) -> Path:
-    """The run directory of an imported checkpoint (text, image or video): its config, the
-    weights as step `global_step`, and the paper's flags kept for a later export."""
-    hparams = loaded["hyper_parameters"]
-    out.mkdir(parents=True, exist_ok=True)
-    config.train.out_dir = str(out)
-    write_run_config(out, config.to_dict())
-    extra = {
-        "reference_checkpoint": str(Path(checkpoint).resolve()),
-        "reference_hyper_parameters": {k: v for k, v in hparams.items() if _plain(v)},
-    }
-    step = int(loaded.get("global_step") or 0)
-    return save_checkpoint(out, step, state, config.to_dict(), None, None, extra=extra)
-
-
 def _tokenizer_name(config: Config, original: dict[str, Any]) -> str:
     """What the paper's code should load with AutoTokenizer.from_pretrained."""
     if original.get("tokenizer"):
         return str(original["tokenizer"])
     return config.data.tokenizer.removeprefix("hf:")
-
-
-def _same_ffn_width(original: dict[str, Any], derived: dict[str, Any]) -> bool:
-    if "ffn_dim_multiplier" not in original:
-        return False
-    dim = derived["embedding_dim"]
-
-    def width(multiplier: Any) -> int:
-        return dim if multiplier is None else int(dim * multiplier)
-
-    return width(original["ffn_dim_multiplier"]) == width(derived["ffn_dim_multiplier"])
-
-
-def _model_order(
-    config: Config, state: dict[str, torch.Tensor], vocab_size: int
-) -> dict[str, torch.Tensor]:
-    """state in the model's own parameter order (not safetensors' sorted one)."""
-    with torch.device("meta"):
-        order = build_model(config, vocab_size).state_dict()
-    return {name: state[name] for name in order if name in state} | state
 
 
 def _text_export(
@@ -256,10 +196,10 @@ def _text_export(
     """(hyper_parameters, state_dict) of a text run in the paper's layout."""
     derived = hparams_from_config(config)
     hparams = {**original, **derived}
-    if _same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
+    if keeps_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
         hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
     hparams["tokenizer"] = tokenizer or _tokenizer_name(config, original)
-    state = _model_order(config, state, int(state["token_embedding.weight"].shape[0]))
+    state = model_order(config, state, int(state["token_embedding.weight"].shape[0]))
     return hparams, reference_state_dict(state, config.model.variant)
 
 
@@ -273,7 +213,7 @@ def _image_export(
     if same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for 1.0)
         hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
     patches = (config.data.image_size // config.model.patch_size) ** 2
-    state = _model_order(config, state, 0)
+    state = model_order(config, state, 0)
     return hparams, image_reference_state_dict(state, config.model.kind == "dit", patches)
 
 
@@ -297,8 +237,6 @@ def export_reference(
     if config.model.modality == "image":
         hparams, reference = _image_export(config, state, original)
     elif config.model.modality == "video":  # its frozen VAE is not in it: the paper loads its own
-        from ebt.interop.video_reference import video_reference_checkpoint
-
         hparams, reference = video_reference_checkpoint(config, state, original)
     else:
         hparams, reference = _text_export(config, state, original, tokenizer_name)

@@ -29,7 +29,7 @@ from ebt.config import Config, config_from_dict
 from ebt.data import ByteTokenizer, Tokenizer
 from ebt.interop.reference import InteropError
 from ebt.models import EnergyTransformer, TransformerPP
-from ebt.training.optim import unwrap
+from ebt.nn.wrappers import unwrap
 from ebt.training.tracking import read_metrics
 
 CARD_FILE = "README.md"

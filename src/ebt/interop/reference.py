@@ -15,12 +15,8 @@ from typing import Any
 
 import torch
 
-from ebt.config import Config, ConfigError, config_from_dict
-
-
-class InteropError(ConfigError):
-    """A checkpoint, run or hub operation that ebt cannot carry out as asked (says why)."""
-
+from ebt.config import Config, config_from_dict
+from ebt.errors import InteropError
 
 # (paper name pattern, our name) in the order they are tried.
 _KEY_RULES: list[tuple[str, str]] = [

@@ -15,6 +15,12 @@ from typing import Any
 import torch
 
 from ebt.config import Config, ThinkConfig, config_from_dict
+from ebt.interop.imported import (
+    check_loads,
+    keeps_ffn_width,
+    model_order,
+    write_imported_run,
+)
 from ebt.interop.reference import (
     InteropError,
     hparams_from_config,
@@ -284,8 +290,6 @@ def video_hparams_from_config(config: Config) -> dict[str, Any]:
 def import_video_reference(loaded: dict[str, Any], checkpoint: str | Path, out: Path) -> Path:
     """Write an ebt run from a read video checkpoint of the paper's code; returns its step dir.
     The frozen frame encoder is not in the checkpoint: the run names the paper's VAE."""
-    from ebt.interop.convert import _check_loads, write_imported_run  # shared with text/image
-
     raw, hparams = loaded["state_dict"], loaded["hyper_parameters"]
     try:
         config = video_config_from_hparams(hparams, raw)
@@ -293,7 +297,7 @@ def import_video_reference(loaded: dict[str, Any], checkpoint: str | Path, out: 
     except KeyError as error:
         what = "(not a video EBT or Transformer++ of the paper)"
         raise InteropError(f"{error.args[0]} {what}") from None
-    _check_loads(config, state, 0)
+    check_loads(config, state, 0)
     return write_imported_run(out, config, state, loaded, checkpoint)
 
 
@@ -302,11 +306,9 @@ def video_reference_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(hyper_parameters, state_dict) of a video run in the paper's layout; flags ebt does not
     model keep an imported run's values."""
-    from ebt.interop.convert import _model_order, _same_ffn_width
-
     derived = video_hparams_from_config(config)
     hparams = original | derived
-    if _same_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
+    if keeps_ffn_width(original, derived):  # keep the run's own spelling (e.g. 1 for None)
         hparams["ffn_dim_multiplier"] = original["ffn_dim_multiplier"]
-    state = _model_order(config, state, 0)
+    state = model_order(config, state, 0)
     return hparams, video_reference_state_dict(state, config.model.variant)

@@ -21,24 +21,11 @@ from collections.abc import Callable
 from torch import nn
 
 from ebt.config import Config
-from ebt.config_checks import VAE_CHANNELS, VAE_DOWNSAMPLING
+from ebt.config_checks import CHANNELS, frame_dim
 from ebt.models.dit import DiT, DiTArgs
 from ebt.models.energy_transformer import EnergyTransformer, EnergyTransformerArgs
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
-
-CHANNELS = 3  # images and video frames are RGB
-
-
-def frame_dim(config: Config) -> int:
-    """Numbers in one video frame vector: data.frame_dim when set, else the encoder's: RGB
-    pixels, 3 * frame_size^2, or the SD VAEs' latents, 4 x (F/8)^2."""
-    data = config.data
-    if data.frame_dim:
-        return data.frame_dim
-    if data.frame_encoder == "vae":
-        return VAE_CHANNELS * (data.frame_size // VAE_DOWNSAMPLING) ** 2
-    return CHANNELS * data.frame_size**2
 
 
 def steps_per_landscape(config: Config) -> int:

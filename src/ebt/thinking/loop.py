@@ -22,6 +22,8 @@ from typing import Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ebt.errors import ThinkingError
+
 
 class EnergyModel(Protocol):
     context_depends_on_landscape: bool
@@ -38,10 +40,6 @@ class EnergyModel(Protocol):
     # optional: energies_and_gradient(cache, candidates, rows, landscape, create_graph);
     # langevin_after_embedding = True: Langevin noise goes to the embedded candidates (video,
     # as the paper's code), passed as energies(..., langevin_std=...), not to the state
-
-
-class ThinkingError(FloatingPointError):
-    """A thinking step produced a NaN or Inf gradient."""
 
 
 @dataclass

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from ebt.config_checks import SELECTION_RULES, SELECTION_TEMPERATURE
 from ebt.models import TransformerPP
 from ebt.thinking.halting import adaptive_think
 from ebt.thinking.loop import EnergyModel, InferenceOptions
-
-SELECTION_RULES = ("lowest", "weighted", "sequence")
+from ebt.thinking.metrics import perplexity
 
 
 @dataclass
@@ -37,8 +37,8 @@ class Selection:
     which by convexity never has a higher loss than the candidates' mean). sequence: the
     candidate index with the lowest energy summed over the sequence's positions."""
 
-    rule: str = "lowest"
-    temperature: float = 0.1  # energy units; measured best on tiny-s2 (docs/verification.md)
+    rule: str = SELECTION_RULES[0]
+    temperature: float = SELECTION_TEMPERATURE  # energy units
 
     def __post_init__(self) -> None:
         if self.rule not in SELECTION_RULES:
@@ -325,7 +325,7 @@ def _evaluate_point(
         "steps": steps,
         "samples": samples,
         "loss": mean,
-        "ppl": math.exp(min(mean, 700.0)),  # a barely trained model: no OverflowError
+        "ppl": perplexity(mean),
         "forward_passes_per_token": passes,
     }
     tokens = {

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ebt.runtime import pick_device
+
 
 @dataclass
 class DistributedContext:
@@ -51,13 +53,6 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda:LOCAL_RANK when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup(device_name: str = "auto") -> DistributedContext:

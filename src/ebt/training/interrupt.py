@@ -16,17 +16,9 @@ from typing import Any
 
 import torch
 
-from ebt.errors import EbtError
+from ebt.errors import TrainingInterrupted as TrainingInterrupted  # its old home
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingInterrupted(EbtError):
-    """Training stopped on a signal after saving a checkpoint; `exit_code` is 128 + signal."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signal_number
 
 
 class StopRequest:

@@ -15,19 +15,9 @@ import torch
 from torch import nn
 
 from ebt.config import ThinkConfig, TrainConfig
+from ebt.nn.wrappers import unwrap
 
 STEP_SIZE_NAME = "step_size"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP/FSDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def step_size_parameter(model: nn.Module) -> nn.Parameter | None:

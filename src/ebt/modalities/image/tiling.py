@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ebt.api import LoadedRun
 from ebt.config import ConfigError
 from ebt.data.corpus import DataError
-from ebt.data.images import read_image, to_float
+from ebt.data.images import read_image, to_float, to_uint8
 from ebt.modalities.image.denoise import (
     DenoiseOptions,
     Denoiser,
@@ -118,11 +118,6 @@ def denoise_tiled(
     return blended[:, :height, :width], passes / len(corners), len(corners)
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """An image (C, H, W) in [-1, 1] as uint8 pixels (H, W, C) (what a PNG holds)."""
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
-
-
 def add_noise(
     clean: torch.Tensor, diffusion: GaussianDiffusion, level: float, seed: int
 ) -> torch.Tensor:
@@ -153,7 +148,7 @@ def denoise_photo(
     noisy = clean if noise is None else add_noise(clean, *noise)  # (3, H, W)
     stride = stride or max(1, tile // 2)
     restored, per_tile, tiles = denoise_tiled(noisy, denoise, tile, stride, progress=progress)
-    pixels = to_uint8(restored)  # (H, W, 3)
+    pixels = to_uint8(restored).permute(1, 2, 0)  # (H, W, 3)
     seconds = time.perf_counter() - started
     import imageio.v3 as iio
 

@@ -19,7 +19,6 @@ A Transformer++ run ignores steps and samples: one forward pass, its flat line.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from ebt.data import DataError, Tokenizer
 from ebt.data import probes as probe_data
 from ebt.models import TransformerPP
 from ebt.thinking.loop import InferenceOptions
+from ebt.thinking.metrics import perplexity
 from ebt.thinking.selection import Selection, auroc, predict
 
 
@@ -145,7 +145,7 @@ def measure_point(
         "steps": steps,
         "samples": samples,
         "answer_loss": answer_loss,
-        "answer_ppl": math.exp(min(answer_loss, 700.0)),
+        "answer_ppl": perplexity(answer_loss),
         "exact_match": float(torch.cat(exact).double().mean()),
         "forward_passes_per_token": passes,
         "flops_per_token": counter.get_total_flops() / positions,

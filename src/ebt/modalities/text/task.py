@@ -3,7 +3,6 @@ the targets batch[:, 1:]; a candidate is a logit vector per position (B, S, V)."
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ebt.data import (
 )
 from ebt.modalities.unit import ModalityUnit
 from ebt.nn.layers import at_least_float32
+from ebt.thinking.metrics import perplexity
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ class TextTask:
         return {}
 
     def summarise(self, result: dict[str, Any]) -> dict[str, Any]:
-        return result | {"ppl": math.exp(min(result["loss"], 700.0))}
+        return result | {"ppl": perplexity(result["loss"])}
 
 
 class TextModality(ModalityUnit):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebt.modalities.video.rollout import to_uint8
+from ebt.data.images import to_uint8
 
 GAP = 2  # pixels between frames / panels
 SCALE = 4  # nearest-neighbour upscaling of the (tiny) frames

@@ -26,6 +26,10 @@ import torch
 from torch.nn import functional as F
 
 from ebt.config import Config
+from ebt.data import frame_encoders
+from ebt.data.images import to_float, to_uint8
+from ebt.data.video import SKIMAGE_GIF, build_video_dataset, read_video
+from ebt.errors import DataError
 from ebt.modalities.video.task import frame_mse, frame_psnr
 from ebt.modalities.video.thinking import (
     FrameThinking,
@@ -215,11 +219,6 @@ def rollout(predictor: FramePredictor, context: torch.Tensor, horizon: int) -> R
     return Rollout(frames.detach(), energies, steps, passes, elapsed)
 
 
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Frames in [-1, 1] (any shape) as uint8 0-255."""
-    return ((frames.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def frame_ssim(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """SSIM (scikit-image, 0-255 scale) of every frame (B, H, 3, S, S) in [-1, 1]: (B, H)."""
     from skimage.metrics import structural_similarity
@@ -309,8 +308,6 @@ def benchmark(
 def run_clips(config: Config, split: str, length: int, count: int) -> torch.Tensor:
     """Up to `count` clips (B, length, 3, S, S) in [-1, 1] of `split` of the run's own data
     source (pan / faces: "val", "test", "ood"; files: their time split), evenly spaced."""
-    from ebt.data.video import build_video_dataset
-
     data = config.data
     dataset = build_video_dataset(
         data.source,
@@ -331,10 +328,6 @@ def video_file_clips(
     """Up to `count` evenly spaced clips (B, L, 3, S, S) in [-1, 1] of a video file or folder of
     frames, L = min(length, its frames); DataError (one line) if unreadable or shorter than
     context + 1 frames."""
-    from ebt.data.corpus import DataError
-    from ebt.data.images import to_float
-    from ebt.data.video import SKIMAGE_GIF, read_video
-
     if path == "skimage-gif":  # the small animated GIF scikit-image ships
         from skimage import data
 
@@ -356,8 +349,6 @@ class FrameCodec:
     encodes (through the on-disk frame cache) and decodes its latents for scoring and viewing."""
 
     def __init__(self, config: Config) -> None:
-        from ebt.data import frame_encoders
-
         self.encoder = frame_encoders.build_frame_encoder(config)
         self.size = config.data.frame_size
         pixels = isinstance(self.encoder, frame_encoders.PixelEncoder)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ebt.config import Config, ThinkConfig
-from ebt.data.frame_encoders import encoded_dataset
+from ebt.data.frame_encoders import build_frame_encoder, encoded_dataset
 from ebt.data.images import EpochBatchIterator
 from ebt.data.video import build_video_dataset
 from ebt.modalities.text.task import initial_state
@@ -104,8 +104,6 @@ class _LazyDecoder:
         self.config, self.encoder = config, None
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        from ebt.data.frame_encoders import build_frame_encoder
-
         if self.encoder is None:
             self.encoder = build_frame_encoder(self.config)
         return self.encoder.decode(vectors, self.config.data.frame_size).flatten(1)

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ebt.config_checks import THINK_INITS as INITS
 from ebt.models import ContextCache, EnergyTransformer
 from ebt.thinking.halting import halt, owned_context
 from ebt.thinking.loop import InferenceOptions, cache_of, step_options, step_schedule
 from ebt.thinking.selection import Thought, self_verify
-
-INITS = ("zeros", "random_noise", "last_frame")
 
 
 @dataclass
