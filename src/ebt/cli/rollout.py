@@ -7,12 +7,8 @@ final energy of every predicted frame; a strip image, a GIF, an energy-over-time
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from ebt.cli.args import (
     COUNT,
@@ -25,37 +21,17 @@ from ebt.cli.args import (
     thinking_options,
 )
 from ebt.config import ConfigError
+from ebt.modalities.video.rollout_report import (
+    RolloutOutcome,
+    RolloutRequest,
+    first_clip_rows,
+    run_rollouts,
+)
 from ebt.outputs import GIF, PNG, Output, atomic_path, check_outputs, written_lines
-from ebt.thinking.loop import InferenceOptions
 
 if TYPE_CHECKING:
     from ebt.api import LoadedRun
     from ebt.config import Config
-    from ebt.modalities.video.rollout import FramePredictor
-    from ebt.modalities.video.thinking import FrameThinking
-
-ANCHOR = "copy_last"
-
-
-@dataclass(frozen=True)
-class RolloutRequest:
-    """What `ebt rollout` rolls out and how: the clips (`video`: a file, else the run's `split`),
-    the frames given and predicted, the EBT's thinking, and the optional benchmark."""
-
-    context: int = 4
-    frames: int = 12
-    clips: int = 8
-    video: str = ""
-    stride: int | None = None
-    split: str = "val"
-    seed: int | None = None
-    steps: int | None = None
-    samples: int = 1
-    perturbation: float = 0.1
-    halt_tolerance: float | None = None
-    options: InferenceOptions = field(default_factory=InferenceOptions)
-    bench: bool = False
-    repeats: int = 3
 
 
 def rollout_request(args: argparse.Namespace) -> RolloutRequest:
@@ -75,22 +51,6 @@ def rollout_request(args: argparse.Namespace) -> RolloutRequest:
         options=thinking_options(args),  # refuses --halt-tolerance with --accept-lower-energies
         bench=args.bench,
         repeats=args.repeats,
-    )
-
-
-def frame_thinking(request: RolloutRequest, config: Config) -> FrameThinking:
-    """The FrameThinking of the request (the run's think.init and init_scale)."""
-    from ebt.modalities.video.thinking import FrameThinking
-
-    think = config.think
-    return FrameThinking(
-        request.steps,
-        request.samples,
-        request.perturbation,
-        request.halt_tolerance,
-        think.init,
-        think.init_scale,
-        request.options,
     )
 
 
@@ -125,93 +85,6 @@ def _check_context(runs: dict[str, LoadedRun], paths: dict[str, str], context: i
             )
 
 
-def _clips(request: RolloutRequest, config: Config) -> tuple[torch.Tensor, str, str]:
-    """(clips (B, L, 3, S, S), source, split) from the request's video or the run's data."""
-    from ebt.modalities.video import rollout as ro
-
-    length = request.context + request.frames
-    if request.video:
-        stride = request.stride or config.data.frame_stride
-        size = config.data.frame_size
-        clips = ro.video_file_clips(
-            request.video, request.context, length, request.clips, size, stride
-        )
-        if clips.shape[1] < length:
-            print(
-                f"ebt: warning: '{request.video}' has {clips.shape[1]} frames: rolling out "
-                f"{clips.shape[1] - request.context} instead of {request.frames}",
-                file=sys.stderr,
-            )
-        return clips, request.video, "file"
-    clips = ro.run_clips(config, request.split, length, request.clips)
-    return clips, config.data.source, request.split
-
-
-def _named(runs: dict[str, LoadedRun]) -> dict[str, LoadedRun]:
-    """The runs by their name in the report: their kind (ebt / transformer_pp); a second run of
-    the same kind is `compare`."""
-    named: dict[str, LoadedRun] = {}
-    for role, run in runs.items():
-        kind = run.config.model.kind
-        named["compare" if role == "compare" and kind in named else kind] = run
-    return named
-
-
-def _predictor(request: RolloutRequest, run: LoadedRun, cached: bool = True) -> FramePredictor:
-    """A run's rollout predictor; an EBT thinks per the request from its own think.init."""
-    from ebt.modalities.video import rollout as ro
-
-    return ro.predictor_for(run.model, frame_thinking(request, run.config), cached=cached)
-
-
-def rollout_report(request: RolloutRequest, runs: dict[str, LoadedRun]) -> tuple:
-    """(the JSON report, the rollouts by model, the clips (B, L, 3, S, S), the FrameCodec)."""
-    from ebt.modalities.video import rollout as ro
-
-    config = runs["run"].config
-    clips, source, split = _clips(request, config)
-    codec = ro.FrameCodec(config)
-    vectors = codec.encode(clips)  # (B, L, F)
-    context, truth = vectors[:, : request.context], vectors[:, request.context :]
-    seed = config.train.seed if request.seed is None else request.seed
-    reports, rollouts = {}, {}
-    predictors = {name: _predictor(request, run) for name, run in _named(runs).items()}
-    for name, predictor in (predictors | {ANCHOR: ro.CopyLast()}).items():
-        torch.manual_seed(seed)
-        reports[name], rollouts[name] = ro.model_report(predictor, context, truth, clips, codec)
-    thinker = next((r for r in runs.values() if r.config.model.kind == "ebt"), runs["run"])
-    report: dict[str, Any] = {
-        "checkpoint": str(runs["run"].checkpoint),
-        "source": source,
-        "split": split,
-        "context": request.context,
-        "frames": truth.shape[1],
-        "clips": clips.shape[0],
-        "seed": seed,
-        "thinking": _thinking_summary(frame_thinking(request, thinker.config)),
-        "models": reports,
-    }
-    if "compare" in runs:
-        report["compare"] = str(runs["compare"].checkpoint)
-    if request.bench:
-        report["bench"] = {
-            name: ro.benchmark(
-                lambda cached, run=run: _predictor(request, run, cached),
-                context,
-                truth.shape[1],
-                request.repeats,
-                seed,
-            )
-            for name, run in _named(runs).items()
-        }
-    return report, rollouts, clips, codec
-
-
-def _thinking_summary(thinking: FrameThinking) -> dict[str, Any]:
-    summary = {key: value for key, value in vars(thinking).items() if key != "options"}
-    return summary | vars(thinking.options)
-
-
 def picture_outputs(args: argparse.Namespace) -> list[Output]:
     """The strip, GIF and plot the flags ask for, checked before anything loads."""
     outputs = [Output("--strip", args.strip, PNG), Output("--gif", args.gif, GIF)]
@@ -219,17 +92,14 @@ def picture_outputs(args: argparse.Namespace) -> list[Output]:
     return check_outputs(outputs, inputs=[args.video])
 
 
-def _pictures(outputs: list[Output], context: int, report: dict, outcome: tuple) -> None:
+def _pictures(outputs: list[Output], context: int, outcome: RolloutOutcome) -> None:
     """The strip / GIF of the first clip and the energy plot asked for: each drawn into a
     temporary file, and all renamed into place only when every one was drawn."""
     from ebt.modalities.video import figures as figures
 
-    _, rollouts, clips, codec = outcome
-    rows = {"truth": clips[0]}  # (L, 3, S, S)
-    for name, result in rollouts.items():
-        predicted = codec.decode(result.frames[:1])[0]  # (H, 3, S, S)
-        rows[name] = torch.cat((clips[0, :context], predicted))  # (L, 3, S, S)
-    energies = next((r.energies for r in rollouts.values() if r.energies is not None), None)
+    rows, report = first_clip_rows(outcome, context), outcome.report
+    rollouts = outcome.rollouts.values()
+    energies = next((r.energies for r in rollouts if r.energies is not None), None)
     draw = {
         "--strip": lambda path: figures.write_strip(rows, context, path),
         "--gif": lambda path: figures.write_gif(rows, path),
@@ -280,15 +150,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         runs["compare"] = load_run(args.compare, modality="video", verb="ebt rollout --compare")
         _check_frames_match(runs["compare"], run, args.compare)
     _check_context(runs, {"run": args.run, "compare": args.compare}, args.context)
-    threads = torch.get_num_threads()
-    try:  # the run's train.num_threads, as ebt bench (tiny models: 1 is fastest)
-        torch.set_num_threads(run.config.train.num_threads or threads)
-        outcome = rollout_report(request, runs)
-        outcome[0]["threads"] = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
-    report = outcome[0]
-    _pictures(outputs, args.context, report, outcome)
+    outcome = run_rollouts(request, runs)
+    report = outcome.report
+    _pictures(outputs, args.context, outcome)
     if args.json:
         print_json(report)
         return 0
