@@ -154,3 +154,16 @@ def test_the_networks_never_import_data() -> None:
         if target.split(".")[1] == "data"
     }
     assert wrong == set()
+
+
+def test_the_thinking_core_imports_only_the_config_rules_and_errors() -> None:
+    """thinking/ is the ground floor: models, data and modalities call it, never the reverse."""
+    allowed = {"ebt.config_checks", "ebt.errors"}
+    wrong = {
+        f"{module} -> {target}"
+        for module in MODULES
+        if module.startswith("ebt.thinking")
+        for target in imports_of(module)
+        if not target.startswith("ebt.thinking") and target not in allowed
+    }
+    assert wrong == set()

@@ -23,10 +23,14 @@ import torch
 from torch.nn import functional as F
 
 from ebt.config_checks import SELECTION_RULES, SELECTION_TEMPERATURE
-from ebt.models import TransformerPP
 from ebt.thinking.halting import adaptive_think
 from ebt.thinking.loop import EnergyModel, InferenceOptions
 from ebt.thinking.metrics import perplexity
+
+
+def thinks(model: torch.nn.Module) -> bool:
+    """An energy model (it thinks); a baseline such as Transformer++ predicts in one pass."""
+    return callable(getattr(model, "think", None))
 
 
 @dataclass
@@ -211,7 +215,7 @@ def predict(
 
     With a tolerance, each token halts on its own (adaptive compute, one sample)."""
     options = options or InferenceOptions()
-    if isinstance(model, TransformerPP):
+    if not thinks(model):  # a baseline (Transformer++): one forward pass
         with torch.no_grad():
             return Verdict(model(tokens), None, 1.0)
     if tolerance is not None:
@@ -285,7 +289,7 @@ def thinking_curves(
             )
             curves.append(point)
     adaptive_tokens = {}
-    if tolerance is not None and not isinstance(model, TransformerPP):
+    if tolerance is not None and thinks(model):
         for steps in steps_list:
             torch.manual_seed(seed)
             point, adaptive_tokens = _evaluate_point(
