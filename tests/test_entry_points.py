@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,3 +19,14 @@ def test_importing_the_main_module_runs_nothing():
 def test_python_m_ebt_runs_the_command_line():
     result = _python("-m", "ebt", "train", "no-such-config.toml")
     assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`ebt presets | head -1` when head has gone: the write fails with a broken pipe (the read
+    end is closed before ebt starts) and ebt ends quietly with 141, as a shell reports it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    command = [sys.executable, "-m", "ebt", "presets"]
+    result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    os.close(write_end)
+    assert (result.returncode, result.stderr.decode()) == (141, "")

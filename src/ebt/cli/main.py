@@ -353,3 +353,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("ebt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ebt presets | head`: the reader left early; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # 128 + SIGPIPE, as a shell reports it
