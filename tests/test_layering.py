@@ -13,8 +13,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
-SOURCE = Path(__file__).resolve().parents[1] / "src"
+SOURCE = ROOT / "src"
 LOWER = ("models", "nn", "data", "checkpoint", "thinking")
 HIGHER = ("training", "cli", "experiment")
 

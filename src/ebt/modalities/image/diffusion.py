@@ -14,7 +14,7 @@ the posterior q(x_{t-1} | x_t, x_0) and the learned-range variance at a batch of
 which diffusers does not expose, so a second copy of the schedule would be written here anyway;
 (b) their step takes one Python-int timestep and needs the settings above to match the paper;
 (c) that step is four lines. One float64 schedule serving noising, loss and sampler is simpler
-than wrapping (and importing diffusers takes seconds). tests/test_image_models.py checks this
+than wrapping (and importing diffusers takes seconds). tests/models/test_image_models.py checks this
 module against diffusers where it is installed.
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import VECTORS
+from support import ROOT, VECTORS
 from support.tolerances import relative
 from support.vision import IMAGE_SHRINK
 
@@ -24,7 +24,7 @@ from ebt.models import build_model
 from ebt.training.objective import Objective
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "image"
+CONFIGS = ROOT / "configs" / "image"
 TINY_IMAGE = [*IMAGE_SHRINK, "model.patch_size=2", "train.batch_size=2"]  # 16 patches
 TINY_IMAGE += ["train.num_threads=1", "train.device=cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")

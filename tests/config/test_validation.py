@@ -7,13 +7,14 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from ebt.cli.main import build_parser, main
 from ebt.config import Config, ConfigError, load_config
 from ebt.data import DataError, iter_documents, tokenizer_train_command
 from ebt.errors import EbtError
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
+TINY = ROOT / "configs" / "text" / "tiny.toml"
 
 BAD_VALUES = [
     "model.kind=gpt",
@@ -386,7 +387,7 @@ def test_an_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch, capsys, c
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.setenv("EBT_CACHE_DIR", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "configs" / config
+    path = ROOT / "configs" / config
     argv = ["train", str(path), "data.source=hf:some/set", f"train.out_dir={tmp_path / 'run'}"]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -402,6 +403,6 @@ def test_overrides_win_over_a_size_preset():
 
 
 def test_compile_is_refused_for_image_models():
-    path = Path(__file__).resolve().parents[1] / "configs" / "image" / "tiny.toml"
+    path = ROOT / "configs" / "image" / "tiny.toml"
     with pytest.raises(ConfigError, match="train.compile: the image models"):
         load_config(path, ["train.compile=true"])

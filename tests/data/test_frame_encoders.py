@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 from support.text import training_rows
 from support.vision import evaluation_rows, events, same_weights, video_config, write_tiny_vae
 
@@ -25,7 +26,7 @@ from ebt.modalities.video.task import VideoModality
 from ebt.models import frame_dim
 from ebt.training.trainer import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
+CONFIGS = ROOT / "configs" / "video"
 SIZE = 16  # frames of 16 x 16: latents 4 x 2 x 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: threads only spin
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import ROOT
 from support.text import interrupt_at, training_rows
 from support.text import tiny_overrides as text_overrides
 from support.vision import image_config
@@ -27,7 +28,7 @@ from ebt.thinking.selection import Selection, thinking_curves
 from ebt.training.interrupt import TrainingInterrupted
 from ebt.training.trainer import Trainer, train
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
+TINY = ROOT / "configs" / "text" / "tiny.toml"
 
 
 def tiny_overrides(corpus: Path) -> list[str]:

@@ -4,17 +4,17 @@ frame vectors of data.frame_dim numbers (as precomputed VAE latents). No timing 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 from support.vision import VIDEO_SHRINK
 
 from ebt.cli.main import main
 from ebt.config import load_config
 from ebt.training.bench import example_batch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
+CONFIGS = ROOT / "configs" / "video"
 TINY = [*VIDEO_SHRINK, "train.batch_size=2", "train.num_threads=1", "train.device=cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 

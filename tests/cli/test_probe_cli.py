@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 from support.text import four_step_run
 
 from ebt.cli.main import main
 from ebt.thinking.selection import thinking_passes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "text"
+CONFIGS = ROOT / "configs" / "text"
 POINT_KEYS = {
     "split",
     "steps",

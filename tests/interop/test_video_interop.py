@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import VECTORS
+from support import ROOT, VECTORS
 from support.tolerances import relative
 
 import ebt
@@ -19,7 +19,7 @@ from ebt.interop.convert import read_reference_checkpoint
 from ebt.models import build_model, frame_dim
 
 TOLERANCE = 1e-4  # relative to the largest expected magnitude
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "video"
+CONFIGS = ROOT / "configs" / "video"
 PAPER_LATENTS = [  # SD-VAE latents of 224 x 224 frames: the only frames the paper's code reads
     "data.frame_encoder=vae",
     "data.frame_size=224",

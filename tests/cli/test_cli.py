@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import ROOT
 from support.text import tiny_overrides as text_overrides
 from support.tolerances import relative
 
@@ -19,7 +20,7 @@ from ebt.data import iter_eval_batches, load_tokenizer
 from ebt.modalities import modality_for
 from ebt.training.tracking import read_metrics
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "text" / "tiny.toml"
+TINY = ROOT / "configs" / "text" / "tiny.toml"
 TEXT = "\n\n".join(
     f"the {animal} sat on the {thing} and looked at the {other}."
     for animal in ("cat", "dog", "fox", "owl")
