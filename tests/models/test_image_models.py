@@ -14,7 +14,7 @@ import torch
 from support.tolerances import relative
 from torch.func import functional_call
 
-from ebt.config import ThinkConfig
+from ebt.config import ThinkConfig, load_config
 from ebt.interop.image_reference import (
     convert_image_state_dict,
     image_model_from_reference,
@@ -23,6 +23,7 @@ from ebt.interop.image_reference import (
 )
 from ebt.modalities import ImageTask
 from ebt.modalities.image.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
+from ebt.models.builders import build_model
 from ebt.models.dit import DiT, DiTArgs
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
 from ebt.nn.dit import patch_grid, patchify, sincos_position_table, unpatchify
@@ -276,3 +277,19 @@ def test_schedule_and_ddim_agree_with_diffusers():
         expected = theirs.step(output[:, :3], step, x, eta=0.0, use_clipped_model_output=True)
         actual = ours.ddim_step(output, x, torch.full((2,), step))
         assert relative(actual, expected.prev_sample) <= 1e-4
+
+
+def test_inference_steps_are_per_landscape_for_every_modality():
+    """think.landscapes=2, think.steps=3: inference_steps is 3 (steps per landscape) for the
+    text and the image EBT alike, a default think() takes 2 x 3 steps and think(steps=2) 2 x 2."""
+    small = ["model.dim=16", "model.layers=1", "model.heads=2", "train.device=cpu"]
+    thinking = ["think.landscapes=2", "think.steps=3"]
+    text = build_model(load_config("text/tiny", [*small, *thinking, "data.seq_len=4"]), 11)
+    image_overrides = [*small, *thinking, "data.image_size=4", "model.patch_size=2"]
+    image = build_model(load_config("image/tiny", image_overrides))
+    tokens = torch.randint(0, 11, (1, 4))
+    images = torch.randn(1, 3, 4, 4)
+    for model, start in ((text, tokens), (image, images)):
+        assert model.args.landscapes == 2 and model.args.inference_steps == 3
+        assert len(model.think(start).states) == 6
+        assert len(model.think(start, steps=2).states) == 4

@@ -116,7 +116,9 @@ def add_denoise_command(sub: Any) -> None:
         "--noise-level", type=levels, default=None, help="default: data.noise_level,ood_noise_level"
     )
     once = "(--input: one value, default the trained steps)"
-    denoise.add_argument("--steps", type=STEPS_LIST, default=None, help=f"1,2,4 {once}")
+    denoise.add_argument(
+        "--steps", type=STEPS_LIST, default=None, help=f"steps per landscape, 1,2,4 {once}"
+    )
     denoise.add_argument("--samples", type=STEPS_LIST, default=None, help="best-of-N, e.g. 1,4")
     denoise.add_argument(
         "--perturbation",

@@ -162,7 +162,8 @@ def image_model_from_reference(
                 step_size=float(hparams.get("mcmc_step_size", 500.0)),
                 step_size_learnable=bool(hparams.get("mcmc_step_size_learnable", False)),
                 langevin_noise=float(hparams.get("langevin_dynamics_noise", 0.0)),
-                inference_steps=int(hparams.get("mcmc_num_steps", 1)),
+                landscapes=int(hparams.get("mcmc_num_steps", 1)),  # one step on each
+                inference_steps=1,
             )
         )
     model.load_state_dict(convert_image_state_dict(reference), strict=True)

@@ -6,12 +6,11 @@ Text and video share the autoregressive energy transformer and the Transformer++
 ids in, logits out; video: one token per frame, frame vectors of `frame_dim` numbers in and
 out); images have the bidirectional image EBT and the DiT.
 
-`inference_steps` (the default of `model.think(steps=None)`): for the sequence models the steps
-per landscape (`think()` runs landscapes x steps); for the image EBT, which has no landscape
-conditioning, the total, landscapes x steps, on one landscape. The step count a default
-`think()` takes is therefore the same for every modality; only the unit of an explicit
-`think(steps=k)` differs (per landscape for text and video, in total for images: image runs
-imported from the paper have several landscapes, and `ebt denoise --steps` counts them all).
+`inference_steps` (the default of `model.think(steps=None)`) is the steps per landscape for
+every energy model, and `think(steps=k)` runs `landscapes` x k steps (`args.landscapes`, the
+config's think.landscapes). The image EBT has no landscape conditioning, so its landscapes are
+only repeats of the steps (image runs imported from the paper have one step on each of its
+mcmc_num_steps landscapes).
 """
 
 from __future__ import annotations
@@ -113,7 +112,8 @@ def build_image_model(config: Config, vocab_size: int = 0) -> nn.Module:
             step_size=think.step_size,
             step_size_learnable=think.step_size_learnable,
             langevin_noise=think.langevin_noise,
-            inference_steps=steps_per_landscape(config) * think.landscapes,  # total: one landscape
+            landscapes=think.landscapes,
+            inference_steps=steps_per_landscape(config),  # per landscape
         )
     )
 

@@ -35,7 +35,8 @@ class ImageEnergyArgs(ImageShape):
     step_size: float = 3000.0
     step_size_learnable: bool = True
     langevin_noise: float = 0.0
-    inference_steps: int = 1  # default number of thinking steps at inference
+    landscapes: int = 1  # repeats of the steps (no landscape conditioning: labels only)
+    inference_steps: int = 1  # default steps per landscape for `think`
 
 
 class ImageEnergyTransformer(EnergyPlumbing, nn.Module):
@@ -145,11 +146,12 @@ class ImageEnergyTransformer(EnergyPlumbing, nn.Module):
     ) -> Trajectory:
         """Denoise images (B, C, H, W) by thinking at inference, starting from them.
 
-        steps: default the trained recipe's; step_size: None the trained alpha, 0 < a < 1
-        that fraction of it, a >= 1 the absolute alpha; langevin_noise: default the trained
-        sigma, 0 none. states[k] is the image after step k, energies[k] (B,) the energy of
-        the image step k starts from.
+        steps: steps per landscape (default: the trained recipe's), as the sequence models';
+        the image EBT has no landscape conditioning, so its landscapes are repeats. step_size:
+        None the trained alpha, 0 < a < 1 that fraction of it, a >= 1 the absolute alpha;
+        langevin_noise: default the trained sigma, 0 none. states[k] is the image after step k,
+        energies[k] (B,) the energy of the image step k starts from.
         """
-        schedule = step_schedule(1, steps or self.args.inference_steps)
+        schedule = step_schedule(self.args.landscapes, steps or self.args.inference_steps)
         options = step_options(self, step_size, langevin_noise, accept_lower_energies)
         return run_thinking(self, None, noisy, schedule, options)

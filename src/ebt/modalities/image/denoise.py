@@ -72,8 +72,8 @@ def think_images(
     samples: int,
     opts: DenoiseOptions,
 ) -> ImageVerdict:
-    """Best-of-`samples` thinking from noisy images (B, C, H, W), `steps` each (None: the
-    trained number); see the module docstring."""
+    """Best-of-`samples` thinking from noisy images (B, C, H, W), `steps` per landscape each
+    (None: the trained number); see the module docstring."""
     starts = noisy.expand(samples, *noisy.shape).clone()  # (N, B, C, H, W)
     starts[1:] += opts.perturbation * torch.randn_like(starts[1:])  # sample 0: the noisy image
     trajectory = model.think(starts.flatten(0, 1), steps=steps, **opts.thinking.think_arguments())
@@ -87,12 +87,12 @@ def think_images(
 def halt_images(
     model: torch.nn.Module, noisy: torch.Tensor, steps: int | None, opts: DenoiseOptions
 ) -> ImageVerdict:
-    """Adaptive halting from noisy images (B, C, H, W), at most `steps` steps per image
-    (None: the trained number)."""
+    """Adaptive halting from noisy images (B, C, H, W), at most `steps` steps per
+    landscape per image (None: the trained number)."""
     thinking, steps = opts.thinking, steps or model.args.inference_steps
     options = step_options(model, thinking.step_size, thinking.langevin_noise)
     context = shared_context(model, {0: NoContext()}, None)
-    schedule = step_schedule(1, steps)
+    schedule = step_schedule(model.args.landscapes, steps)
     halted = halt(model, noisy.clone(), schedule, options, context, opts.tolerance, dim=0)
     energies = final_energies(model, NoContext(), halted.state)  # (B,)
     passes = float(halted.evaluations.mean())
