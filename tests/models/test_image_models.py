@@ -58,7 +58,8 @@ def test_image_ebt_thinking_matches_paper(vectors_dir, dtype):
     clean, noise = expected["clean"].to(dtype), expected["noise"].to(dtype)
     noisy = schedule.q_sample(clean, expected["timestep"], noise)  # (B, C, H, W)
     assert relative(noisy, expected["noisy"]) <= TOLERANCE
-    trajectory = model.think(expected["noisy"].to(dtype), steps=2)
+    trajectory = model.think(expected["noisy"].to(dtype))  # 2 landscapes of 1 step
+    assert len(trajectory.states) == len(expected["states"]) == 2
     for k in range(2):
         assert relative(trajectory.energies[k], expected["energies"][k]) <= TOLERANCE
         assert relative(trajectory.states[k], expected["states"][k]) <= TOLERANCE
