@@ -233,3 +233,22 @@ def test_resume_after_truncating_the_latest_checkpoint_falls_back_exactly(tmp_pa
     second, _ = load_model_state(broken)
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert training_rows(whole) == training_rows(broken)
+
+
+def test_a_torn_metrics_line_keeps_the_resume_record_and_the_run_exact(tmp_path, corpus, capfd):
+    """A crash mid-write leaves `{"step": 5, "lo` at the end of metrics.jsonl: the resume moves
+    it aside, logs its resume row on a line of its own, and continues bit for bit."""
+    whole, torn = tmp_path / "whole", tmp_path / "torn"
+    extra = ["train.save_every=2", "train.schedule_steps=6"]
+    train(tiny_config(whole, corpus, *extra))
+    train(tiny_config(torn, corpus, *extra, "train.max_steps=4"))
+    with open(torn / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')
+    capfd.readouterr()
+    train(tiny_config(torn, corpus, *extra))
+    assert "moved it aside" in capfd.readouterr().err
+    lines = (torn / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every line whole again
+    assert [(row["event"], row["step"]) for row in rows if "event" in row] == [("resume", 4)]
+    assert training_rows(torn) == training_rows(whole)
+    assert (torn / "metrics.jsonl.torn").read_text() == '{"step": 5, "lo'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 import types
@@ -109,3 +110,41 @@ def test_wandb_and_tensorboard_sinks_get_scalars(
     scalars = [c[1] for c in writer.calls if c[0] == "add_scalar"]
     assert scalars == [("loss", 1.5, 4), ("val/loss", 2.0, 4)]
     assert writer.calls[-1][0] == "close"
+
+
+def _torn_log(run_dir: Path, tail: str) -> Path:
+    with MetricsLogger(run_dir, {}) as logger:
+        for step in (1, 2):
+            logger.log({"step": step, "loss": 1.0 / step})
+    path = run_dir / "metrics.jsonl"
+    with open(path, "a") as handle:
+        handle.write(tail)  # a crash or a full disk mid-write
+    return path
+
+
+def test_a_torn_last_line_is_moved_aside_before_the_next_row(tmp_path: Path, capsys) -> None:
+    """The next row must not be glued to the torn one ('{"step": 3, "lo{"event": ...')."""
+    path = _torn_log(tmp_path, '{"step": 3, "lo')
+    with MetricsLogger(tmp_path, {}) as logger:
+        logger.log({"event": "resume", "step": 2})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines][-1] == {"event": "resume", "step": 2}
+    assert len(lines) == 3 and (tmp_path / "metrics.jsonl.torn").read_text() == '{"step": 3, "lo'
+    assert "torn line (15 bytes" in capsys.readouterr().err
+    _torn_log(tmp_path, "{")  # a second tear keeps the first one's file
+    MetricsLogger(tmp_path, {}).close()
+    assert (tmp_path / "metrics.jsonl.torn-2").read_text() == "{"
+
+
+def test_a_whole_row_that_lost_only_its_newline_is_kept(tmp_path: Path, capsys) -> None:
+    path = _torn_log(tmp_path, '{"step": 3, "loss": 0.25}')
+    with MetricsLogger(tmp_path, {}) as logger:
+        logger.log({"step": 4, "loss": 0.2})
+    assert [row["step"] for row in read_metrics(path)] == [1, 2, 3, 4]
+    assert not (tmp_path / "metrics.jsonl.torn").exists() and capsys.readouterr().err == ""
+
+
+def test_readers_skip_and_count_unreadable_lines(tmp_path: Path, capsys) -> None:
+    path = _torn_log(tmp_path, '{"step": 3, "loss": 0.3}\nnot json\n[1, 2]\n{"step": 4}\n{"st')
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert capsys.readouterr().err == f"ebt: warning: {path}: skipped 3 unreadable line(s)\n"

@@ -21,6 +21,7 @@ from ebt.modalities.text.generate import Sampling, generate
 from ebt.modalities.video.figures import write_strip
 from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
 from ebt.outputs import atomic_path
+from ebt.training import tracking
 from ebt.training.rundir import flatten_config
 from ebt.training.tracking import METRICS_FILE
 
@@ -34,17 +35,10 @@ SAMPLE_PROMPT = "def "
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """The rows of RUN/metrics.jsonl (a torn last line, from a crash, is skipped)."""
-    path = run / METRICS_FILE
-    if not path.is_file():
+    """The readable rows of RUN/metrics.jsonl (unreadable lines skipped with a count on stderr)."""
+    if not (run / METRICS_FILE).is_file():
         raise EbtError(f"{run}: no {METRICS_FILE} (not a run directory, or never trained)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return tracking.read_metrics(run)
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> dict[str, tuple[list, list]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class MetricsLogger:
             self._tensorboard = _open_tensorboard(self.run_dir, config)
         if wandb:
             self._wandb = _open_wandb(self.run_dir, config, wandb_project)
+        repair_metrics(self.path)  # a torn last line would swallow the next row
         self._file = open(self.path, "a", encoding="utf-8")  # closed in close()
 
     def log(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -142,25 +144,72 @@ def _open_wandb(run_dir: Path, config: dict[str, Any], project: str) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All rows of `RUN/metrics.jsonl` (or of the .jsonl file given), in order.
+    """All readable rows of `RUN/metrics.jsonl` (or of the .jsonl file given), in order.
 
-    A truncated last line (a crash mid-write) is skipped; a bad line elsewhere raises ValueError.
+    An unreadable line (a torn last line from a crash or a full disk, or damage elsewhere) is
+    skipped and counted: one warning on stderr names the file and the count.
     """
+    rows, skipped, path = read_metrics_counted(run_dir)
+    if skipped:
+        print(f"ebt: warning: {path}: skipped {skipped} unreadable line(s)", file=sys.stderr)
+    return rows
+
+
+def read_metrics_counted(run_dir: str | Path) -> tuple[list[dict[str, Any]], int, Path]:
+    """(the readable rows, how many lines were not, the file read); no file: ([], 0, path)."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
-        return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
-    for index, line in enumerate(lines):
+        return [], 0, path
+    rows, skipped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if index == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{index + 1}: not a JSON object: {error}") from error
-    return rows
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped, path
+
+
+def repair_metrics(path: Path) -> Path | None:
+    """Before anything is appended: a last line without its newline (a crash or a full disk
+    mid-write) is completed when it is a whole row, else moved aside to `metrics.jsonl.torn`
+    (kept for inspection; `.torn-2`, ... if taken) with a note on stderr. Returns that file."""
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    tail = data[cut:]
+    with open(path, "r+b") as handle:
+        if _is_row(tail):
+            handle.seek(len(data))
+            handle.write(b"\n")  # the row was whole: only its newline was lost
+            return None
+        handle.truncate(cut)
+    aside, number = path.with_name(f"{path.name}.torn"), 1
+    while aside.exists():
+        number += 1
+        aside = path.with_name(f"{path.name}.torn-{number}")
+    aside.write_bytes(tail)
+    print(
+        f"ebt: warning: {path} ended in a torn line ({len(tail)} bytes: a crash or a full disk "
+        f"mid-write); moved it aside to {aside}",
+        file=sys.stderr,
+    )
+    return aside
+
+
+def _is_row(text: bytes) -> bool:
+    try:
+        return isinstance(json.loads(text.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def truncate_metrics(run_dir: str | Path, after_step: int) -> int:
