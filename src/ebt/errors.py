@@ -10,6 +10,7 @@ their old homes: `ebt.config.ConfigError`, `ebt.data.corpus.DataError`, ...).
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -64,3 +65,24 @@ class TrainingInterrupted(EbtError):
 class ThinkingError(FloatingPointError):
     """A thinking step produced a NaN or Inf gradient (a bug or a diverged model, not the
     user's input: not an EbtError, so it keeps its traceback)."""
+
+
+class MachineError(EbtError):
+    """A fault of the machine, not of the input: a full disk, a read-only filesystem, no
+    permission. The message names the file, the cause and what is intact."""
+
+
+MACHINE_CAUSES = {  # errno name -> the cause in words
+    "ENOSPC": "no space left on device",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "read-only file system",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EIO": "input/output error",
+}
+
+
+def machine_cause(error: OSError) -> str | None:
+    """The cause in words when `error` is a machine fault (see MACHINE_CAUSES), else None."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    return MACHINE_CAUSES.get(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from ebt.checkpoint.layout import (
     prune_checkpoints,
     step_dir_name,
 )
+from ebt.errors import MachineError, machine_cause
 from ebt.nn.wrappers import unwrap
 
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
@@ -37,8 +39,9 @@ def _fsync_path(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as error:  # only a directory may refuse; a file's failure (ENOSPC) counts
+        if not path.is_dir() or error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
@@ -207,6 +210,12 @@ def save_checkpoint(
     try:
         _write_step_files(tmp, step, model, config_dict, optimizer, scheduler, extra)
         _move_into_place(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        cause = machine_cause(error)
+        if cause is None:
+            raise
+        raise MachineError(f"could not write the checkpoint {final}: {cause}") from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -31,7 +31,7 @@ from ebt.cli.denoise import add_denoise_command
 from ebt.cli.probe import add_probe_command
 from ebt.cli.rollout import add_rollout_command
 from ebt.config import ConfigError, load_config
-from ebt.errors import EbtError
+from ebt.errors import EbtError, MachineError, machine_cause
 from ebt.outputs import DIRECTORY, JSONL, PNG, Output, atomic_path, check_outputs
 from ebt.runtime import keep_freed_memory
 from ebt.thinking.loop import ThinkingError
@@ -356,3 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `ebt presets | head`: the reader left early; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 141  # 128 + SIGPIPE, as a shell reports it
+    except OSError as error:  # a full disk, a read-only filesystem: one line, not a traceback
+        cause = machine_cause(error)
+        if cause is None or _debugging(args):
+            raise
+        return _report(MachineError(f"cannot write {error.filename or 'a file'}: {cause}"))

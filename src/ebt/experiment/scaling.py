@@ -132,8 +132,13 @@ def save_results(study: Study, results: dict[str, Any]) -> Path:
     path = Path(study.out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # the previous results.json stays whole
+        raise
     return path
 
 

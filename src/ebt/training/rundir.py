@@ -16,13 +16,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from ebt import checkpoint
 from ebt.config import ConfigError
-from ebt.errors import RunBusyError
+from ebt.errors import MachineError, RunBusyError
 
 LOCK_FILE = ".lock"
 
@@ -193,3 +195,27 @@ def _holder() -> dict[str, Any]:
         "started": started,
         "command": command,
     }
+
+
+def intact_note(run_dir: Path) -> str:
+    """What survives a failed write: the newest complete checkpoint and how to resume from it."""
+    complete = checkpoint.step_dirs(run_dir)
+    if not complete:
+        return "no complete checkpoint yet: running the command again starts over"
+    return f"intact: {complete[-1]} (resume: ebt train {run_dir / 'config.json'})"
+
+
+def check_space(run_dir: Path, step: int) -> None:
+    """Before writing checkpoint `step`: the newest complete checkpoint's size against the free
+    space, so a run near a full disk stops at a step boundary instead of failing mid-write."""
+    complete = checkpoint.step_dirs(run_dir)
+    if not complete:
+        return
+    needed = sum(path.stat().st_size for path in complete[-1].iterdir() if path.is_file())
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise MachineError(
+            f"not enough space for the step-{step} checkpoint in {run_dir}: {free / 2**20:.1f} "
+            f"MiB free, the last one took {needed / 2**20:.1f} MiB; stopped before writing it; "
+            + intact_note(run_dir)
+        )

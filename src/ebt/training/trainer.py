@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ebt import checkpoint
 from ebt.config import Config, ConfigError
 from ebt.data import iter_eval_batches
-from ebt.errors import RunBusyError
+from ebt.errors import MachineError, RunBusyError
 from ebt.modalities import modality_for
 from ebt.models import build_model, compile_for_training
 from ebt.training.distributed import (
@@ -60,7 +60,14 @@ from ebt.training.interrupt import StopRequest, TrainingInterrupted
 from ebt.training.objective import Objective, backward
 from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.training.replay import ReplayBuffer
-from ebt.training.rundir import RunLock, check_resumable, config_changes, resume_row
+from ebt.training.rundir import (
+    RunLock,
+    check_resumable,
+    check_space,
+    config_changes,
+    intact_note,
+    resume_row,
+)
 from ebt.training.tracking import MetricsLogger, format_row, truncate_metrics
 
 
@@ -237,16 +244,21 @@ class Trainer:
         if is_sharded(self.model):  # full state dicts, gathered onto rank 0's CPU
             model = full_model_state(self.model)
             optimizer = full_optimizer_state(self.model, self.optimizer)
-        checkpoint.save_checkpoint(
-            self.run_dir,
-            self.step,
-            model,
-            self.config.to_dict(),
-            optimizer,
-            self.scheduler,
-            extra=extra,
-            keep=self.config.train.keep_checkpoints,
-        )
+        if self.context.is_main and not self.context.enabled:  # one process: nobody waits
+            check_space(self.run_dir, self.step)
+        try:
+            checkpoint.save_checkpoint(
+                self.run_dir,
+                self.step,
+                model,
+                self.config.to_dict(),
+                optimizer,
+                self.scheduler,
+                extra=extra,
+                keep=self.config.train.keep_checkpoints,
+            )
+        except MachineError as error:
+            raise MachineError(f"{error}; {intact_note(self.run_dir)}") from error
         barrier()
 
     def _due(self, every: int) -> bool:
