@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebt.errors import EbtError, OutputError  # noqa: F401 (OutputError: raised here, defined there)
+from ebt.errors import OutputError
 
 PNG = (".png",)
 GIF = (".gif",)

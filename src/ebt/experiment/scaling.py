@@ -25,7 +25,12 @@ from typing import Any
 from ebt.config import Config, ConfigError, apply_overrides, finalize, load_config
 from ebt.experiment.axes import Point, axis_overrides, copy_config, parse_values
 from ebt.experiment.flops import parameter_counts, training_flops_per_step
+from ebt.experiment.report import write_report
 from ebt.modalities import MODALITIES, unit_for
+from ebt.models import build_model
+from ebt.training import trainer
+from ebt.training.bench import baseline_config, vocabulary_size
+from ebt.training.distributed import barrier, is_main_process, setup, teardown
 
 RESULTS_FILE = "results.json"
 MODELS = ("ebt", "baseline")
@@ -104,8 +109,6 @@ def point_config(study: Study, base: Config, point: Point) -> Config:
     """The config a point trains: the base (or its baseline twin) at the point's value."""
     config = copy_config(base)
     if point.model == "baseline":
-        from ebt.training.bench import baseline_config
-
         config = baseline_config(config)
     run_dir = Path(study.out_dir) / "runs" / point.name
     apply_overrides(config, [*point.overrides, f"train.out_dir={run_dir}"])
@@ -157,9 +160,6 @@ def _x(point: Point, config: Config, counts: dict[str, int]) -> float:
 
 def measure_point(study: Study, point: Point, config: Config, final: dict[str, Any]) -> dict:
     """A finished point's row: its axis position, metric, counted FLOPs and parameters."""
-    from ebt.models import build_model
-    from ebt.training.bench import vocabulary_size
-
     vocab_size = vocabulary_size(config)
     counts = parameter_counts(build_model(config, vocab_size))
     per_step = training_flops_per_step(config, vocab_size)
@@ -186,8 +186,6 @@ def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
     """Train every unfinished point, record each as it finishes, then fit and report. Under
     torchrun the study holds the process group from its first point to its end (each point's
     training runs on every rank; rank 0 alone writes and reports)."""
-    from ebt.training.distributed import barrier, setup, teardown
-
     base = base_config(study)
     context = setup(base.train.device)
     try:
@@ -200,10 +198,6 @@ def run_study(study: Study, progress: Any = None) -> dict[str, Any]:
 
 
 def _run_points(study: Study, base: Config, progress: Any) -> dict[str, Any]:
-    from ebt.experiment.report import write_report
-    from ebt.training.distributed import is_main_process
-    from ebt.training.trainer import train
-
     points = plan(study, base)
     configs = {point.name: point_config(study, base, point) for point in points}
     results = load_results(study, base)
@@ -217,7 +211,7 @@ def _run_points(study: Study, base: Config, progress: Any) -> dict[str, Any]:
             continue
         say(f"{label}: training {config.train.max_steps} steps in {config.train.out_dir}")
         start = time.perf_counter()
-        final = train(config)
+        final = trainer.train(config)  # looked up at call time (tests replace it)
         row = measure_point(study, point, config, final) | {"seconds": time.perf_counter() - start}
         results["points"][point.name] = row
         if is_main_process():

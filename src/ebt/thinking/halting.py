@@ -154,7 +154,7 @@ def adaptive_think(
         row_caches = {landscape: c.select(one, c.landscape) for landscape, c in caches.items()}
         context = shared_context(model, row_caches, rows)
         result = halt(model, state[one], schedule, options, context, tolerance, grad_tolerance, 1)
-        state[one], energies[row], steps[row] = result.state, result.energies, result.steps
+        energies[row], steps[row] = result.energies, result.steps  # state: updated in place
         evaluations[row] = result.evaluations
     return AdaptiveResult(state, energies, steps, float(evaluations.mean()))
 

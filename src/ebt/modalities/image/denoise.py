@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ebt.api import LoadedRun
 from ebt.config import ConfigError
+from ebt.data import iter_eval_batches
 from ebt.modalities.image.classical import METHODS, denoise_batch
 from ebt.modalities.image.diffusion import GaussianDiffusion
 from ebt.modalities.image.task import ImageModality, pixel_mse, psnr
@@ -359,8 +360,6 @@ def check_levels(diffusion: GaussianDiffusion, levels: list[float]) -> None:
 def eval_crops(run: LoadedRun, split: str, batches: int = 0) -> list[torch.Tensor]:
     """The fixed evaluation crops of `split` in batches (B, C, S, S) of train.batch_size;
     batches 0: train.eval_batches of them."""
-    from ebt.data import iter_eval_batches
-
     dataset = ImageModality(run.config).dataset(split)
     train = run.config.train
     device = next(run.model.parameters()).device
