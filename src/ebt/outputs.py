@@ -66,6 +66,11 @@ def _check_parent(output: Output, path: Path) -> None:
 
 
 def _check_format(output: Output, path: Path) -> None:
+    if path.is_symlink():  # files and directories alike: writing would reach the target
+        raise OutputError(
+            f"{output.flag} {output.path}: a symbolic link (to {os.path.realpath(path)}); "
+            "name the file itself"
+        )
     if not output.suffixes:  # a directory
         if path.exists() and not path.is_dir():
             raise OutputError(f"{output.flag} {output.path}: a file, not a directory")
@@ -76,11 +81,6 @@ def _check_format(output: Output, path: Path) -> None:
         )
     if path.suffix.lower() not in output.suffixes:
         raise OutputError(f"{output.flag} {output.path}: name a {'/'.join(output.suffixes)} file")
-    if path.is_symlink():
-        raise OutputError(
-            f"{output.flag} {output.path}: a symbolic link (to {os.path.realpath(path)}); "
-            "name the file itself"
-        )
 
 
 def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path] = ()) -> list[Output]:

@@ -21,7 +21,7 @@ from ebt.cli.main import main
 from ebt.errors import RunBusyError
 from ebt.modalities.image.denoise import ImageVerdict
 from ebt.modalities.image.tiling import denoise_tiled
-from ebt.outputs import PNG, Output, OutputError, atomic_path, check_outputs
+from ebt.outputs import DIRECTORY, PNG, Output, OutputError, atomic_path, check_outputs
 from ebt.training.rundir import RunLock
 from ebt.training.trainer import train
 
@@ -60,16 +60,14 @@ def test_library_code_never_sees_argparse():
                 for parameter in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
                     if _takes_parsed_flags(parameter):
                         leaks.append(f"{name}:{node.lineno} ({node.name}: {parameter.arg})")
-    # `python -m ebt` is the entry point; `ebt report` still runs rollout's command (issue 21,
-    # "report calls the rollout library", is another slice's)
-    allowed = {"__main__.py", "experiment/run_report.py"}
+    allowed = {"__main__.py"}  # `python -m ebt` is the entry point
     assert [leak for leak in leaks if leak.split(":")[0] not in allowed] == []
 
 
 # --- the helper ------------------------------------------------------------------------------
 
 
-def test_check_outputs_refuses_what_it_must(tmp_path):
+def test_check_outputs_refuses_what_it_must(tmp_path, monkeypatch):
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"pixels")
     (tmp_path / "sub").mkdir()
@@ -90,11 +88,14 @@ def test_check_outputs_refuses_what_it_must(tmp_path):
         with pytest.raises(OutputError, match=message):
             check_outputs([Output("--plot", path, PNG)], inputs=[photo])
     twice = [Output("--strip", str(tmp_path / "a.png"), PNG), Output("--plot", "a.png", PNG)]
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(OutputError, match="also written by --strip"):
         check_outputs(twice)
     fine = check_outputs([Output("--plot", str(tmp_path / "new" / "deeper" / "p.png"), PNG)])
     assert len(fine) == 1 and not (tmp_path / "new").exists()  # checking creates nothing
+    (tmp_path / "linked-dir").symlink_to(tmp_path / "sub", target_is_directory=True)
+    with pytest.raises(OutputError, match="a symbolic link"):  # a directory output too
+        check_outputs([Output("--out", str(tmp_path / "linked-dir"), DIRECTORY)])
 
 
 def test_atomic_path_replaces_only_on_success_and_leaves_no_temporary(tmp_path):
