@@ -143,7 +143,8 @@ class TrainConfig:
     out_dir: str = "runs/ebt"
     seed: int = 33
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    tf32: bool = True  # CUDA: float32 matrix products on TF32 tensor cores
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
     progress: bool = True
     tensorboard: bool = False
@@ -152,6 +153,7 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2; used only under torchrun)
     activation_checkpointing: bool = False  # recompute each second-order thinking step
     compile: bool = False  # torch.compile the training passes (needs a C++ compiler on CPU)
+    cuda_graphs: bool = False  # with compile on CUDA: mode="reduce-overhead" (CUDA graphs)
 
 
 @dataclass

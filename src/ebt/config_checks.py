@@ -120,7 +120,7 @@ RULES: dict[str, Rule] = {
     "train.out_dir": NOT_EMPTY,
     "train.seed": (lambda value: -(2**63) <= value < 2**63, "in [-2**63, 2**63)"),
     "train.device": (lambda value: bool(DEVICE.fullmatch(value)), "auto, cpu, cuda, cuda:N or mps"),
-    "train.precision": _choice("fp32", "bf16"),
+    "train.precision": _choice("auto", "fp32", "bf16"),
     "train.num_threads": _ge(0, "0 = torch default"),
     "train.wandb_project": NOT_EMPTY,
     "train.parallel": _choice("ddp", "fsdp"),
@@ -150,6 +150,8 @@ def cross_checks(config: Config) -> list[str]:
         problems.append(
             f"model.dim / model.heads = {model.dim // model.heads} must be even (RoPE pairs)"
         )
+    if config.train.cuda_graphs and not config.train.compile:
+        problems.append("train.cuda_graphs=true needs train.compile=true (graphs of compiled passes)")
     problems += source_problems(config.data.source, "data.source")
     problems += source_problems(config.data.ood_source, "data.ood_source")
     if think.random_steps and think.random_steps_min > think.random_steps + 1:

@@ -424,6 +424,7 @@ def test_torchrun_trains_one_run_directory(tmp_path):
         "config.json",
         "latest",
         "metrics.jsonl",
+        "runtime.json",
         "step_000002",
         "tokenizer",
     ]

@@ -30,19 +30,26 @@ __all__ = [
     "build_image_model",
     "build_model",
     "compile_for_training",
+    "prepare_inductor",
     "frame_dim",
 ]
 
 
-def compile_for_training(model: nn.Module, device: torch.device) -> None:
+def compile_for_training(model: nn.Module, device: torch.device, mode: str | None = None) -> None:
     """train.compile: torch.compile the passes of a training step (see the models'
-    compile_training_passes). Compilation happens on the first step (about a minute on CPU)."""
+    compile_training_passes; mode: torch.compile's, "reduce-overhead" for CUDA graphs).
+    Compilation happens on the first step (about a minute on CPU)."""
+    prepare_inductor(device)
+    model.compile_training_passes(mode=mode)
+
+
+def prepare_inductor(device: torch.device) -> None:
+    """Refuse (ValueError) a CPU without a C++ compiler, which inductor needs there; quiet the
+    warning about complex numbers (RoPE), which inductor leaves to eager kernels."""
     compilers = ("c++", "g++", "clang++")
     if device.type == "cpu" and not any(shutil.which(name) for name in compilers):
         raise ValueError(
             "train.compile=true needs a C++ compiler on CPU (torch.compile's inductor writes "
             "C++ kernels): install g++ or clang++, or set train.compile=false"
         )
-    # RoPE multiplies complex numbers; inductor leaves those few ops to eager kernels
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation")
-    model.compile_training_passes()

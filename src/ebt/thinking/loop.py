@@ -176,7 +176,10 @@ def encode_caches(
 
 def _check_finite(gradient: torch.Tensor, index: int, landscape: int) -> None:
     # One reduction first (NaN and Inf propagate through a sum); the element-wise test only
-    # when the sum is not finite, which a finite gradient reaches only by overflowing.
+    # when the sum is not finite, which a finite gradient reaches only by overflowing. Not in a
+    # graph torch.compile captures whole (the test is a host branch on device data).
+    if torch.compiler.is_compiling():
+        return
     if not torch.isfinite(gradient.sum()) and not torch.isfinite(gradient).all():
         raise ThinkingError(
             f"NaN or Inf in the candidate gradient dE/dp at thinking step {index} "
@@ -251,6 +254,17 @@ def recomputed_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     return checkpoint(take_step, *args, use_reentrant=False, **kwargs)
 
 
+def _leaf(model: EnergyModel, state: torch.Tensor) -> torch.Tensor:
+    """The state cut from its history, as a leaf autograd differentiates the energy by. A model
+    that gives its own gradient (energies_and_gradient makes its own leaf where it asks
+    autograd) needs none, and inside a whole-step torch.compile graph a requires_grad_() on an
+    intermediate cannot be traced."""
+    state = state.detach()
+    if torch.compiler.is_compiling() and hasattr(model, "energies_and_gradient"):
+        return state
+    return state.requires_grad_()
+
+
 def think(
     model: EnergyModel,
     tokens: torch.Tensor | None,
@@ -275,7 +289,7 @@ def think(
         for index, landscape in enumerate(schedule):
             cache = cache_of(model, caches, landscape)
             if options.detach or not options.create_graph or not state.requires_grad:
-                state = state.detach().requires_grad_()
+                state = _leaf(model, state)
             keep_graph = options.create_graph and (not options.truncate or index == last)
             where = (index, landscape)
             step = recomputed_step if options.recompute and keep_graph else take_step

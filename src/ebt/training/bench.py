@@ -28,11 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from ebt.config import Config, ConfigError
 from ebt.modalities import modality_for, unit_for
 from ebt.modalities.text.generate import generate_ids
-from ebt.models import build_model, compile_for_training
+from ebt.models import build_model
 from ebt.runtime import keep_freed_memory
 from ebt.training.distributed import pick_device
 from ebt.training.objective import Objective
 from ebt.training.optim import build_optimizer
+from ebt.training.step import TrainingStep, prepare_model
 
 
 def example_batch(config: Config, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -49,7 +50,9 @@ def vocabulary_size(config: Config) -> int:
 
 
 class _Stepper:
-    """One model + objective + optimizer taking training steps on a fixed random batch.
+    """One model + objective + optimizer taking training steps on a fixed random batch: the
+    step `ebt train` takes (`ebt.training.step.TrainingStep`: the run's precision, TF32 policy,
+    compilation, clipping and optimizer step).
 
     task: the modality's training task (default: `modality_for(config).task("train")`; text
     configs then load their tokenizer).
@@ -60,11 +63,11 @@ class _Stepper:
     ) -> None:
         torch.manual_seed(config.train.seed)
         model = build_model(config, vocab_size).to(device)
-        if config.train.compile:  # both models alike; compilation falls in the warm-up steps
-            compile_for_training(model, device)
+        prepare_model(model, config.train, device)  # both models alike; compiles in the warm-up
         task = task if task is not None else modality_for(config).task("train")
         self.objective = Objective(model, config.think, task=task).train()
         self.optimizer = build_optimizer(model, config.train, config.think)
+        self.training_step = TrainingStep(self.objective, self.optimizer, config.train, device)
         self.batch = example_batch(config, vocab_size, device)
         self.device = device
 
@@ -73,12 +76,10 @@ class _Stepper:
             torch.cuda.synchronize(self.device)
 
     def step(self) -> float:
-        """Seconds for forward + backward + optimizer step."""
+        """Seconds for one training step (forward, backward, clipping, optimizer step)."""
         self._sync()
         start = time.perf_counter()
-        self.objective.forward_backward(self.batch)  # as training does (train.py)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.training_step(self.batch)
         self._sync()
         return time.perf_counter() - start
 
@@ -160,19 +161,24 @@ def bench_train(
     times = interleaved_times(steppers, repeats, warmup)
     compiled = config.train.compile
     gflop = {prefix: step_gflop(stepper, compiled) for prefix, stepper in steppers.items()}
+    record = steppers[""].training_step.record()
     del steppers
+    ceiling = matmul_ceiling(device, record["precision"])
     result: dict[str, Any] = {
         "device": str(device),
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "compile": config.train.compile,  # both models alike
+        "cuda_graphs": config.train.cuda_graphs and device.type == "cuda",
+        "precision": record["precision"],  # train.precision as resolved on this device
+        "tf32": record["tf32"],
+        "matmul_ceiling_tflops": ceiling["tflops"],
+        "matmul_ceiling": ceiling,
     }
     for prefix, cfg in configs.items():
         result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])
         result[f"{prefix}peak_mem_mb"] = peak_memory_mb(cfg, vocab_size, device)
-        result[f"{prefix}gflop_per_step"] = gflop[prefix]
-        if gflop[prefix] is not None:  # achieved: counted work over the median step time
-            result[f"{prefix}gflops"] = gflop[prefix] / statistics.median(times[prefix])
+        result |= throughput(prefix, gflop[prefix], result[f"{prefix}ms_per_step"], ceiling)
     if vs_baseline:
         result["ratio_vs_baseline"] = result["ms_per_step"] / result["baseline_ms_per_step"]
         # the median of per-round ratios: each round times both steps back to back, so a slow
@@ -181,6 +187,45 @@ def bench_train(
         result["ratio_vs_baseline_paired"] = statistics.median(a / b for a, b in rounds)
     result["config"] = _reported_config(config)
     return result
+
+
+def throughput(
+    prefix: str, gflop: float | None, ms_per_step: float, ceiling: dict[str, Any]
+) -> dict[str, Any]:
+    """`gflop_per_step`, the achieved `gflops` (counted work over the step time) and `mfu`
+    (achieved FLOP/s over the measured matmul ceiling), each under `prefix`; None when the
+    work was not counted (compiled models)."""
+    gflops = None if gflop is None else gflop / (ms_per_step / 1000)
+    mfu = None if gflops is None else gflops / (ceiling["tflops"] * 1000)
+    return {f"{prefix}gflop_per_step": gflop, f"{prefix}gflops": gflops, f"{prefix}mfu": mfu}
+
+
+def matmul_ceiling(
+    device: torch.device, precision: str, size: int | None = None, repeats: int = 5
+) -> dict[str, Any]:
+    """TFLOP/s of a large square matrix product timed on `device`: the rate `mfu` divides by.
+    On CUDA a bf16 product (the tensor cores' dense rate, what MFU is usually quoted against,
+    whatever the run's precision); elsewhere the run's own dtype (bf16 for precision bf16,
+    else float32). size: the matrices' side (default 8192 on CUDA, 512 elsewhere)."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda or precision == "bf16" else torch.float32
+    size = size or (8192 if cuda else 512)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)  # (N, N)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)  # (N, N)
+    times = []
+    for index in range(repeats + 2):  # two warm-up products
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tflops = 2 * size**3 / seconds / 1e12
+    return {"tflops": tflops, "dtype": str(dtype).removeprefix("torch."), "size": size}
 
 
 def step_gflop(stepper: Any, compiled: bool) -> float | None:

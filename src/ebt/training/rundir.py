@@ -25,8 +25,10 @@ from typing import Any
 from ebt import checkpoint
 from ebt.config import ConfigError
 from ebt.errors import MachineError, RunBusyError
+from ebt.outputs import atomic_path
 
 LOCK_FILE = ".lock"
+RUNTIME_FILE = "runtime.json"
 
 # Keys a resumed run may change. Learning rates, schedule and optimiser hyper-parameters are
 # written into the restored optimizer and scheduler (optim.apply_hyperparameters); the rest is
@@ -61,6 +63,7 @@ RESUMABLE_KEYS = frozenset(
                 "out_dir",
                 "device",
                 "precision",
+                "tf32",
                 "num_threads",
                 "progress",
                 "tensorboard",
@@ -69,6 +72,7 @@ RESUMABLE_KEYS = frozenset(
                 "parallel",
                 "activation_checkpointing",
                 "compile",
+                "cuda_graphs",
             )
         ),
     }
@@ -105,6 +109,15 @@ def check_resumable(run_dir: Path, changes: dict[str, list[Any]]) -> None:
         f"cannot resume {run_dir} with a different {listed}: these keys are fixed for the life "
         "of a run; drop the overrides, or train into a new train.out_dir"
     )
+
+
+def write_runtime(run_dir: Path, record: dict[str, Any]) -> Path:
+    """RUN/runtime.json: how the latest `ebt train` of the run computes (device, the precision
+    train.precision resolved to, TF32), rewritten by each start or resume."""
+    path = Path(run_dir) / RUNTIME_FILE
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def resume_row(step: int, changes: dict[str, list[Any]]) -> dict[str, Any]:

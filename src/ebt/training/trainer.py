@@ -35,11 +35,10 @@ from ebt.config import Config, ConfigError
 from ebt.data import iter_eval_batches
 from ebt.errors import MachineError, RunBusyError
 from ebt.modalities import modality_for
-from ebt.models import build_model, compile_for_training
+from ebt.models import build_model
 from ebt.training.distributed import (
     DistributedContext,
     barrier,
-    clip_grad_norm,
     full_model_state,
     full_optimizer_state,
     gather_to_main,
@@ -49,15 +48,13 @@ from ebt.training.distributed import (
     load_optimizer_state,
     main_first,
     mean_over_ranks,
-    no_sync,
     setup,
-    sync_replicated_grads,
     teardown,
     wrap_objective,
 )
 from ebt.training.evaluate import evaluate
 from ebt.training.interrupt import StopRequest, TrainingInterrupted
-from ebt.training.objective import Objective, backward
+from ebt.training.objective import Objective
 from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.training.replay import ReplayBuffer
 from ebt.training.rundir import (
@@ -67,7 +64,9 @@ from ebt.training.rundir import (
     config_changes,
     intact_note,
     resume_row,
+    write_runtime,
 )
+from ebt.training.step import TrainingStep, prepare_model
 from ebt.training.tracking import MetricsLogger, format_row, truncate_metrics
 
 
@@ -86,10 +85,9 @@ class Trainer:
             self.val_data = self.modality.dataset("val")
         vocab_size = getattr(self.modality, "vocab_size", 0)
         self.model = build_model(config, vocab_size).to(context.device)
-        if config.train.compile:
-            if context.enabled and config.train.parallel == "fsdp":
-                raise ValueError("train.compile does not support train.parallel=fsdp; use ddp")
-            compile_for_training(self.model, context.device)
+        if config.train.compile and context.enabled and config.train.parallel == "fsdp":
+            raise ValueError("train.compile does not support train.parallel=fsdp; use ddp")
+        prepare_model(self.model, config.train, context.device)
         if context.enabled:  # per-rank noise: initial candidates, Langevin, step sizes, replay
             torch.manual_seed(config.train.seed + context.rank)
         self.objective = Objective(self.model, config.think, task=self.modality.task("train"))
@@ -97,6 +95,10 @@ class Trainer:
         self.wrapped = wrap_objective(self.objective, context, config.train.parallel)
         self.optimizer = build_optimizer(self.model, config.train, config.think)
         self.scheduler = build_scheduler(self.optimizer, config.train)
+        wrapped = self.wrapped if context.enabled else None
+        self.stepper = TrainingStep(
+            self.objective, self.optimizer, config.train, context.device, wrapped
+        )
         self.batches = self.modality.batches(
             self.train_data,
             seed=config.train.seed,
@@ -160,25 +162,12 @@ class Trainer:
             self.replay.load_state_dict(ranks[rank].get("replay") or {})
         checkpoint.restore_rng({"rng": ranks[rank]["rng"]})
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        enabled = self.config.train.precision == "bf16" and self.context.device.type == "cuda"
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-
     def _micro_step(self, scale: float, sync: bool = True) -> dict[str, torch.Tensor]:
         fresh = next(self.batches).to(self.context.device)  # (B, S + 1)
         batch, replay_states = fresh, None
         if self.replay is not None:
             batch, replay_states = self.replay.extend_batch(fresh)
-        if not self.context.enabled:  # one landscape's graph at a time (objective.py)
-            with self._autocast():
-                output = self.objective.forward_backward(batch, replay_states, scale)
-        else:
-            with no_sync(self.wrapped, sync):  # DDP: all-reduce on the last micro-step only
-                with self._autocast():
-                    output = self.wrapped(batch, replay_states)
-                backward(output.loss * scale, self.model)
+        output = self.stepper.forward_backward(batch, replay_states, scale, sync)
         if self.replay is not None:
             self.replay.update(fresh, output.final_state[: fresh.shape[0]])
         return output.metrics
@@ -190,11 +179,7 @@ class Trainer:
             self._micro_step(1.0 / accumulation, sync=index == accumulation - 1)
             for index in range(accumulation)
         ]
-        sync_replicated_grads(self.model)
-        norm = clip_grad_norm(self.model.parameters(), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = self.stepper.optimizer_step(self.scheduler)
         self.step += 1
         means = {
             key: sum(r[key].item() for r in rows) / accumulation
@@ -330,6 +315,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         if context.is_main:
             checkpoint.remove_stale_temporaries(run_dir)
             checkpoint.write_run_config(run_dir, config.to_dict())
+            write_runtime(run_dir, trainer.stepper.record())  # the resolved precision
             trainer.modality.save_assets(run_dir)
             if changes is not None:
                 truncate_metrics(run_dir, trainer.step)
