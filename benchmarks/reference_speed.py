@@ -1,9 +1,12 @@
 """Training-step speed and peak memory: our `ebt` vs the paper's own code (alexiglad/EBT).
 
-How to run (CPU; the paper's code is imported at run time, never vendored here):
+How to run (the paper's code is imported at run time, never vendored here):
 
     git clone https://github.com/alexiglad/EBT /tmp/ebt-reference
     EBT_REFERENCE_DIR=/tmp/ebt-reference python benchmarks/reference_speed.py --repeats 10
+
+`--device cuda --precision bf16` runs both codes on a GPU under bf16 autocast (peak memory is
+then the peak CUDA allocation; benchmarks/gpu.py runs this and more in one command).
 
 Entries (dim 256, 4 layers, 4 heads, context 128, batch 8, byte vocabulary of 257 with random
 token ids 1..256, float32; each step is forward + loss + backward + AdamW step with the
@@ -59,8 +62,10 @@ from ebt.training.bench import (
     interleaved_times,
     run_in_child,
 )
+from ebt.training.step import autocast_region
 
 ENV_VAR = "EBT_REFERENCE_DIR"
+CPU = torch.device("cpu")
 VOCAB, DIM, LAYERS, HEADS, CONTEXT, BATCH, SEED = 257, 256, 4, 4, 128, 8, 33
 LR, WEIGHT_DECAY, STEP_SIZE, STEP_SIZE_LR_MULTIPLIER = 1.2e-3, 0.01, 500.0, 1500.0
 
@@ -256,44 +261,74 @@ def config_adamw(module: nn.Module, config: Config) -> torch.optim.AdamW:
 
 class PaperStepper:
     """Training steps of one of the paper's LightningModules on a fixed batch (`module`,
-    `optimizer` and `batch` are set by each script's constructor)."""
+    `optimizer` and `batch` are set by each script's constructor). precision "bf16": the
+    forward and loss under bf16 autocast, as its Lightning `bf16-mixed` runs them."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     batch: Any
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step(self) -> float:
         """Seconds for forward + loss + backward + optimizer step."""
+        self._sync()
         start = time.perf_counter()
-        self.module.forward_loss_wrapper(self.batch, "train")["loss"].backward()
+        with autocast_region(self.precision, self.device):
+            loss = self.module.forward_loss_wrapper(self.batch, "train")["loss"]
+        loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._sync()
         return time.perf_counter() - start
 
 
 class _ReferenceStepper(PaperStepper):
-    """The paper's LightningModule taking training steps on a fixed random batch."""
+    """The paper's LightningModule taking training steps on a fixed random batch (batch and
+    context as in `hparams`) on `device`."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module.train()
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device = CPU,
+        precision: str = "fp32",
+        hparams: dict[str, Any] = REFERENCE_HPARAMS,
+    ) -> None:
+        self.module = module.to(device).train()
+        self.device, self.precision = device, precision
         self.optimizer = paper_adamw(module, LR, WEIGHT_DECAY, LR * STEP_SIZE_LR_MULTIPLIER)
         generator = torch.Generator().manual_seed(SEED)
-        tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)
-        self.batch = {"input_ids": tokens}
+        shape = (hparams["batch_size_per_device"], hparams["context_length"] + 1)
+        tokens = torch.randint(1, VOCAB, shape, generator=generator)
+        self.batch = {"input_ids": tokens.to(device)}
 
 
-def _reference_stepper(path: str, module_name: str, class_name: str) -> _ReferenceStepper:
+def _reference_stepper(
+    path: str,
+    module_name: str,
+    class_name: str,
+    device: torch.device = CPU,
+    precision: str = "fp32",
+    hparams: dict[str, Any] = REFERENCE_HPARAMS,
+) -> _ReferenceStepper:
     modules = import_reference(path)
     torch.manual_seed(SEED)
     model_class = getattr(modules[module_name], class_name)
-    return _ReferenceStepper(model_class(dict(REFERENCE_HPARAMS)))
+    return _ReferenceStepper(model_class(dict(hparams)), device, precision, hparams)
 
 
 # --------------------------------------------------------------------------- ours
 
 
-def our_config(kind: str, variant: str = "time_embed") -> Config:
+def our_config(
+    kind: str, variant: str = "time_embed", device: str = "cpu", precision: str = "fp32"
+) -> Config:
     config = Config()
+    config.train.device, config.train.precision = device, precision
     model, think, train = config.model, config.think, config.train
     model.kind, model.variant = kind, variant
     model.dim, model.layers, model.heads = DIM, LAYERS, HEADS
@@ -304,20 +339,31 @@ def our_config(kind: str, variant: str = "time_embed") -> Config:
     return finalize(config)
 
 
-def _our_stepper(kind: str, variant: str = "time_embed") -> _Stepper:
-    return _Stepper(our_config(kind, variant), VOCAB, torch.device("cpu"))
+def _our_stepper(
+    kind: str, variant: str = "time_embed", device: str = "cpu", precision: str = "fp32"
+) -> _Stepper:
+    config = our_config(kind, variant, device, precision)
+    return _Stepper(config, VOCAB, torch.device(device))
 
 
 # --------------------------------------------------------------------------- measuring
 
+RUN: dict[str, str] = {"device": "cpu", "precision": "fp32"}  # main's --device / --precision
+
+
+def _paper(path: str, module_name: str, class_name: str) -> _ReferenceStepper:
+    device = torch.device(RUN["device"])
+    return _reference_stepper(path, module_name, class_name, device, RUN["precision"])
+
+
 BUILDERS: dict[str, Callable[[str], Any]] = {
-    "reference_ebt_time_embed": lambda path: _reference_stepper(path, "model.nlp.ebt", "EBT_NLP"),
-    "ours_ebt_time_embed": lambda path: _our_stepper("ebt", "time_embed"),
-    "ours_ebt_pred_step": lambda path: _our_stepper("ebt", "pred_step"),
-    "reference_transformer_pp": lambda path: _reference_stepper(
+    "reference_ebt_time_embed": lambda path: _paper(path, "model.nlp.ebt", "EBT_NLP"),
+    "ours_ebt_time_embed": lambda path: _our_stepper("ebt", "time_embed", **RUN),
+    "ours_ebt_pred_step": lambda path: _our_stepper("ebt", "pred_step", **RUN),
+    "reference_transformer_pp": lambda path: _paper(
         path, "model.nlp.baseline_transformer", "Baseline_Transformer_NLP"
     ),
-    "ours_transformer_pp": lambda path: _our_stepper("transformer_pp"),
+    "ours_transformer_pp": lambda path: _our_stepper("transformer_pp", **RUN),
 }
 
 
@@ -357,8 +403,19 @@ def _peak_child(script: str, name: str, path: str, queue: Any) -> None:
 
 def peak_memory_mb(name: str, path: str, script: str = "reference_speed") -> float:
     """Peak RSS of a fresh spawned child that builds entry `name` of `script` and takes two
-    steps."""
-    return run_in_child(_peak_child, script, name, path)
+    steps; on CUDA (--device) the peak CUDA allocation of the same, in this process."""
+    device = torch.device(RUN["device"])
+    if device.type != "cuda":
+        return run_in_child(_peak_child, script, name, path)
+    module = importlib.import_module(script) if script != __name__ else sys.modules[__name__]
+    builders = module.BUILDERS | getattr(module, "MEMORY_ONLY", {})
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    stepper = builders[name](path)
+    for _ in range(2):
+        stepper.step()
+    del stepper
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def entry_summaries(
@@ -393,7 +450,8 @@ def ratio_summaries(
 
 def summarise(times: dict[str, list[float]], path: str) -> dict[str, Any]:
     entries = entry_summaries(times, lambda name: peak_memory_mb(name, path))
-    baseline = round(peak_memory_mb("process_baseline", path), 1)
+    cuda = torch.device(RUN["device"]).type == "cuda"  # no process overhead in a CUDA peak
+    baseline = 0.0 if cuda else round(peak_memory_mb("process_baseline", path), 1)
     return {
         "entries": entries,
         "process_baseline_peak_mem_mb": baseline,
@@ -475,13 +533,19 @@ def run_modality_side_by_side(script: types.ModuleType, config: str, count_flops
     print(json.dumps(result, indent=2))
 
 
-def side_by_side_arguments(description: str) -> argparse.Namespace:
-    """--repeats, --warmup, --threads of a side-by-side script, with the threads applied and
-    the `ebt` CLI's allocator setting (applied to both codes alike)."""
+def side_by_side_arguments(description: str, device_flags: bool = False) -> argparse.Namespace:
+    """--repeats, --warmup, --threads of a side-by-side script (and --device, --precision when
+    device_flags), with the threads applied and the `ebt` CLI's allocator setting (applied to
+    both codes alike)."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per entry")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per entry first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    if device_flags:
+        parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both codes)")
+        choices = ("fp32", "bf16")
+        help_text = "bf16: autocast for both codes (the paper's bf16-mixed)"
+        parser.add_argument("--precision", default="fp32", choices=choices, help=help_text)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -490,11 +554,13 @@ def side_by_side_arguments(description: str) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = side_by_side_arguments(__doc__)
+    args = side_by_side_arguments(__doc__, device_flags=True)
+    RUN.update(device=args.device, precision=args.precision)
     path = reference_dir()
     times = time_interleaved(path, args.repeats, args.warmup)
     setting = {"dim": DIM, "layers": LAYERS, "heads": HEADS, "context": CONTEXT}
-    setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": "float32", "device": "cpu"}
+    dtype = "float32" if args.precision == "fp32" else "bf16 autocast"
+    setting |= {"batch": BATCH, "vocab": VOCAB, "dtype": dtype, "device": args.device}
     result = {
         "setting": setting,
         "threads": torch.get_num_threads(),

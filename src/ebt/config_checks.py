@@ -151,7 +151,9 @@ def cross_checks(config: Config) -> list[str]:
             f"model.dim / model.heads = {model.dim // model.heads} must be even (RoPE pairs)"
         )
     if config.train.cuda_graphs and not config.train.compile:
-        problems.append("train.cuda_graphs=true needs train.compile=true (graphs of compiled passes)")
+        problems.append(
+            "train.cuda_graphs=true needs train.compile=true (graphs of compiled passes)"
+        )
     problems += source_problems(config.data.source, "data.source")
     problems += source_problems(config.data.ood_source, "data.ood_source")
     if think.random_steps and think.random_steps_min > think.random_steps + 1:

@@ -219,3 +219,60 @@ def test_cuda_graph_steps_equal_eager_steps_on_cuda():
         torch.manual_seed(1)
         losses[graphs] = torch.stack([training_step(batch).loss for _ in range(4)]).cpu()
     torch.testing.assert_close(losses["true"], losses["false"], rtol=2e-2, atol=2e-2)
+
+
+def test_the_matmul_ceiling_is_timed_in_the_runs_dtype_on_cpu():
+    from ebt.training.bench import matmul_ceiling
+
+    cpu = torch.device("cpu")
+    single = matmul_ceiling(cpu, "fp32", size=32, repeats=1)
+    half = matmul_ceiling(cpu, "bf16", size=32, repeats=1)
+    assert (single["dtype"], half["dtype"], single["size"]) == ("float32", "bfloat16", 32)
+    assert single["tflops"] > 0 and half["tflops"] > 0
+
+
+def test_bench_states_its_precision_and_mfu_is_counted_work_over_the_ceiling(monkeypatch):
+    import ebt.training.bench as bench
+
+    ceiling = {"tflops": 0.25, "dtype": "bfloat16", "size": 7}
+    monkeypatch.setattr(bench, "matmul_ceiling", lambda device, precision: ceiling)
+    monkeypatch.setattr(bench, "peak_memory_mb", lambda *args: 0.0)  # no child process
+    config = small_config("train.precision=bf16")
+    result = bench.bench_train(config, vs_baseline=True, repeats=1, warmup=0)
+    assert (result["precision"], result["tf32"], result["cuda_graphs"]) == ("bf16", False, False)
+    assert result["matmul_ceiling_tflops"] == 0.25 and result["matmul_ceiling"] == ceiling
+    for prefix in ("", "baseline_"):
+        seconds = result[f"{prefix}ms_per_step"] / 1000
+        gflops = result[f"{prefix}gflop_per_step"] / seconds
+        assert result[f"{prefix}gflops"] == pytest.approx(gflops)
+        assert result[f"{prefix}mfu"] == pytest.approx(gflops / 250)  # GFLOP/s over 250 GFLOP/s
+
+
+def test_compiled_work_is_not_counted_so_it_has_no_mfu():
+    from ebt.training.bench import throughput
+
+    ceiling = {"tflops": 2.0}
+    assert throughput("", None, 10.0, ceiling) == {
+        "gflop_per_step": None,
+        "gflops": None,
+        "mfu": None,
+    }
+    assert throughput("x_", 4.0, 10.0, ceiling) == {
+        "x_gflop_per_step": 4.0,
+        "x_gflops": 400.0,
+        "x_mfu": 0.2,
+    }
+
+
+def test_a_forward_that_breaks_the_graph_is_one_line_naming_cuda_graphs(monkeypatch):
+    """Without the written-out gradient the forward asks autograd for dE/dp, which a whole
+    graph cannot hold: train.cuda_graphs says so in one line instead of a Dynamo traceback."""
+    monkeypatch.setattr(step_module.torch, "compile", aot_eager_compile([]))
+    config = small_config("train.compile=true", "train.cuda_graphs=true")
+    model = build_model(config, VOCAB)
+    model.hand_written_gradients = False
+    objective = Objective(model, config.think).train()
+    optimizer = build_optimizer(model, config.train, config.think)
+    training_step = TrainingStep(objective, optimizer, config.train, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.cuda_graphs: the training forward does not"):
+        training_step.forward_backward(torch.randint(1, VOCAB, (2, 9)))

@@ -139,7 +139,7 @@ def _applied_gradients(trainer: Trainer, monkeypatch) -> tuple[dict[str, torch.T
         captured.update({n: p.grad.clone() for n, p in named if p.grad is not None})
         return clip_grad_norm(parameters, limit)
 
-    monkeypatch.setattr("ebt.training.trainer.clip_grad_norm", capturing)
+    monkeypatch.setattr("ebt.training.step.clip_grad_norm", capturing)
     return captured, trainer.train_step()
 
 

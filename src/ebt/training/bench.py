@@ -148,9 +148,14 @@ def run_in_child(target: Any, *args: Any) -> Any:
 
 
 def bench_train(
-    config: Config, vs_baseline: bool = False, repeats: int = 10, warmup: int = 2
+    config: Config,
+    vs_baseline: bool = False,
+    repeats: int = 10,
+    warmup: int = 2,
+    measure_memory: bool = True,
 ) -> dict[str, Any]:
-    """Median ms per training step (and the baseline's, interleaved) plus peak memory."""
+    """Median ms per training step (and the baseline's, interleaved), the counted work, its
+    rate against the device's matmul ceiling (`mfu`) and peak memory (None: not measured)."""
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     device = pick_device(config.train.device)
@@ -177,7 +182,8 @@ def bench_train(
     }
     for prefix, cfg in configs.items():
         result[f"{prefix}ms_per_step"] = 1000 * statistics.median(times[prefix])
-        result[f"{prefix}peak_mem_mb"] = peak_memory_mb(cfg, vocab_size, device)
+        memory = peak_memory_mb(cfg, vocab_size, device) if measure_memory else None
+        result[f"{prefix}peak_mem_mb"] = memory
         result |= throughput(prefix, gflop[prefix], result[f"{prefix}ms_per_step"], ceiling)
     if vs_baseline:
         result["ratio_vs_baseline"] = result["ms_per_step"] / result["baseline_ms_per_step"]
@@ -201,14 +207,19 @@ def throughput(
 
 
 def matmul_ceiling(
-    device: torch.device, precision: str, size: int | None = None, repeats: int = 5
+    device: torch.device,
+    precision: str,
+    size: int | None = None,
+    repeats: int = 5,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """TFLOP/s of a large square matrix product timed on `device`: the rate `mfu` divides by.
     On CUDA a bf16 product (the tensor cores' dense rate, what MFU is usually quoted against,
     whatever the run's precision); elsewhere the run's own dtype (bf16 for precision bf16,
-    else float32). size: the matrices' side (default 8192 on CUDA, 512 elsewhere)."""
+    else float32); `dtype` overrides both. size: the matrices' side (default 8192 on CUDA, 512
+    elsewhere)."""
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda or precision == "bf16" else torch.float32
+    dtype = dtype or (torch.bfloat16 if cuda or precision == "bf16" else torch.float32)
     size = size or (8192 if cuda else 512)
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)  # (N, N)

@@ -157,7 +157,14 @@ class TrainingStep:
         """The compiled whole forward, one backward. Its outputs are cloned: a CUDA graph
         replay overwrites the previous replay's outputs (the next micro-step's)."""
         with self.autocast():
-            loss, metrics, final = self.whole(batch, replay_states)
+            try:
+                loss, metrics, final = self.whole(batch, replay_states)
+            except torch._dynamo.exc.Unsupported as error:  # a graph break under fullgraph
+                first = str(error).strip().splitlines()[0]
+                raise ConfigError(
+                    f"train.cuda_graphs: the training forward does not trace as one graph "
+                    f"({first}); set train.cuda_graphs=false"
+                ) from error
             backward(loss * scale, self.model)
         metrics = {name: value.detach().clone() for name, value in metrics.items()}
         final = None if final is None else final.detach().clone()
