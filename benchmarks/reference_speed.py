@@ -10,7 +10,8 @@ then the peak CUDA allocation; benchmarks/gpu.py runs this and more in one comma
 
 Entries (dim 256, 4 layers, 4 heads, context 128, batch 8, byte vocabulary of 257 with random
 token ids 1..256, float32; each step is forward + loss + backward + AdamW step with the
-paper's parameter groups, no gradient clipping):
+paper's parameter groups; ours also clips the gradient norm, as `ebt train` does, the paper's
+stepper does not):
 
 - reference_ebt_time_embed: the paper's `EBT_NLP` (ebt_type time_embed) with System-1
   settings: 2 landscapes, step size 500 (learnable), softmax-normalised candidates, no

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:
@@ -30,3 +34,23 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, timeout=120)
     os.close(write_end)
     assert (result.returncode, result.stderr.decode()) == (141, "")
+
+
+@pytest.mark.slow
+def test_train_compile_runs_through_python_m_ebt(tmp_path, corpus):
+    """`python -m ebt train ... train.compile=true` with inductor's compile workers on (they
+    import the main module again; on CUDA an unguarded one broke them). On CPU the workers do not
+    reach `ebt.__main__`, so this checks the whole compiled path end to end; the guard itself is
+    test_importing_the_main_module_runs_nothing."""
+    from support.text import TINY, tiny_overrides
+
+    if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    overrides = tiny_overrides(tmp_path / "run", corpus) + ["train.max_steps=1"]
+    overrides += ["train.compile=true", "train.eval_batches=1"]
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="2", EBT_CACHE_DIR=str(tmp_path))
+    command = [sys.executable, "-m", "ebt", "train", str(TINY), *overrides, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["step"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["compile"]

@@ -2,8 +2,10 @@
 
 FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` records every
 matmul, convolution and attention kernel (forward, input gradient and second-order backward
-alike) of real training steps, as `ebt train` takes them (the model, objective and optimiser
-of `ebt bench train`, on a batch of the run's shape). Elementwise work is not counted, as in
+alike) of real training steps, as `ebt train` takes them (`ebt.training.step.TrainingStep`,
+through the stepper of `ebt bench train`, on a batch of the run's shape, on CPU: the run's
+train.precision resolved for CPU, so float32 under the default "auto"; counts depend on shapes,
+not on the dtype). Elementwise work is not counted, as in
 the usual convention. Recipes with random step counts take a different number of passes per
 step, so the count is the mean over a few steps.
 """
