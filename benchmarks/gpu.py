@@ -277,7 +277,7 @@ def kernels_entry(run: Run, precision: str, mode: str, steps: int = 3) -> dict[s
     with profile(activities=activities) as profiler:
         wall = sum(stepper.step() for _ in range(steps))
     kernels = [e for e in profiler.events() if e.device_type.name == "CUDA"]
-    busy_us = sum(e.device_time for e in kernels)
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)  # kernels, copies, memsets
     return {
         "kernels_per_step": len(kernels) / steps,
         "busy_fraction": busy_us / 1e6 / wall if wall else None,

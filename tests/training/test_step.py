@@ -276,3 +276,18 @@ def test_a_forward_that_breaks_the_graph_is_one_line_naming_cuda_graphs(monkeypa
     training_step = TrainingStep(objective, optimizer, config.train, torch.device("cpu"))
     with pytest.raises(ConfigError, match="train.cuda_graphs: the training forward does not"):
         training_step.forward_backward(torch.randint(1, VOCAB, (2, 9)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_runs_bf16_products_and_the_ceiling_is_bf16():
+    from ebt.training.bench import matmul_ceiling
+
+    device = torch.device("cuda")
+    stepper = _Stepper(small_config("train.device=cuda"), VOCAB, device)
+    seen = matmul_dtypes(stepper.objective.model)
+    stepper.step()
+    assert set(seen) == {torch.bfloat16}
+    assert stepper.training_step.record() == {"device": "cuda", "precision": "bf16", "tf32": True}
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert matmul_ceiling(device, "fp32", size=1024)["dtype"] == "bfloat16"
