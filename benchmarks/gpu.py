@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -63,7 +64,7 @@ class Run:
     """The device, the sizes, the deadline and the JSON being filled."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.smoke = args.smoke
+        self.smoke, self.out = args.smoke, args.out
         self.device = torch.device("cpu" if args.smoke else args.device)
         self.deadline = time.monotonic() + args.budget_s
         self.repeats, self.warmup = (1, 0) if args.smoke else (args.repeats, args.warmup)
@@ -101,7 +102,16 @@ class Run:
             target = target.setdefault(key, {})
         target[keys[-1]] = value
         print(f"gpu.py: {'.'.join(keys)} done", file=sys.stderr, flush=True)
+        self.save()  # what is done survives a kill of the whole command
         return value
+
+    def text(self) -> str:
+        return json.dumps(self.result, indent=2, default=str)
+
+    def save(self) -> None:
+        if self.out:
+            with atomic_path(self.out) as temporary:
+                temporary.write_text(self.text() + "\n", encoding="utf-8")
 
 
 def _device_name(device: torch.device) -> str:
@@ -206,6 +216,7 @@ PAPER_MODELS = {
 
 def reference_entry(run: Run, size: str, kind: str, path: str) -> dict[str, Any]:
     """The paper's model alone on the device, bf16 autocast (its bf16-mixed): ms/step, peak."""
+    gc.collect()  # the earlier parts' models (the paper's 88.6M EBT alone needs most of a GPU)
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -384,7 +395,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting parts after")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", help="also write the JSON here (rewritten after every part)")
     return parser.parse_args()
 
 
@@ -398,11 +409,8 @@ def main() -> None:
             run.part(keys, limit_s, work)
     run.result["summary"] = summary(run.result)
     run.result["elapsed_s"] = round(time.monotonic() - started, 1)
-    text = json.dumps(run.result, indent=2, default=str)
-    if args.out:
-        with atomic_path(args.out) as temporary:
-            temporary.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    run.save()
+    print(run.text())
 
 
 if __name__ == "__main__":
