@@ -291,3 +291,16 @@ def test_auto_on_cuda_runs_bf16_products_and_the_ceiling_is_bf16():
     assert stepper.training_step.record() == {"device": "cuda", "precision": "bf16", "tf32": True}
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert matmul_ceiling(device, "fp32", size=1024)["dtype"] == "bfloat16"
+
+
+def test_the_scaling_studys_flop_count_is_the_eager_step_whatever_the_run_compiles(monkeypatch):
+    """experiment/flops.py counts the TrainingStep of `ebt bench train` eager and in float32:
+    the counter sees nothing inside compiled graphs, and the count depends on shapes only."""
+    from ebt.experiment.flops import training_flops_per_step
+
+    compiled = []
+    monkeypatch.setattr(step_module, "compile_for_training", lambda *a, **k: compiled.append(a))
+    plain = training_flops_per_step(small_config(), VOCAB, steps=1)
+    run_as = small_config("train.compile=true", "train.cuda_graphs=true", "train.precision=bf16")
+    assert training_flops_per_step(run_as, VOCAB, steps=1) == plain > 0
+    assert compiled == [] and run_as.train.compile  # the caller's config is left as it was

@@ -12,6 +12,8 @@ step, so the count is the mean over a few steps.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,7 +25,13 @@ COUNTED_STEPS = 3
 
 
 def training_flops_per_step(config: Config, vocab_size: int, steps: int = COUNTED_STEPS) -> float:
-    """Mean FLOPs of one training step (forward, backward, optimiser) of `config` on CPU."""
+    """Mean FLOPs of one training step (forward, backward, optimiser) of `config` on CPU.
+
+    Counted eager in float32 whatever the run's train.compile / cuda_graphs / precision: the
+    counter does not see inside compiled graphs, and the count depends on shapes only (CPU
+    bf16 autocast would only make the count slower)."""
+    config = copy.deepcopy(config)
+    config.train.compile, config.train.cuda_graphs, config.train.precision = False, False, "fp32"
     stepper = _Stepper(config, vocab_size, torch.device("cpu"))
     counter = FlopCounterMode(display=False)
     with counter:
