@@ -36,12 +36,18 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     assert (result.returncode, result.stderr.decode()) == (141, "")
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 @pytest.mark.slow
-def test_train_compile_runs_through_python_m_ebt(tmp_path, corpus):
-    """`python -m ebt train ... train.compile=true` with inductor's compile workers on (they
-    import the main module again; on CUDA an unguarded one broke them). On CPU the workers do not
-    reach `ebt.__main__`, so this checks the whole compiled path end to end; the guard itself is
-    test_importing_the_main_module_runs_nothing."""
+@pytest.mark.parametrize("launcher", [[sys.executable], TORCHRUN], ids=["python", "torchrun"])
+def test_train_compile_runs_through_python_m_ebt(tmp_path, corpus, launcher):
+    """`python -m ebt train ... train.compile=true` and the same under torchrun (2 processes,
+    gloo, DDP) with inductor's compile workers on (they import the main module again; on CUDA an
+    unguarded one broke them). On CPU the workers do not reach `ebt.__main__`, so this checks
+    the whole compiled path end to end; the guard itself is
+    test_importing_the_main_module_runs_nothing. Both use the same shapes, so the second
+    compiles from inductor's cache."""
     from support.text import TINY, tiny_overrides
 
     if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
@@ -49,7 +55,8 @@ def test_train_compile_runs_through_python_m_ebt(tmp_path, corpus):
     overrides = tiny_overrides(tmp_path / "run", corpus) + ["train.max_steps=1"]
     overrides += ["train.compile=true", "train.eval_batches=1"]
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="2", EBT_CACHE_DIR=str(tmp_path))
-    command = [sys.executable, "-m", "ebt", "train", str(TINY), *overrides, "--json"]
+    env["OMP_NUM_THREADS"] = "1"
+    command = [*launcher, "-m", "ebt", "train", str(TINY), *overrides, "--json"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["step"] == 1
