@@ -35,12 +35,11 @@ __all__ = [
 ]
 
 
-def compile_for_training(model: nn.Module, device: torch.device, mode: str | None = None) -> None:
+def compile_for_training(model: nn.Module, device: torch.device) -> None:
     """train.compile: torch.compile the passes of a training step (see the models'
-    compile_training_passes; mode: torch.compile's, "reduce-overhead" for CUDA graphs).
-    Compilation happens on the first step (about a minute on CPU)."""
+    compile_training_passes). Compilation happens on the first step (about a minute on CPU)."""
     prepare_inductor(device)
-    model.compile_training_passes(mode=mode)
+    model.compile_training_passes()
 
 
 def prepare_inductor(device: torch.device) -> None:

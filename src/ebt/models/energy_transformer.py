@@ -221,7 +221,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
             values.append(v)
         return keys, values
 
-    def compile_training_passes(self, mode: str | None = None) -> None:
+    def compile_training_passes(self) -> None:
         """torch.compile the two passes a training step runs (train.compile): the context stream
         and the written-out energies + dE/dp, whose graph autograd differentiates once (so the
         compiled region has an ordinary first-order backward; a `create_graph` double backward
@@ -231,15 +231,10 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         generation, whose shapes change token by token, stay eager. Shapes are static: one
         compilation per landscape and batch shape. The compiled functions take the model as an
         argument (not bound methods), so a deep copy of the model runs its own weights.
-        mode: torch.compile's ("reduce-overhead": CUDA graphs, train.cuda_graphs).
         """
-        passes = {
-            "context": EnergyTransformer._context_layers,
-            "gradient": candidate_gradient.energies_and_gradient,
-        }
         self.compiled_passes = {
-            name: torch.compile(function, dynamic=False, mode=mode)
-            for name, function in passes.items()
+            "context": torch.compile(EnergyTransformer._context_layers, dynamic=False),
+            "gradient": torch.compile(candidate_gradient.energies_and_gradient, dynamic=False),
         }
 
     def _training_pass(self, name: str, eager: Callable) -> Callable:

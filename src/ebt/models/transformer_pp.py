@@ -65,12 +65,10 @@ class TransformerPP(nn.Module):
             return self.compiled_forward(self, tokens)
         return self._logits(tokens)
 
-    def compile_training_passes(self, mode: str | None = None) -> None:
-        """torch.compile the forward of training steps (train.compile; mode: torch.compile's,
-        e.g. "reduce-overhead" for CUDA graphs); as the EBT's, only while grad is enabled:
-        evaluation and generation stay eager."""
-        compiled = torch.compile(TransformerPP._logits, dynamic=False, mode=mode)  # (model, ids)
-        self.compiled_forward = compiled
+    def compile_training_passes(self) -> None:
+        """torch.compile the forward of training steps (train.compile); as the EBT's, only
+        while grad is enabled: evaluation and generation stay eager."""
+        self.compiled_forward = torch.compile(TransformerPP._logits, dynamic=False)  # (model, ids)
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.forward_cached(tokens)[0]  # (B, S, V)
