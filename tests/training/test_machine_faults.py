@@ -133,6 +133,9 @@ def test_a_full_disk_at_the_study_results_is_one_line_and_keeps_them(
         assert main(argv) == 2
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the study's progress lines
-    assert last == f"ebt: error: cannot write {out / 'results.json'}: no space left on device"
-    assert "Traceback" not in err and not list(out.glob("*.tmp"))
+    assert last == (
+        f"ebt: error: cannot write {out / 'results.json'}: no space left on device; "
+        "no results.json was written"
+    )
+    assert "Traceback" not in err and not [p for p in out.iterdir() if ".partial" in p.name]
     assert main(argv) == 0 and (out / "results.json").is_file()

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from ebt.data.corpus import DataError, iter_documents, source_fingerprint
 from ebt.data.tokenizers import Tokenizer
+from ebt.outputs import write_bytes
 
 if TYPE_CHECKING:
     from ebt.config import DataConfig
@@ -89,15 +89,7 @@ def _cache_key(data: DataConfig, tokenizer: Tokenizer, source: str, split: str) 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write `payload` to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, payload)
 
 
 def _save_cache(key: str, examples: np.ndarray, num_tokens: int) -> None:
