@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ebt import checkpoint
 from ebt.config import Config, ConfigError
 from ebt.data import iter_eval_batches
-from ebt.errors import MachineError, RunBusyError
+from ebt.errors import MachineError
 from ebt.modalities import modality_for
 from ebt.models import build_model, compile_for_training
 from ebt.training.distributed import (
@@ -50,6 +50,7 @@ from ebt.training.distributed import (
     main_first,
     mean_over_ranks,
     no_sync,
+    on_main,
     setup,
     sync_replicated_grads,
     teardown,
@@ -244,8 +245,13 @@ class Trainer:
         if is_sharded(self.model):  # full state dicts, gathered onto rank 0's CPU
             model = full_model_state(self.model)
             optimizer = full_optimizer_state(self.model, self.optimizer)
-        if self.context.is_main and not self.context.enabled:  # one process: nobody waits
-            check_space(self.run_dir, self.step)
+        on_main(lambda: self._write_checkpoint(model, optimizer, extra))  # every rank: 1 line
+        barrier()
+
+    def _write_checkpoint(self, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
+        """Rank 0: check the free space, then write the checkpoint; a machine fault is one
+        line naming the newest complete checkpoint and the command that resumes from it."""
+        check_space(self.run_dir, self.step)
         try:
             checkpoint.save_checkpoint(
                 self.run_dir,
@@ -259,7 +265,6 @@ class Trainer:
             )
         except MachineError as error:
             raise MachineError(f"{error}; {intact_note(self.run_dir)}") from error
-        barrier()
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -327,12 +332,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
         _check_resumable_early(config, run_dir)
         trainer = Trainer(config, context)
         changes = trainer.resume_if_possible()
-        if context.is_main:
-            checkpoint.remove_stale_temporaries(run_dir)
-            checkpoint.write_run_config(run_dir, config.to_dict())
-            trainer.modality.save_assets(run_dir)
-            if changes is not None:
-                truncate_metrics(run_dir, trainer.step)
+        on_main(lambda: _prepare(trainer, changes is not None))  # every rank stops if it fails
         barrier()
         with MetricsLogger(
             run_dir,
@@ -347,23 +347,22 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             return trainer.run(logger)
 
 
+def _prepare(trainer: Trainer, resumed: bool) -> None:
+    """Rank 0, before the first step: the run's config and assets; a resumed log cut back."""
+    run_dir = trainer.run_dir
+    checkpoint.remove_stale_temporaries(run_dir)
+    checkpoint.write_run_config(run_dir, trainer.config.to_dict())
+    trainer.modality.save_assets(run_dir)
+    if resumed:
+        truncate_metrics(run_dir, trainer.step)
+
+
 @contextlib.contextmanager
 def _own(run_dir: Path, context: DistributedContext):
     """Hold the run directory's lock for the whole job: rank 0 takes it for all ranks, and
     every rank raises the same RunBusyError when another job holds it."""
     lock, created = RunLock(run_dir), not run_dir.exists()
-    error = None
-    if context.is_main:
-        try:
-            lock.acquire()
-        except RunBusyError as busy:
-            error = str(busy)
-    if context.enabled:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error is not None:
-        raise RunBusyError(error)
+    on_main(lock.acquire)  # RunBusyError, a read-only out_dir: the same line on every rank
     try:
         yield
     except BaseException:
