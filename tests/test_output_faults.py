@@ -131,3 +131,17 @@ def test_a_save_pretrained_fault_names_the_file_and_keeps_the_old_one(tmp_path, 
         "the previous model.safetensors is unchanged"
     )
     assert files(folder) == before
+
+
+def test_a_writer_that_is_atomic_itself_inside_an_atomic_block_renames_once(tmp_path, monkeypatch):
+    """`ebt think --plot` wraps plot_thinking, whose save_figure is atomic itself: the inner
+    block writes the outer temporary (no temporary of a temporary, one rename, no leftovers)."""
+    from ebt.outputs import atomic_path, write_text
+
+    renames, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda *args: renames.append(args) or real_replace(*args))
+    target = tmp_path / "plot.txt"
+    with atomic_path(target) as outer:
+        write_text(outer, "inner")
+    assert renames == [(outer, target)] and target.read_text() == "inner"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plot.txt"]
