@@ -1,8 +1,9 @@
 """A checkpoint that rank 0 cannot write under torchrun (2 gloo ranks on CPU, DDP): every rank
 stops with the same one line and exit status 2 instead of waiting at the barrier for a rank
-that left, the process group ends the ordinary way, and the run resumes bit for bit. Both the
-failed write (os.fsync raising ENOSPC on rank 0 alone) and the space check before it (rank 0
-sees a nearly full disk and decides for all ranks) are covered, in one spawn."""
+that left, the process group ends the ordinary way, and the run resumes bit for bit. Covered in
+one spawn: the failed write (os.fsync raising ENOSPC on rank 0 alone), the space check before it
+(rank 0 sees a nearly full disk and decides for all ranks), and a metrics.jsonl row torn by a
+full disk (rank 0 holds the fault until the ranks agree at the end of the step)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from support.distributed import WORLD, spawn
+from support.faults import tear_the_metrics_log
 from support.text import TINY, tiny_overrides, training_rows, write_corpus
 
 from ebt.checkpoint import load_model_state
 from ebt.cli.main import main
 from ebt.training import rundir
 from ebt.training.trainer import Trainer
-
-RUNS = ("whole", "write", "space")
 
 
 def _argv(root: Path, name: str) -> list[str]:
@@ -68,10 +68,15 @@ def _nearly_full_disk(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(rundir.shutil, "disk_usage", disk_usage)
 
 
+def _tear_row_3(patch: pytest.MonkeyPatch) -> None:
+    tear_the_metrics_log(patch, 3, errno.ENOSPC)
+
+
 def _worker(rank: int, root: Path) -> None:
     os.environ["EBT_CACHE_DIR"] = str(root / "cache")
     results = {"whole": _main(_argv(root, "whole"))}
-    for name, fault in (("write", _fail_the_step_4_write), ("space", _nearly_full_disk)):
+    faults = {"write": _fail_the_step_4_write, "space": _nearly_full_disk, "log": _tear_row_3}
+    for name, fault in faults.items():
         with pytest.MonkeyPatch.context() as patch:
             if rank == 0:  # the fault is rank 0's alone: only it writes
                 fault(patch)
@@ -94,6 +99,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
 EXPECTED = {
     "write": "step_000004: no space left on device",
     "space": "not enough space for the step-4 checkpoint",
+    "log": "metrics.jsonl: no space left on device",
 }
 
 

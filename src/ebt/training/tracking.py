@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ebt.errors import MachineError, machine_cause
 from ebt.outputs import write_bytes, write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -89,8 +90,15 @@ class MetricsLogger:
         plain = to_plain(row)
         if not self.enabled or self._file is None:
             return plain
-        self._file.write(json.dumps(plain) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(plain) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: one line; the rows before it are whole
+            cause = machine_cause(error)
+            if cause is None:
+                raise
+            self.close()  # never append after a torn row (repaired when the run resumes)
+            raise MachineError(f"cannot append to {self.path}: {cause}") from error
         step = plain.get("step", self._count)
         step = int(step) if isinstance(step, numbers.Real) else self._count
         self._count += 1

@@ -57,7 +57,7 @@ from ebt.training.distributed import (
     wrap_objective,
 )
 from ebt.training.evaluate import evaluate
-from ebt.training.interrupt import StopRequest, TrainingInterrupted
+from ebt.training.interrupt import FAILED, StopRequest, TrainingInterrupted
 from ebt.training.objective import Objective, backward
 from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.training.replay import ReplayBuffer
@@ -78,6 +78,7 @@ class Trainer:
     def __init__(self, config: Config, context: DistributedContext) -> None:
         self.config, self.context = config, context
         self.run_dir = Path(config.train.out_dir)
+        self.log_failure: MachineError | None = None  # rank 0's, see log()
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
@@ -266,13 +267,30 @@ class Trainer:
         except MachineError as error:
             raise MachineError(f"{error}; {intact_note(self.run_dir)}") from error
 
+    def log(self, logger: MetricsLogger, row: dict[str, Any]) -> dict[str, Any]:
+        """logger.log; a full disk there is one line naming the intact checkpoint. Under
+        torchrun rank 0 holds it until the ranks next agree (the end of the step: FAILED), so
+        that no rank waits for one that stopped; the log is closed, the run goes on to there."""
+        try:
+            return logger.log(row)
+        except MachineError as error:
+            failure = MachineError(f"{error}; {intact_note(self.run_dir)}")
+            if not self.context.enabled:
+                raise failure from error
+            self.log_failure = self.log_failure or failure
+            return logger.log(row)  # closed: only converts the row
+
+    def _raise_log_failure(self) -> None:
+        if self.log_failure is not None:
+            raise self.log_failure
+
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
     def _stop(self, logger: MetricsLogger, signal_number: int) -> None:
         """Save at the current step, record the interruption, raise TrainingInterrupted."""
         name = signal.Signals(signal_number).name
-        logger.log({"event": "interrupted", "step": self.step, "signal": name})
+        self.log(logger, {"event": "interrupted", "step": self.step, "signal": name})
         self.save()
         saved = self.run_dir / checkpoint.step_dir_name(self.step)
         message = f"{name} at step {self.step}: saved {saved}; run the same command to resume"
@@ -295,19 +313,23 @@ class Trainer:
                 bar.update(1)
                 if self._due(train.log_every) or self.step == train.max_steps:
                     row["elapsed_s"] = time.perf_counter() - started
-                    logger.log(row)
+                    self.log(logger, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if self._due(train.eval_every):
-                    last_eval = logger.log(self.evaluate_split())
+                    last_eval = self.log(logger, self.evaluate_split())
                     bar.write(format_row(last_eval), file=sys.stderr) if show else None
                 if self._due(train.save_every):
                     self.save()
-                if signal_number := stop.signal(self.context.device):
+                signal_number = stop.signal(self.context.device, self.log_failure is not None)
+                if signal_number:
                     bar.close()
+                    if signal_number == FAILED:
+                        on_main(self._raise_log_failure)  # rank 0's line on every rank
                     self._stop(logger, signal_number)
         bar.close()
         if not last_eval or last_eval.get("step") != self.step:
-            last_eval = logger.log(self.evaluate_split())
+            last_eval = self.log(logger, self.evaluate_split())
+        on_main(self._raise_log_failure)  # every rank stops when rank 0's log failed
         self.save()
         return last_eval
 
@@ -343,7 +365,7 @@ def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
             enabled=context.is_main,
         ) as logger:
             if changes is not None:
-                logger.log(resume_row(trainer.step, changes))
+                trainer.log(logger, resume_row(trainer.step, changes))
             return trainer.run(logger)
 
 
