@@ -72,16 +72,29 @@ def _tear_row_3(patch: pytest.MonkeyPatch) -> None:
     tear_the_metrics_log(patch, 3, errno.ENOSPC)
 
 
+def _read_only(patch: pytest.MonkeyPatch) -> None:
+    """The run directory cannot be made: a read-only filesystem."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args, **kwargs):
+        if "read-only" in self.parts:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    patch.setattr(Path, "mkdir", mkdir)
+
+
 def _worker(rank: int, root: Path) -> None:
     os.environ["EBT_CACHE_DIR"] = str(root / "cache")
     results = {"whole": _main(_argv(root, "whole"))}
     faults = {"write": _fail_the_step_4_write, "space": _nearly_full_disk, "log": _tear_row_3}
+    faults["read-only"] = _read_only
     for name, fault in faults.items():
         with pytest.MonkeyPatch.context() as patch:
             if rank == 0:  # the fault is rank 0's alone: only it writes
                 fault(patch)
             results[name] = _main(_argv(root, name))
-        if rank == 0:  # what the failed run left (only rank 0 writes, also when resuming)
+        if rank == 0 and name != "read-only":  # what the failed run left (only rank 0 writes)
             results[f"{name} left"] = sorted(path.name for path in (root / name).iterdir())
             results[f"{name} latest"] = (root / name / "latest").read_text().strip()
         results[f"{name} resumed"] = _main(_argv(root, name))
@@ -124,3 +137,13 @@ def test_every_rank_stops_with_rank_0s_line_and_the_run_resumes_exactly(ranks, n
     expected, _ = load_model_state(root / "whole")
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[key], expected[key]) for key in got)
+
+
+def test_a_read_only_run_directory_stops_every_rank_with_one_line(ranks):
+    """Rank 0 cannot take the run directory (it cannot make it): every rank says so."""
+    root, results = ranks
+    expected = f"ebt: error: cannot write {root / 'read-only'}: read-only file system"
+    for result in results:
+        code, err = result["read-only"]
+        assert code == 2 and err.strip() == expected, err
+    assert [result["read-only resumed"][0] for result in results] == [0] * WORLD

@@ -62,11 +62,11 @@ from ebt.training.objective import Objective, backward
 from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.training.replay import ReplayBuffer
 from ebt.training.rundir import (
-    RunLock,
     check_resumable,
     check_space,
     config_changes,
     intact_note,
+    own_run,
     resume_row,
 )
 from ebt.training.tracking import MetricsLogger, format_row, truncate_metrics
@@ -350,23 +350,26 @@ def train(config: Config) -> dict[str, Any]:
 
 def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     run_dir = Path(config.train.out_dir)
-    with _own(run_dir, context):
+    with own_run(run_dir, context):
         _check_resumable_early(config, run_dir)
         trainer = Trainer(config, context)
         changes = trainer.resume_if_possible()
         on_main(lambda: _prepare(trainer, changes is not None))  # every rank stops if it fails
         barrier()
-        with MetricsLogger(
-            run_dir,
-            config.to_dict(),
-            tensorboard=config.train.tensorboard,
-            wandb=config.train.wandb,
-            wandb_project=config.train.wandb_project,
-            enabled=context.is_main,
-        ) as logger:
+        with _open_logger(config) as logger:
             if changes is not None:
                 trainer.log(logger, resume_row(trainer.step, changes))
             return trainer.run(logger)
+
+
+def _open_logger(config: Config) -> MetricsLogger:
+    """The metrics log, opened by rank 0 (a closed one elsewhere): a fault opening it (a
+    read-only file, a missing tracker) stops every rank with rank 0's line."""
+    train, opened = config.train, []
+    options = {"tensorboard": train.tensorboard, "wandb": train.wandb}
+    options["wandb_project"] = train.wandb_project
+    on_main(lambda: opened.append(MetricsLogger(train.out_dir, config.to_dict(), **options)))
+    return opened[0] if opened else MetricsLogger(train.out_dir, enabled=False)
 
 
 def _prepare(trainer: Trainer, resumed: bool) -> None:
@@ -377,22 +380,6 @@ def _prepare(trainer: Trainer, resumed: bool) -> None:
     trainer.modality.save_assets(run_dir)
     if resumed:
         truncate_metrics(run_dir, trainer.step)
-
-
-@contextlib.contextmanager
-def _own(run_dir: Path, context: DistributedContext):
-    """Hold the run directory's lock for the whole job: rank 0 takes it for all ranks, and
-    every rank raises the same RunBusyError when another job holds it."""
-    lock, created = RunLock(run_dir), not run_dir.exists()
-    on_main(lock.acquire)  # RunBusyError, a read-only out_dir: the same line on every rank
-    try:
-        yield
-    except BaseException:
-        if created and context.is_main:  # failed before writing anything: leave no trace
-            lock.remove_if_alone()
-        raise
-    finally:
-        lock.release()
 
 
 def _check_resumable_early(config: Config, run_dir: Path) -> None:
