@@ -13,6 +13,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "ebt"
 
 WRITERS = {"savefig", "write_text", "write_bytes", "imwrite", "imsave", "save_file", "save"}
 WRITERS |= {"savez", "savez_compressed", "to_csv", "to_json"}
+COPIES = {"copy", "copy2", "copyfile", "copytree", "move"}  # shutil's
 ATOMIC = {"atomic_path"}
 
 ALLOWED = {  # (file under src/ebt, function): why it may write in place
@@ -49,6 +50,8 @@ def _is_write(call: ast.Call, atomic_helpers: set[str]) -> bool:
         return False
     if name in ("open", "fdopen"):
         return bool(set(_mode(call)) & set("wax+"))
+    if isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "shutil":
+        return name in COPIES
     if name == "save" and not (call.args or call.keywords):  # Trainer.save(): not a file write
         return False
     return name in WRITERS
@@ -119,13 +122,15 @@ def test_the_finder_sees_an_in_place_write_and_passes_an_atomic_one():
         "    with atomic_path(path) as temporary:\n"
         "        figure.savefig(path)\n"  # inside the block but not at the temporary
         "    write_text(path, lines)\n"  # not ebt.outputs' write_text
+        "    shutil.copyfile(lines, path)\n"
     )
-    assert [line for line, _, _ in in_place_writes(planted)] == [2, 3, 4, 7, 8]
+    assert [line for line, _, _ in in_place_writes(planted)] == [2, 3, 4, 7, 8, 9]
     atomic = (
         "from ebt.outputs import write_text\n"
         "def report(path, figure, trainer):\n"
         "    write_text(path, 'x')\n"
         "    trainer.save()\n"
+        "    shutil.rmtree(path)\n"
         "    with open(path) as handle:\n"
         "        handle.read()\n"
         "    with atomic_path(path) as temporary:\n"
