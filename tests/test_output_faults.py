@@ -145,3 +145,22 @@ def test_a_writer_that_is_atomic_itself_inside_an_atomic_block_renames_once(tmp_
         write_text(outer, "inner")
     assert renames == [(outer, target)] and target.read_text() == "inner"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["plot.txt"]
+
+
+def test_a_full_disk_at_the_token_cache_is_a_warning_and_the_run_goes_on(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    """A cache is not an output: the run trains without it and says so on stderr."""
+    cache, real_replace = tmp_path / "cache", os.replace
+
+    def replace(source, target, *args, **kwargs):
+        if Path(target).is_relative_to(cache):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    assert main(["train", str(TINY), *tiny_overrides(run, corpus), "train.max_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "ebt: could not write the token cache" in err and "no space left on device" in err
+    assert not [path for path in cache.rglob("*") if path.is_file()]

@@ -230,8 +230,8 @@ class FrameCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         info = self.directory / "encoder.json"
         if not info.exists():
-            write_bytes(info, self._fingerprint)
-        with atomic_path(path) as temporary:
+            write_bytes(info, self._fingerprint, durable=False)
+        with atomic_path(path, durable=False) as temporary:
             save_file({"vectors": vectors}, str(temporary))
 
 

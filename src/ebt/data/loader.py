@@ -28,6 +28,7 @@ import torch
 
 from ebt.data.corpus import DataError, iter_documents, source_fingerprint
 from ebt.data.tokenizers import Tokenizer
+from ebt.errors import MachineError
 from ebt.outputs import write_bytes
 
 if TYPE_CHECKING:
@@ -87,11 +88,6 @@ def _cache_key(data: DataConfig, tokenizer: Tokenizer, source: str, split: str) 
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write `payload` to a temporary file beside `path`, then rename it over `path`."""
-    write_bytes(path, payload)
-
-
 def _save_cache(key: str, examples: np.ndarray, num_tokens: int) -> None:
     """Store examples as `<key>.npy` and then `<key>.json` (whose presence marks completion)."""
     import io
@@ -100,10 +96,10 @@ def _save_cache(key: str, examples: np.ndarray, num_tokens: int) -> None:
     buffer = io.BytesIO()
     np.save(buffer, examples)
     try:
-        _atomic_write(folder / f"{key}.npy", buffer.getvalue())
+        write_bytes(folder / f"{key}.npy", buffer.getvalue(), durable=False)
         meta = {"num_tokens": num_tokens, "shape": list(examples.shape)}
-        _atomic_write(folder / f"{key}.json", json.dumps(meta).encode("utf-8"))
-    except OSError as error:
+        write_bytes(folder / f"{key}.json", json.dumps(meta).encode("utf-8"), durable=False)
+    except (OSError, MachineError) as error:  # a full disk: the run goes on without the cache
         print(f"ebt: could not write the token cache in {folder}: {error}", file=sys.stderr)
 
 
