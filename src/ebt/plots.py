@@ -7,17 +7,21 @@ from typing import Any
 
 import matplotlib
 
+from ebt.outputs import atomic_path
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(figure: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as a PNG (120 dpi; parent folders made) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as a PNG (120 dpi; parent folders made; atomically) and close
+    it."""
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=dpi)
+    finally:
+        plt.close(figure)
+    return Path(path)
 
 
 def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -37,13 +38,20 @@ def _entry(rank: int, fn: Callable, init_method: str, backend: str, args: tuple)
     exit_process(0)  # no interpreter finalization while gloo's threads live
 
 
-def spawn(fn: Callable, *args: Any, backend: str = "gloo") -> None:
+def spawn(fn: Callable, *args: Any, backend: str = "gloo", timeout: float = 0) -> None:
     """Run fn(rank, *args) in WORLD fresh processes that share a process group. They meet
     through a fresh file, not a TCP port (a free port found first can be taken by another
-    process before the group binds it)."""
+    process before the group binds it). timeout > 0: a rank still running after that many
+    seconds (one waiting for a rank that left) is killed and TimeoutError raised."""
     with tempfile.TemporaryDirectory() as folder:
         init_method = f"file://{folder}/rendezvous"
-        mp.spawn(_entry, args=(fn, init_method, backend, args), nprocs=WORLD)
+        ranks = mp.spawn(_entry, args=(fn, init_method, backend, args), nprocs=WORLD, join=False)
+        deadline = time.monotonic() + timeout
+        while not ranks.join(timeout=1.0):
+            if timeout > 0 and time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                raise TimeoutError(f"the {WORLD} ranks did not finish within {timeout:g} s")
 
 
 def vision_batch(kind: str) -> torch.Tensor:

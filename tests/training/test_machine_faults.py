@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support.faults import tear_the_metrics_log
 from support.text import TINY, tiny_overrides, training_rows
 
 from ebt.cli.main import main
@@ -133,6 +134,30 @@ def test_a_full_disk_at_the_study_results_is_one_line_and_keeps_them(
         assert main(argv) == 2
     err = capsys.readouterr().err
     last = err.splitlines()[-1]  # after the study's progress lines
-    assert last == f"ebt: error: cannot write {out / 'results.json'}: no space left on device"
-    assert "Traceback" not in err and not list(out.glob("*.tmp"))
+    assert last == (
+        f"ebt: error: cannot write {out / 'results.json'}: no space left on device; "
+        "no results.json was written"
+    )
+    assert "Traceback" not in err and not [p for p in out.iterdir() if ".partial" in p.name]
     assert main(argv) == 0 and (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_a_full_disk_at_the_metrics_log_is_one_line_and_the_run_resumes(
+    tmp_path, corpus, whole, monkeypatch, capsys, name
+):
+    """The step-3 row of metrics.jsonl tears (the step-2 checkpoint exists): one line naming
+    the log, the cause and the intact checkpoint; the resume sets the torn half aside and
+    continues bit for bit."""
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        tear_the_metrics_log(patch, 3, getattr(errno, name))
+        assert main(_argv(run, corpus)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot append to {run / 'metrics.jsonl'}: {FAULTS[name]}" in err
+    assert f"intact: {run / 'step_000002'}" in err
+    assert main(_argv(run, corpus)) == 0
+    assert "moved it aside" in capsys.readouterr().err
+    assert (run / "metrics.jsonl.torn").is_file()
+    assert training_rows(run) == training_rows(whole)

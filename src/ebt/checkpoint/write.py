@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -27,34 +26,9 @@ from ebt.checkpoint.layout import (
 )
 from ebt.errors import MachineError, machine_cause
 from ebt.nn.wrappers import unwrap
+from ebt.outputs import fsync_path, write_text
 
 _PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a file's (or, where the OS allows it, a directory's) contents to disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:  # only a directory may refuse; a file's failure (ENOSPC) counts
-        if not path.is_dir() or error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and `os.replace`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def write_run_config(run_dir: str | Path, config_dict: dict[str, Any]) -> Path:
@@ -62,7 +36,7 @@ def write_run_config(run_dir: str | Path, config_dict: dict[str, Any]) -> Path:
     path = Path(run_dir) / CONFIG_FILE
     if _is_writer():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        write_text(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -156,7 +130,7 @@ def _write_step_files(
     state = _plain(state, "train_state")  # fails before anything big is written
     config_text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
     save_file(_model_tensors(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
-    _fsync_path(tmp / MODEL_FILE)
+    fsync_path(tmp / MODEL_FILE)
     with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as handle:
         handle.write(config_text)
         handle.flush()
@@ -165,7 +139,7 @@ def _write_step_files(
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_path(tmp)
+    fsync_path(tmp)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -177,7 +151,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def save_checkpoint(
@@ -219,6 +193,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(run / LATEST_FILE, final.name + "\n")
+    write_text(run / LATEST_FILE, final.name + "\n")
     prune_checkpoints(run, keep, current=final)
     return final

@@ -32,7 +32,7 @@ from ebt.cli.probe import add_probe_command
 from ebt.cli.rollout import add_rollout_command
 from ebt.config import ConfigError, load_config
 from ebt.errors import EbtError, MachineError, machine_cause
-from ebt.outputs import DIRECTORY, JSONL, PNG, Output, atomic_path, check_outputs
+from ebt.outputs import DIRECTORY, JSONL, PNG, Output, atomic_path, check_outputs, write_text
 from ebt.runtime import keep_freed_memory
 from ebt.thinking.loop import ThinkingError
 
@@ -118,9 +118,10 @@ def _write_token_records(path: str, result: dict[str, Any]) -> None:
             columns[f"adaptive_{name}"] = values
     keep = ~torch.isnan(columns["loss"])
     rows = {name: values[keep].tolist() for name, values in columns.items()}
-    with open(path, "w", encoding="utf-8") as handle:
-        for index in range(int(keep.sum())):
-            handle.write(json.dumps({name: rows[name][index] for name in rows}) + "\n")
+    lines = [
+        json.dumps({name: rows[name][index] for name in rows}) for index in range(len(rows["loss"]))
+    ]
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def cmd_think(args: argparse.Namespace) -> int:
@@ -153,8 +154,7 @@ def cmd_think(args: argparse.Namespace) -> int:
         with atomic_path(args.plot) as temporary:
             plot_thinking(result, temporary, title=f"{run.checkpoint} ({source or split})")
     if args.tokens:
-        with atomic_path(args.tokens) as temporary:
-            _write_token_records(str(temporary), result)
+        _write_token_records(args.tokens, result)  # atomic
     result.pop("tokens", None)
     result.pop("adaptive_tokens", None)
     result |= {"split": source or split, "checkpoint": str(run.checkpoint)}

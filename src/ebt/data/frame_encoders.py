@@ -31,6 +31,7 @@ from ebt.config_checks import CHANNELS, frame_dim
 from ebt.data.images import to_float
 from ebt.data.loader import cache_dir
 from ebt.errors import DataError
+from ebt.outputs import atomic_path, write_bytes
 from ebt.runtime import pick_device
 
 if TYPE_CHECKING:
@@ -229,10 +230,9 @@ class FrameCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         info = self.directory / "encoder.json"
         if not info.exists():
-            info.write_bytes(self._fingerprint)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"vectors": vectors}, str(tmp))
-        os.replace(tmp, path)
+            write_bytes(info, self._fingerprint, durable=False)
+        with atomic_path(path, durable=False) as temporary:
+            save_file({"vectors": vectors}, str(temporary))
 
 
 class EncodedClips:

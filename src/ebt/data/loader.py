@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 
 from ebt.data.corpus import DataError, iter_documents, source_fingerprint
 from ebt.data.tokenizers import Tokenizer
+from ebt.errors import MachineError
+from ebt.outputs import write_bytes
 
 if TYPE_CHECKING:
     from ebt.config import DataConfig
@@ -87,19 +88,6 @@ def _cache_key(data: DataConfig, tokenizer: Tokenizer, source: str, split: str) 
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write `payload` to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_cache(key: str, examples: np.ndarray, num_tokens: int) -> None:
     """Store examples as `<key>.npy` and then `<key>.json` (whose presence marks completion)."""
     import io
@@ -108,10 +96,10 @@ def _save_cache(key: str, examples: np.ndarray, num_tokens: int) -> None:
     buffer = io.BytesIO()
     np.save(buffer, examples)
     try:
-        _atomic_write(folder / f"{key}.npy", buffer.getvalue())
+        write_bytes(folder / f"{key}.npy", buffer.getvalue(), durable=False)
         meta = {"num_tokens": num_tokens, "shape": list(examples.shape)}
-        _atomic_write(folder / f"{key}.json", json.dumps(meta).encode("utf-8"))
-    except OSError as error:
+        write_bytes(folder / f"{key}.json", json.dumps(meta).encode("utf-8"), durable=False)
+    except (OSError, MachineError) as error:  # a full disk: the run goes on without the cache
         print(f"ebt: could not write the token cache in {folder}: {error}", file=sys.stderr)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ebt.data.corpus import iter_documents
+from ebt.outputs import atomic_path, write_text
 
 PAD_CANDIDATES = ("<pad>", "<|endoftext|>", "</s>", "<eos>")
 EOS_TOKEN = "<|endoftext|>"
@@ -80,10 +81,8 @@ class ByteTokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/ebt_tokenizer.json`; `load_tokenizer(directory)` reads it back."""
-        path = Path(directory) / BYTE_MARKER
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"type": "byte", "vocab_size": self.vocab_size}) + "\n")
-        return path
+        marker = json.dumps({"type": "byte", "vocab_size": self.vocab_size}) + "\n"
+        return write_text(Path(directory) / BYTE_MARKER, marker)
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=257, pad_id=0)"
@@ -147,8 +146,8 @@ class HFTokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json`."""
         path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path))
+        with atomic_path(path) as temporary:
+            self.tokenizer.save(str(temporary))
         return path
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ebt.experiment.fit import fit_power_law, rate_gain
+from ebt.outputs import write_text
 
 AXIS_LABELS = {
     "data": "training tokens (text) / examples",
@@ -79,9 +80,9 @@ def plot_scaling(results: dict[str, Any], x_key: str, path: Path) -> Path:
     axes.set_title(f"{study['axis']} scaling: {study['metric']}")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path)
 
 
 def _interval(values: list[float]) -> str:
@@ -155,6 +156,4 @@ def write_report(study: Any, results: dict[str, Any]) -> Path:
         *_point_lines(results),
         "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text(out / "report.md", "\n".join(lines))

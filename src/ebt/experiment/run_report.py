@@ -20,7 +20,7 @@ from ebt.modalities.image import denoise
 from ebt.modalities.text.generate import Sampling, generate
 from ebt.modalities.video.figures import write_strip
 from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
-from ebt.outputs import atomic_path
+from ebt.outputs import write_text
 from ebt.training import tracking
 from ebt.training.rundir import flatten_config
 from ebt.training.tracking import METRICS_FILE
@@ -92,9 +92,9 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         if title == "loss" and axis.lines:
             axis.set_yscale("log")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path, dpi=110)
 
 
 def _last_evaluations(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -212,6 +212,5 @@ def write_run_report(runs: list[str], output: str | Path) -> Path:
         picture = output.with_name(f"{output.stem}-{index}.png")
         lines += [f"## {name}: samples", "", *_showcase(path, configs[name], picture), ""]
     lines += ["## Config", "", *_config_lines(configs)]
-    with atomic_path(output) as temporary:  # never a half-written report
-        temporary.write_text("\n".join(lines), encoding="utf-8")
+    write_text(output, "\n".join(lines))  # atomic: never a half-written report
     return output

@@ -15,7 +15,6 @@ plots are written (report.py).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from ebt.experiment.flops import parameter_counts, training_flops_per_step
 from ebt.experiment.report import write_report
 from ebt.modalities import MODALITIES, unit_for
 from ebt.models import build_model
+from ebt.outputs import write_text
 from ebt.training import trainer
 from ebt.training.bench import baseline_config, vocabulary_size
 from ebt.training.distributed import barrier, is_main_process, setup, teardown
@@ -132,17 +132,8 @@ def load_results(study: Study, base: Config) -> dict[str, Any]:
 
 def save_results(study: Study, results: dict[str, Any]) -> Path:
     """Write results.json atomically (a crash leaves the old or the new file, never half)."""
-    path = Path(study.out_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    try:
-        text = json.dumps(results, indent=2, sort_keys=True) + "\n"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError:
-        temporary.unlink(missing_ok=True)  # the previous results.json stays whole
-        raise
-    return path
+    text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+    return write_text(Path(study.out_dir) / RESULTS_FILE, text)
 
 
 def _x(point: Point, config: Config, counts: dict[str, int]) -> float:

@@ -18,7 +18,6 @@ from typing import Any
 from ebt.api import load_run
 from ebt.data import build_token_dataset, iter_eval_batches
 from ebt.errors import EbtError
-from ebt.outputs import atomic_path
 from ebt.thinking.metrics import LOSS_CAP, perplexity
 from ebt.thinking.selection import Selection, thinking_curves
 
@@ -111,8 +110,7 @@ def thinking_shift(
     result |= {"from_steps": start, "selection": think.selection}
     result["sets"] = rows
     if plot:
-        with atomic_path(plot) as temporary:
-            plot_shift(result, temporary)
+        plot_shift(result, plot)  # atomic
         result["plot"] = str(plot)
     return result
 
@@ -151,6 +149,6 @@ def plot_shift(result: dict[str, Any], path: Path) -> Path:
     axes.set_title("thinking gains against distribution shift")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path)

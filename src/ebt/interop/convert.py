@@ -10,7 +10,6 @@ Reading never unpickles code: `torch.load(weights_only=True)`, with only Lightni
 
 from __future__ import annotations
 
-import os
 import types
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from ebt.interop.reference import (
     reference_state_dict,
 )
 from ebt.interop.video_reference import video_reference_checkpoint
+from ebt.outputs import atomic_path
 
 # Where Lightning versions define AttributeDict (a dict with attribute access).
 _ATTRIBUTE_DICTS = (
@@ -247,8 +247,6 @@ def export_reference(
         "epoch": 0,
     }
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as temporary:
+        torch.save(checkpoint, temporary)
     return out

@@ -30,6 +30,7 @@ from ebt.data import ByteTokenizer, Tokenizer
 from ebt.interop.reference import InteropError
 from ebt.models import EnergyTransformer, TransformerPP
 from ebt.nn.wrappers import unwrap
+from ebt.outputs import atomic_path, write_text
 from ebt.training.tracking import read_metrics
 
 CARD_FILE = "README.md"
@@ -238,14 +239,14 @@ def save_pretrained(
     tensors = {
         k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
     }
-    save_file(tensors, str(out / MODEL_FILE), metadata=metadata)
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    (out / CONFIG_FILE).write_text(text, encoding="utf-8")
+    with atomic_path(out / MODEL_FILE) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    write_text(out / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_DIR)
     name = repo_id or (_run_dir(checkpoint) if checkpoint is not None else out.resolve()).name
     card = model_card(model, config, tokenizer, checkpoint, name, repo_id or str(out))
-    (out / CARD_FILE).write_text(card, encoding="utf-8")
+    write_text(out / CARD_FILE, card)
     return out
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ebt.errors import EbtError, machine_cause
 from ebt.runtime import pick_device
 
 
@@ -105,6 +106,42 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast_from_main(value: Any) -> Any:
+    """Rank 0's picklable `value` on every rank (identity when not distributed)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _shareable(error: Exception) -> Exception | None:
+    """What the other ranks raise for rank 0's `error`: the same line (an ebt error, a
+    machine OSError), or one naming rank 0's failure (its traceback stays on rank 0)."""
+    if isinstance(error, OSError) and machine_cause(error) is not None:
+        return OSError(error.errno, error.strerror, error.filename)
+    if isinstance(error, EbtError) and type(error).__init__ is EbtError.__init__:
+        return type(error)(str(error))
+    return EbtError(f"rank 0 stopped: {type(error).__name__}: {error}")
+
+
+def on_main(action: Callable[[], None]) -> None:
+    """Run `action` (a write: a checkpoint, the run's files) on rank 0 alone and share its
+    outcome; every rank must call this. When it fails, every rank raises (rank 0 its own error,
+    the others the same one line, see _shareable), so no rank is left waiting at a collective
+    for a rank that stopped, and every rank leaves its process group the ordinary way."""
+    failure = None
+    if is_main_process():
+        try:
+            action()
+        except Exception as error:
+            _broadcast_from_main(_shareable(error))
+            raise
+    failure = _broadcast_from_main(failure)
+    if failure is not None:
+        raise failure
 
 
 @contextlib.contextmanager

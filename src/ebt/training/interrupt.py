@@ -21,6 +21,9 @@ from ebt.errors import TrainingInterrupted as TrainingInterrupted  # its old hom
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+FAILED = -1  # StopRequest.signal: a rank failed, not a signal
+
+
 class StopRequest:
     """Catches SIGINT / SIGTERM while active (`with StopRequest() as stop: ... stop.signal()`)."""
 
@@ -50,11 +53,12 @@ class StopRequest:
             file=sys.stderr,
         )
 
-    def signal(self, device: torch.device | None = None) -> int:
-        """The signal to stop on, agreed by every rank (0: keep training)."""
+    def signal(self, device: torch.device | None = None, failed: bool = False) -> int:
+        """The signal to stop on, agreed by every rank (0: keep training); FAILED when any
+        rank passed failed=True (rank 0 could not write its log: every rank stops)."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
-            return self.received
-        flag = torch.tensor([self.received], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+            return FAILED if failed else self.received
+        flags = torch.tensor([self.received, int(failed)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return FAILED if flags[1].item() else int(flags[0].item())

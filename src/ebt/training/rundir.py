@@ -13,12 +13,14 @@ thinking recipe, seed, batch size) and a difference is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from ebt import checkpoint
 from ebt.config import ConfigError
 from ebt.errors import MachineError, RunBusyError
 from ebt.outputs import atomic_path
+from ebt.training.distributed import DistributedContext, on_main
 
 LOCK_FILE = ".lock"
 RUNTIME_FILE = "runtime.json"
@@ -232,3 +235,19 @@ def check_space(run_dir: Path, step: int) -> None:
             f"MiB free, the last one took {needed / 2**20:.1f} MiB; stopped before writing it; "
             + intact_note(run_dir)
         )
+
+
+@contextlib.contextmanager
+def own_run(run_dir: Path, context: DistributedContext) -> Iterator[None]:
+    """Hold the run directory's lock for the whole job: rank 0 takes it for all ranks, and
+    every rank raises the same RunBusyError when another job holds it."""
+    lock, created = RunLock(run_dir), not run_dir.exists()
+    on_main(lock.acquire)  # RunBusyError, a read-only out_dir: the same line on every rank
+    try:
+        yield
+    except BaseException:
+        if created and context.is_main:  # failed before writing anything: leave no trace
+            lock.remove_if_alone()
+        raise
+    finally:
+        lock.release()

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from ebt.errors import MachineError, machine_cause
+from ebt.outputs import write_bytes, write_text
+
 METRICS_FILE = "metrics.jsonl"
 _INSTALL_HINT = "install the tracking extras: pip install 'ebt[tracking]'"
 
@@ -87,8 +90,15 @@ class MetricsLogger:
         plain = to_plain(row)
         if not self.enabled or self._file is None:
             return plain
-        self._file.write(json.dumps(plain) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(plain) + "\n")
+            self._file.flush()
+        except OSError as error:  # a full disk: one line; the rows before it are whole
+            cause = machine_cause(error)
+            if cause is None:
+                raise
+            self.close()  # never append after a torn row (repaired when the run resumes)
+            raise MachineError(f"cannot append to {self.path}: {cause}") from error
         step = plain.get("step", self._count)
         step = int(step) if isinstance(step, numbers.Real) else self._count
         self._count += 1
@@ -196,7 +206,7 @@ def repair_metrics(path: Path) -> Path | None:
     while aside.exists():
         number += 1
         aside = path.with_name(f"{path.name}.torn-{number}")
-    aside.write_bytes(tail)
+    write_bytes(aside, tail)
     print(
         f"ebt: warning: {path} ended in a torn line ({len(tail)} bytes: a crash or a full disk "
         f"mid-write); moved it aside to {aside}",
@@ -222,9 +232,7 @@ def truncate_metrics(run_dir: str | Path, after_step: int) -> int:
     rows = read_metrics(run_dir)
     kept = [row for row in rows if not _step_after(row, after_step)]
     if len(kept) != len(rows):
-        tmp = path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
     return len(rows) - len(kept)
 
 

@@ -18,7 +18,6 @@ step and stop (interrupt.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from ebt import checkpoint
 from ebt.config import Config, ConfigError
 from ebt.data import iter_eval_batches
-from ebt.errors import MachineError, RunBusyError
+from ebt.errors import MachineError
 from ebt.modalities import modality_for
 from ebt.models import build_model
 from ebt.training.distributed import (
@@ -48,21 +47,22 @@ from ebt.training.distributed import (
     load_optimizer_state,
     main_first,
     mean_over_ranks,
+    on_main,
     setup,
     teardown,
     wrap_objective,
 )
 from ebt.training.evaluate import evaluate
-from ebt.training.interrupt import StopRequest, TrainingInterrupted
+from ebt.training.interrupt import FAILED, StopRequest, TrainingInterrupted
 from ebt.training.objective import Objective
 from ebt.training.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_report
 from ebt.training.replay import ReplayBuffer
 from ebt.training.rundir import (
-    RunLock,
     check_resumable,
     check_space,
     config_changes,
     intact_note,
+    own_run,
     resume_row,
     write_runtime,
 )
@@ -76,6 +76,7 @@ class Trainer:
     def __init__(self, config: Config, context: DistributedContext) -> None:
         self.config, self.context = config, context
         self.run_dir = Path(config.train.out_dir)
+        self.log_failure: MachineError | None = None  # rank 0's, see log()
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
@@ -229,8 +230,13 @@ class Trainer:
         if is_sharded(self.model):  # full state dicts, gathered onto rank 0's CPU
             model = full_model_state(self.model)
             optimizer = full_optimizer_state(self.model, self.optimizer)
-        if self.context.is_main and not self.context.enabled:  # one process: nobody waits
-            check_space(self.run_dir, self.step)
+        on_main(lambda: self._write_checkpoint(model, optimizer, extra))  # every rank: 1 line
+        barrier()
+
+    def _write_checkpoint(self, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
+        """Rank 0: check the free space, then write the checkpoint; a machine fault is one
+        line naming the newest complete checkpoint and the command that resumes from it."""
+        check_space(self.run_dir, self.step)
         try:
             checkpoint.save_checkpoint(
                 self.run_dir,
@@ -244,7 +250,23 @@ class Trainer:
             )
         except MachineError as error:
             raise MachineError(f"{error}; {intact_note(self.run_dir)}") from error
-        barrier()
+
+    def log(self, logger: MetricsLogger, row: dict[str, Any]) -> dict[str, Any]:
+        """logger.log; a full disk there is one line naming the intact checkpoint. Under
+        torchrun rank 0 holds it until the ranks next agree (the end of the step: FAILED), so
+        that no rank waits for one that stopped; the log is closed, the run goes on to there."""
+        try:
+            return logger.log(row)
+        except MachineError as error:
+            failure = MachineError(f"{error}; {intact_note(self.run_dir)}")
+            if not self.context.enabled:
+                raise failure from error
+            self.log_failure = self.log_failure or failure
+            return logger.log(row)  # closed: only converts the row
+
+    def _raise_log_failure(self) -> None:
+        if self.log_failure is not None:
+            raise self.log_failure
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -252,7 +274,7 @@ class Trainer:
     def _stop(self, logger: MetricsLogger, signal_number: int) -> None:
         """Save at the current step, record the interruption, raise TrainingInterrupted."""
         name = signal.Signals(signal_number).name
-        logger.log({"event": "interrupted", "step": self.step, "signal": name})
+        self.log(logger, {"event": "interrupted", "step": self.step, "signal": name})
         self.save()
         saved = self.run_dir / checkpoint.step_dir_name(self.step)
         message = f"{name} at step {self.step}: saved {saved}; run the same command to resume"
@@ -275,19 +297,23 @@ class Trainer:
                 bar.update(1)
                 if self._due(train.log_every) or self.step == train.max_steps:
                     row["elapsed_s"] = time.perf_counter() - started
-                    logger.log(row)
+                    self.log(logger, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if self._due(train.eval_every):
-                    last_eval = logger.log(self.evaluate_split())
+                    last_eval = self.log(logger, self.evaluate_split())
                     bar.write(format_row(last_eval), file=sys.stderr) if show else None
                 if self._due(train.save_every):
                     self.save()
-                if signal_number := stop.signal(self.context.device):
+                signal_number = stop.signal(self.context.device, self.log_failure is not None)
+                if signal_number:
                     bar.close()
+                    if signal_number == FAILED:
+                        on_main(self._raise_log_failure)  # rank 0's line on every rank
                     self._stop(logger, signal_number)
         bar.close()
         if not last_eval or last_eval.get("step") != self.step:
-            last_eval = logger.log(self.evaluate_split())
+            last_eval = self.log(logger, self.evaluate_split())
+        on_main(self._raise_log_failure)  # every rank stops when rank 0's log failed
         self.save()
         return last_eval
 
@@ -308,56 +334,37 @@ def train(config: Config) -> dict[str, Any]:
 
 def _train(config: Config, context: DistributedContext) -> dict[str, Any]:
     run_dir = Path(config.train.out_dir)
-    with _own(run_dir, context):
+    with own_run(run_dir, context):
         _check_resumable_early(config, run_dir)
         trainer = Trainer(config, context)
         changes = trainer.resume_if_possible()
-        if context.is_main:
-            checkpoint.remove_stale_temporaries(run_dir)
-            checkpoint.write_run_config(run_dir, config.to_dict())
-            write_runtime(run_dir, trainer.stepper.record())  # the resolved precision
-            trainer.modality.save_assets(run_dir)
-            if changes is not None:
-                truncate_metrics(run_dir, trainer.step)
+        on_main(lambda: _prepare(trainer, changes is not None))  # every rank stops if it fails
         barrier()
-        with MetricsLogger(
-            run_dir,
-            config.to_dict(),
-            tensorboard=config.train.tensorboard,
-            wandb=config.train.wandb,
-            wandb_project=config.train.wandb_project,
-            enabled=context.is_main,
-        ) as logger:
+        with _open_logger(config) as logger:
             if changes is not None:
-                logger.log(resume_row(trainer.step, changes))
+                trainer.log(logger, resume_row(trainer.step, changes))
             return trainer.run(logger)
 
 
-@contextlib.contextmanager
-def _own(run_dir: Path, context: DistributedContext):
-    """Hold the run directory's lock for the whole job: rank 0 takes it for all ranks, and
-    every rank raises the same RunBusyError when another job holds it."""
-    lock, created = RunLock(run_dir), not run_dir.exists()
-    error = None
-    if context.is_main:
-        try:
-            lock.acquire()
-        except RunBusyError as busy:
-            error = str(busy)
-    if context.enabled:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error is not None:
-        raise RunBusyError(error)
-    try:
-        yield
-    except BaseException:
-        if created and context.is_main:  # failed before writing anything: leave no trace
-            lock.remove_if_alone()
-        raise
-    finally:
-        lock.release()
+def _open_logger(config: Config) -> MetricsLogger:
+    """The metrics log, opened by rank 0 (a closed one elsewhere): a fault opening it (a
+    read-only file, a missing tracker) stops every rank with rank 0's line."""
+    train, opened = config.train, []
+    options = {"tensorboard": train.tensorboard, "wandb": train.wandb}
+    options["wandb_project"] = train.wandb_project
+    on_main(lambda: opened.append(MetricsLogger(train.out_dir, config.to_dict(), **options)))
+    return opened[0] if opened else MetricsLogger(train.out_dir, enabled=False)
+
+
+def _prepare(trainer: Trainer, resumed: bool) -> None:
+    """Rank 0, before the first step: the run's config and assets; a resumed log cut back."""
+    run_dir = trainer.run_dir
+    checkpoint.remove_stale_temporaries(run_dir)
+    checkpoint.write_run_config(run_dir, trainer.config.to_dict())
+    write_runtime(run_dir, trainer.stepper.record())  # the resolved precision
+    trainer.modality.save_assets(run_dir)
+    if resumed:
+        truncate_metrics(run_dir, trainer.step)
 
 
 def _check_resumable_early(config: Config, run_dir: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ebt.data.images import to_uint8
+from ebt.outputs import atomic_path
 
 GAP = 2  # pixels between frames / panels
 SCALE = 4  # nearest-neighbour upscaling of the (tiny) frames
@@ -27,12 +28,6 @@ def _side_by_side(panels: list[np.ndarray], axis: int) -> np.ndarray:
     gap = np.full(shape, 255, dtype=np.uint8)
     pieces = [piece for panel in panels for piece in (panel, gap)][:-1]
     return np.concatenate(pieces, axis=axis)
-
-
-def _ready(path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def write_strip(rows: dict[str, torch.Tensor], context: int, path: str | Path) -> Path:
@@ -58,10 +53,9 @@ def write_strip(rows: dict[str, torch.Tensor], context: int, path: str | Path) -
         fontsize=8,
     )
     figure.tight_layout()
-    path = _ready(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path)
 
 
 def write_gif(rows: dict[str, torch.Tensor], path: str | Path, milliseconds: int = 250) -> Path:
@@ -70,9 +64,9 @@ def write_gif(rows: dict[str, torch.Tensor], path: str | Path, milliseconds: int
     import imageio.v3 as iio
 
     frames = _side_by_side([_pixels(frames) for frames in rows.values()], axis=-2)  # (T, h, w, 3)
-    path = _ready(path)
-    iio.imwrite(path, frames, extension=".gif", duration=milliseconds, loop=0)
-    return path
+    with atomic_path(path) as temporary:
+        iio.imwrite(temporary, frames, extension=".gif", duration=milliseconds, loop=0)
+    return Path(path)
 
 
 def plot_energy(report: dict, path: str | Path, energies: torch.Tensor | None = None) -> Path:
@@ -104,7 +98,6 @@ def plot_energy(report: dict, path: str | Path, energies: torch.Tensor | None = 
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
     figure.tight_layout()
-    path = _ready(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    from ebt.plots import save_figure
+
+    return save_figure(figure, path)
