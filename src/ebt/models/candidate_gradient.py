@@ -14,6 +14,13 @@ The same code serves both uses of the candidate gradient:
 `extend_context_by_one` is generation's one-token context pass in the same style. Tests check
 both uses against autograd of the naive float64 model for every variant.
 
+Under bf16 (or fp16) autocast the matrix products run in the autocast dtype; RMSNorm statistics,
+RoPE rotations, softmax, the attention's row sums, the residual streams (of the activations and
+of dE/dz), the adaLN modulations and the energy head run in float32, written out with explicit
+dtypes (`ebt.nn.precision`) because CPU and CUDA autocast widen different ops. The SwiGLU
+elementwise ops stay in the products' dtype, as autocast leaves them in the autograd model.
+Outside autocast nothing changes: float32 and float64 run exactly as before.
+
 Candidates enter through one Linear (text: the projection of distributions; video: the frame
 embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
 """
@@ -28,6 +35,7 @@ from torch import nn
 from ebt.nn.attention import prediction_mask, split_weights
 from ebt.nn.block import Block
 from ebt.nn.kv_cache import KeyValueBuffer
+from ebt.nn.precision import full_precision, wide
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -47,7 +55,8 @@ def _linear_backward(grad: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]:
-    """RMSNorm of rows x (N, D); saves (normalised x, 1/rms (N, 1))."""
+    """RMSNorm of rows x (N, D) in float32 at least; saves (normalised x, 1/rms (N, 1))."""
+    x = wide(x)  # (N, D)
     inverse = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(norm.eps))  # (N, 1)
     normalised = x * inverse  # (N, D)
     return normalised * norm.weight, (normalised, inverse)
@@ -55,7 +64,7 @@ def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]
 
 def _rms_backward(grad: torch.Tensor, norm: nn.Module, saved: Saved) -> torch.Tensor:
     normalised, inverse = saved
-    grad = grad * norm.weight  # (N, D)
+    grad = wide(grad) * norm.weight  # (N, D)
     return inverse * (grad - normalised * (grad * normalised).mean(-1, keepdim=True))
 
 
@@ -84,8 +93,8 @@ def _unbatched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """apply_rope for float32/float64 x (B, R, H, hd) without dtype round trips."""
-    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
+    """apply_rope of x (B, R, H, hd), in float32 at least, without dtype round trips."""
+    pairs = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
     return torch.view_as_real(pairs * rope).flatten(-2)  # (B, R, H, hd)
 
 
@@ -144,12 +153,12 @@ def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tens
     attention = block.attention
     q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
     rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
-    self_score = _batched((q * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
+    self_score = _batched((wide(q) * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
     own_values = _batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
     attended, weights = [], []
     chunks = _chunked(pieces, rotated, self_score, own_values)
     for (_, mask, keys, values), (queries, own_score, own_value) in chunks:
-        scores = torch.baddbmm(mask, queries, keys.transpose(1, 2))  # (B*H, r, k)
+        scores = wide(torch.baddbmm(mask, queries, keys.transpose(1, 2)))  # (B*H, r, k)
         chunk_weights = torch.cat((scores, own_score), dim=-1).softmax(-1)  # (B*H, r, k + 1)
         context_weights, self_weight = split_weights(chunk_weights)
         attended.append(torch.baddbmm(self_weight * own_value, context_weights, values))
@@ -169,8 +178,8 @@ def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -
         chunks, weights, strict=True
     ):
         self_weight = split_weights(chunk_weights)[1]
-        grad_self_weight = (chunk_grad * own_value).sum(-1, keepdim=True)  # (B*H, r, 1)
-        grad_context_weights = torch.bmm(chunk_grad, values.transpose(1, 2))  # (B*H, r, k)
+        grad_self_weight = (wide(chunk_grad) * own_value).sum(-1, keepdim=True)  # (B*H, r, 1)
+        grad_context_weights = wide(torch.bmm(chunk_grad, values.transpose(1, 2)))  # (B*H, r, k)
         grad_weights = torch.cat((grad_context_weights, grad_self_weight), -1)
         dot = (grad_weights * chunk_weights).sum(-1, keepdim=True)  # (B*H, r, 1)
         grad_context_scores, grad_self_score = split_weights(chunk_weights * (grad_weights - dot))
@@ -226,6 +235,7 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
     """Block.context for one new token per row x (B, D), appending its keys/values to the
     layer's buffer; ropes = (plain, scaled by 1/sqrt(hd)) rotations (1, 1, hd/2)."""
     attention = block.attention
+    x = wide(x)  # (B, D)
     normed, _ = _rms_forward(x, block.attention_norm)
     attention_input = _modulated(normed, mod, 0)
     k = _rotate(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
@@ -235,7 +245,7 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
         return None
     q = _rotate(_linear(attention_input, attention.wq).view(shape), ropes[1])
     scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1)
-    weights = scores.softmax(-1)  # float32 / float64 only on this path
+    weights = wide(scores).softmax(-1)  # (B, H, 1, P + 1)
     attended = (weights @ values).transpose(1, 2).reshape(x.shape)  # (B, D)
     h = x + _gated(_linear(attended, attention.wo), mod, 2)  # (B, D)
     normed, _ = _rms_forward(h, block.ffn_norm)
@@ -263,10 +273,11 @@ def extend_context_by_one(
 
 
 def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) -> tuple | None:
-    """A block's six adaLN vectors, repeated for each of a batch row's candidates: 6 x (N, D)."""
+    """A block's six adaLN vectors, repeated for each of a batch row's candidates: 6 x (N, D),
+    in float32 at least."""
     if block.modulation is None:
         return None
-    return block.modulation(condition).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
+    return wide(block.modulation(condition)).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
 
 
 def energies_and_gradient(
@@ -290,7 +301,7 @@ def energies_and_gradient(
     landscape = cache.landscape if landscape is None else landscape
     shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
     z = model.embed_candidates(probabilities, landscape, noise, zero_leaf_as_bias=True)
-    z = z.flatten(0, 1)  # (N, D)
+    z = wide(z).flatten(0, 1)  # (N, D): the residual stream in float32 at least
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
     pieces = [  # per layer, per chunk of rows: (rows, mask, keys (B*H, k, hd), values)
@@ -306,7 +317,7 @@ def energies_and_gradient(
     energies, grad = _energy_head(model, z, cache.condition, count)  # (N, 1), (N, D)
     for (block, layer_pieces), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
         grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
-    gradient = _linear_backward(grad, model.candidate_layer)  # (N, V or F)
+    gradient = _linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
 
 
@@ -315,8 +326,10 @@ def _energy_head(model: EnergyTransformer, z, condition, count: int):
     z, final_norm = _rms_forward(z, model.norm)
     grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
     if model.final_modulation is not None:
-        shift, scale = model.final_modulation(condition).chunk(2, dim=-1)  # (B, D) each
+        shift, scale = wide(model.final_modulation(condition)).chunk(2, dim=-1)  # (B, D) each
         shift, scale = shift.repeat_interleave(count, 0), scale.repeat_interleave(count, 0)
         z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
         grad = grad * (1 + scale)
-    return _linear(z, model.energy_head), _rms_backward(grad, model.norm, final_norm)
+    with full_precision(z):  # the energy itself in float32 at least, also under autocast
+        energies = _linear(z, model.energy_head)  # (N, 1)
+    return energies, _rms_backward(grad, model.norm, final_norm)
