@@ -3,13 +3,15 @@ the written-out passes (products in bf16; softmax, norm statistics and reduction
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-PRODUCTS = {"mm", "bmm", "addmm", "baddbmm", "addmv", "mv", "matmul"}
+PRODUCTS = {"mm", "bmm", "addmm", "baddbmm", "addmv", "mv", "dot", "matmul"}
 # softmax, RMSNorm / LayerNorm statistics and the reductions of the energies and the attention
-STATISTICS = {"_softmax", "mean", "sum", "rsqrt", "native_layer_norm", "var_mean", "logsumexp"}
+# (under inference_mode the recorder sees composite ops undecomposed: softmax, not _softmax)
+STATISTICS = {"_softmax", "softmax", "mean", "sum", "rsqrt", "native_layer_norm", "logsumexp"}
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -29,10 +31,12 @@ class OpDtypes(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def precision_violations(calls, low: torch.dtype, full_products: int) -> list[str]:
+def precision_violations(
+    calls, low: torch.dtype, full_products: int, also_float32: frozenset = frozenset()
+) -> list[str]:
     """The policy's violations among recorded calls: a product with an operand not in `low`
-    (beyond `full_products` float32 ones, the energy heads), a statistic with an operand not
-    float32. Also fails when no product ran in `low` (nothing was checked)."""
+    (beyond `full_products` float32 ones, the energy heads), a statistic (or an op named in
+    also_float32) with an operand not float32. Also fails when no product ran in `low`."""
     wrong, full, low_products = [], 0, 0
     for name, dtypes in calls:
         if name in PRODUCTS and dtypes:
@@ -42,10 +46,22 @@ def precision_violations(calls, low: torch.dtype, full_products: int) -> list[st
                 full += 1
             else:
                 wrong.append(f"{name}{dtypes}")
-        elif name in STATISTICS and any(dtype != torch.float32 for dtype in dtypes):
+        elif name in STATISTICS | also_float32 and any(dtype != torch.float32 for dtype in dtypes):
             wrong.append(f"{name}{dtypes}")
     if full != full_products:
         wrong.append(f"{full} float32 products, expected {full_products}")
     if not low_products:
         wrong.append(f"no product ran in {low}")
     return wrong
+
+
+DEVICES = [  # the policy under CPU autocast, and under CUDA's (other lists) where a GPU is present
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]

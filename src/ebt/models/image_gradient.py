@@ -20,6 +20,13 @@ autograd.Functions whose own derivative is written out too: the same math in few
 passes (CPU steps here are bound by memory traffic outside the matmuls). Those derivatives
 are first order (`once_differentiable`): the training graph is differentiated once, as it is.
 Tests check energies, dE/dx and the training gradients against autograd in float64.
+
+Under bf16 (or fp16) autocast the matrix products run in the autocast dtype; LayerNorm
+statistics, softmax, GELU-tanh and its derivatives, the attention's row sums, the residual
+streams, the adaLN folds and the energy head run in float32, with explicit dtypes (see
+`ebt.nn.precision`): the autograd.Functions cast their bmm operands themselves and run their
+backward with autocast off, so the pass computes the same on CPU and CUDA and whatever autocast
+state the backward runs in. Outside autocast nothing changes, bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ebt.nn.dit import NORM_EPS, DiTBlock, patch_grid
+from ebt.nn.precision import full_precision, wide
 
 if TYPE_CHECKING:
     from ebt.models.image_energy import ImageEnergyTransformer
@@ -67,14 +75,15 @@ def _fold(block: DiTBlock, condition: torch.Tensor) -> Folded:
     """The block's weights with its six adaLN vectors (from condition (1, D)) folded in, and
     the attention scale 1/sqrt(hd) folded into the query rows (so that the attention's layout
     passes are plain copies)."""
-    mod = block.modulation(condition)[0].chunk(6)  # 6 x (D,)
+    mod = wide(block.modulation(condition))[0].chunk(6)  # 6 x (D,), float32 at least
     shift1, scale1, gate1, shift2, scale2, gate2 = mod
     attention, mlp = block.attention, block.feed_forward
     queries = _query_scale(attention.qkv.weight, block.attention.heads)  # (3D, 1)
     qkv = attention.qkv.weight * (1 + scale1) * queries  # (3D, D)
-    qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1) * queries[:, 0]
+    with full_precision(condition):  # the folded biases in float32 at least
+        qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1) * queries[:, 0]
+        fc1_bias = torch.addmv(mlp.fc1.bias, mlp.fc1.weight, shift2)  # (F,)
     fc1 = mlp.fc1.weight * (1 + scale2)  # (F, D)
-    fc1_bias = torch.addmv(mlp.fc1.bias, mlp.fc1.weight, shift2)  # (F,)
     out = attention.out.weight * gate1.unsqueeze(1)  # (D, D)
     fc2 = mlp.fc2.weight * gate2.unsqueeze(1)  # (D, F)
     return Folded(
@@ -98,6 +107,7 @@ class _LayerNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_normalised: torch.Tensor, grad_inverse: torch.Tensor) -> torch.Tensor:
         x, mean, inverse, normalised = ctx.saved_tensors
+        grad_normalised, grad_inverse = wide(grad_normalised), wide(grad_inverse)
         grad = torch.ops.aten.native_layer_norm_backward(
             grad_normalised, x, x.shape[-1:], mean, inverse, None, None, [True, False, False]
         )[0]  # (M, D)
@@ -107,8 +117,9 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm without affine of rows x (M, D): (normalised (M, D), 1 / std (M, 1))."""
-    return _LayerNorm.apply(x)
+    """LayerNorm without affine of rows x (M, D): (normalised (M, D), 1 / std (M, 1)), in
+    float32 at least."""
+    return _LayerNorm.apply(wide(x))
 
 
 class _NormBackward(torch.autograd.Function):
@@ -138,8 +149,9 @@ class _NormBackward(torch.autograd.Function):
 def _norm_backward(
     residual: Tensor, centred: Tensor, normalised: Tensor, inverse: Tensor
 ) -> Tensor:
-    """residual (M, D) + the LayerNorm backward of a gradient already centred over D (M, D)."""
-    return _NormBackward.apply(residual, centred, normalised, inverse)
+    """residual (M, D) + the LayerNorm backward of a gradient already centred over D (M, D),
+    in float32 at least."""
+    return _NormBackward.apply(wide(residual), wide(centred), normalised, inverse)
 
 
 class _Gelu(torch.autograd.Function):
@@ -171,8 +183,9 @@ class _Gelu(torch.autograd.Function):
 
 
 def _gelu(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GELU-tanh of u (M, F), its derivative at u (M, F))."""
-    return _Gelu.apply(u)
+    """(GELU-tanh of u (M, F), its derivative at u (M, F)), in float32 at least (its second
+    derivative cancels terms)."""
+    return _Gelu.apply(wide(u))
 
 
 def _query_scale(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -219,9 +232,11 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, bias: Tensor, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
-        parts = _to_heads(qkv, shape, 3, bias)  # (3, B*H, N, hd)
-        weights = torch.bmm(parts[0], parts[1].transpose(1, 2)).softmax(dim=-1)  # (B*H, N, N)
-        output = _to_rows(torch.bmm(weights, parts[2]).unsqueeze(0), shape)  # (M, D)
+        parts = _to_heads(qkv, shape, 3, bias)  # (3, B*H, N, hd) in the products' dtype
+        scores = torch.bmm(parts[0], parts[1].transpose(1, 2))  # (B*H, N, N)
+        weights = wide(scores).softmax(dim=-1)  # (B*H, N, N), float32 at least
+        output = torch.bmm(weights.to(parts.dtype), parts[2])  # (B*H, N, hd)
+        output = _to_rows(output.unsqueeze(0), shape)  # (M, D)
         ctx.save_for_backward(parts, weights)
         ctx.shape = shape
         return output, parts, weights
@@ -230,16 +245,35 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor, grad_parts: Tensor, grad_weights: Tensor):
         parts, weights = ctx.saved_tensors
-        q, k, v = parts  # (B*H, N, hd) each
-        grad = _to_heads(grad_output, ctx.shape, 1)[0]  # (B*H, N, hd)
-        grad_weights = torch.baddbmm(grad_weights, grad, v.transpose(1, 2))  # (B*H, N, N)
-        scores = _softmax_backward(grad_weights, weights)  # (B*H, N, N)
-        total = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.baddbmm(grad_parts[0], scores, k, out=total[0])
-        torch.baddbmm(grad_parts[1], scores.transpose(1, 2), q, out=total[1])
-        torch.baddbmm(grad_parts[2], weights.transpose(1, 2), grad, out=total[2])
-        grad_qkv = _to_rows(total, ctx.shape)  # (M, 3D)
-        return grad_qkv, grad_qkv.sum(dim=0), None
+        with full_precision(parts):
+            return _attention_backward(
+                ctx.shape, parts, weights, grad_output, grad_parts, grad_weights
+            )
+
+
+def _baddbmm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """bias + a @ b (batched): one fused op where the dtypes agree, else the product in a's
+    dtype (the products' one) added to the wider bias."""
+    if bias.dtype == a.dtype:
+        return torch.baddbmm(bias, a, b)
+    return bias + torch.bmm(a, b)
+
+
+def _attention_backward(shape: Shape, parts, weights, grad_output, grad_parts, grad_weights):
+    """_Attention's backward: (dE/d(qkv rows) (M, 3D), dE/d(bias) (3D,), None); products in
+    the dtype of parts (3, B*H, N, hd), the softmax backward in that of weights (B*H, N, N)."""
+    q, k, v = parts  # (B*H, N, hd) each
+    low = parts.dtype
+    grad = _to_heads(grad_output.to(low), shape, 1)[0]  # (B*H, N, hd)
+    grad_weights = _baddbmm(grad_weights, grad, v.transpose(1, 2))  # (B*H, N, N)
+    scores = _softmax_backward(grad_weights, weights).to(low)  # (B*H, N, N)
+    grad_parts, low_weights = grad_parts.to(low), weights.to(low)
+    total = torch.empty_like(parts)  # (3, B*H, N, hd)
+    torch.baddbmm(grad_parts[0], scores, k, out=total[0])
+    torch.baddbmm(grad_parts[1], scores.transpose(1, 2), q, out=total[1])
+    torch.baddbmm(grad_parts[2], low_weights.transpose(1, 2), grad, out=total[2])
+    grad_qkv = _to_rows(total, shape)  # (M, 3D)
+    return grad_qkv, wide(grad_qkv).sum(dim=0), None
 
 
 class _AttentionGradient(torch.autograd.Function):
@@ -252,14 +286,16 @@ class _AttentionGradient(torch.autograd.Function):
         batch, patches, heads, width = shape
         q, k, v = parts  # (B*H, N, hd) each
         heads_grad = _to_heads(grad, shape, 1)[0]  # (B*H, N, hd)
-        along = (grad * output).view(batch, patches, heads, width).sum(dim=-1)  # (B, N, H)
+        along = (wide(grad) * output).view(batch, patches, heads, width).sum(dim=-1)  # (B, N, H)
         along = along.transpose(1, 2).reshape(-1, patches, 1)  # (B*H, N, 1)
-        centred = torch.bmm(heads_grad, v.transpose(1, 2)).sub_(along)  # (B*H, N, N)
-        scores = centred * weights  # (B*H, N, N)
+        heads_grad = heads_grad.to(parts.dtype)  # products in the dtype of parts
+        centred = wide(torch.bmm(heads_grad, v.transpose(1, 2))).sub_(along)  # (B*H, N, N)
+        scores = centred * weights  # (B*H, N, N), float32 at least
         total = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.bmm(scores, k, out=total[0])
-        torch.bmm(scores.transpose(1, 2), q, out=total[1])
-        torch.bmm(weights.transpose(1, 2), heads_grad, out=total[2])
+        low_scores = scores.to(parts.dtype)
+        torch.bmm(low_scores, k, out=total[0])
+        torch.bmm(low_scores.transpose(1, 2), q, out=total[1])
+        torch.bmm(weights.to(parts.dtype).transpose(1, 2), heads_grad, out=total[2])
         ctx.save_for_backward(grad, output, parts, weights, heads_grad, centred, scores)
         ctx.shape = shape
         return _to_rows(total, shape)  # (M, 3D)
@@ -267,25 +303,37 @@ class _AttentionGradient(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        grad, output, parts, weights, heads_grad, centred, scores = ctx.saved_tensors
-        batch, patches, heads, width = ctx.shape
-        q, k, v = parts  # (B*H, N, hd) each
-        gq, gk, gv = _to_heads(grad_total, ctx.shape, 3)  # (B*H, N, hd) each
-        grad_scores = torch.baddbmm(torch.bmm(gq, k.transpose(1, 2)), q, gk.transpose(1, 2))
-        grad_parts = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.bmm(scores, gk, out=grad_parts[0])
-        torch.bmm(scores.transpose(1, 2), gq, out=grad_parts[1])
-        grad_weights = torch.bmm(heads_grad, gv.transpose(1, 2)).addcmul_(grad_scores, centred)
-        grad_centred = grad_scores.mul_(weights)  # (B*H, N, N)
-        grad_heads = torch.baddbmm(torch.bmm(weights, gv), grad_centred, v)  # (B*H, N, hd)
-        torch.bmm(grad_centred.transpose(1, 2), heads_grad, out=grad_parts[2])
-        along = grad_centred.sum(dim=-1).view(batch, heads, patches).transpose(1, 2)  # (B, N, H)
-        along = along.neg().contiguous().unsqueeze(-1)  # (B, N, H, 1): -dE/d(along)
-        grad_grad = _to_rows(grad_heads.unsqueeze(0), ctx.shape).view(batch, patches, heads, width)
-        grad_output = grad.view(grad_grad.shape) * along  # (B, N, H, hd)
-        grad_grad = grad_grad.addcmul_(output.view(grad_grad.shape), along)
-        rows = grad.shape
-        return grad_grad.view(rows), grad_output.view(rows), grad_parts, grad_weights, None
+        saved = ctx.saved_tensors
+        with full_precision(grad_total):
+            return _attention_gradient_backward(ctx.shape, saved, grad_total)
+
+
+def _attention_gradient_backward(shape: Shape, saved: Saved, grad_total: Tensor):
+    """_AttentionGradient's backward from dE/d(its output) grad_total (M, 3D); products in
+    the dtype of parts, the rest in float32 at least."""
+    grad, output, parts, weights, heads_grad, centred, scores = saved
+    batch, patches, heads, width = shape
+    low = parts.dtype
+    q, k, v = parts  # (B*H, N, hd) each
+    gq, gk, gv = _to_heads(grad_total.to(low), shape, 3)  # (B*H, N, hd) each
+    grad_scores = wide(torch.baddbmm(torch.bmm(gq, k.transpose(1, 2)), q, gk.transpose(1, 2)))
+    grad_parts = torch.empty_like(parts)  # (3, B*H, N, hd)
+    low_scores, low_weights = scores.to(low), weights.to(low)
+    torch.bmm(low_scores, gk, out=grad_parts[0])
+    torch.bmm(low_scores.transpose(1, 2), gq, out=grad_parts[1])
+    grad_weights = wide(torch.bmm(heads_grad, gv.transpose(1, 2))).addcmul_(grad_scores, centred)
+    grad_centred = grad_scores.mul_(weights)  # (B*H, N, N)
+    low_centred = grad_centred.to(low)
+    grad_heads = torch.baddbmm(torch.bmm(low_weights, gv), low_centred, v)  # (B*H, N, hd)
+    torch.bmm(low_centred.transpose(1, 2), heads_grad, out=grad_parts[2])
+    along = grad_centred.sum(dim=-1).view(batch, heads, patches).transpose(1, 2)  # (B, N, H)
+    along = along.neg().contiguous().unsqueeze(-1)  # (B, N, H, 1): -dE/d(along)
+    grad_grad = _to_rows(grad_heads.unsqueeze(0), shape).view(batch, patches, heads, width)
+    grad_grad = wide(grad_grad)  # (B, N, H, hd), float32 at least
+    grad_output = grad.view(grad_grad.shape) * along  # (B, N, H, hd)
+    grad_grad = grad_grad.addcmul_(output.view(grad_grad.shape), along)
+    rows = grad.shape
+    return grad_grad.view(rows), grad_output.view(rows), grad_parts, grad_weights, None
 
 
 def _block_forward(x: torch.Tensor, weights: Folded, shape: Shape) -> tuple[torch.Tensor, Saved]:
@@ -341,12 +389,13 @@ def _energy_head(
 ) -> tuple[Tensor, Tensor]:
     """(energies (B,), dE/dx (M, D)) of the last block's output rows x (M, D)."""
     head = model.energy_head
-    shift, scale = head.modulation(condition)[0].chunk(2)  # (D,) each
+    shift, scale = wide(head.modulation(condition))[0].chunk(2)  # (D,) each
     weight = head.linear.weight[0]  # (D,): the head has one output and no bias
     folded = weight * (1 + scale)  # (D,)
     normalised, inverse = _norm(x)  # (M, D), (M, 1)
-    scores = torch.mv(normalised, folded).view(-1, patches)  # (B, N): patch energies - w.s
-    energies = scores.mean(dim=1) + torch.dot(weight, shift)  # (B,)
+    with full_precision(x):  # the energies in float32 at least, also under autocast
+        scores = torch.mv(normalised, folded).view(-1, patches)  # (B, N): patch energies - w.s
+        energies = scores.mean(dim=1) + torch.dot(weight, shift)  # (B,)
     centred = (folded - folded.mean()) / patches  # (D,): dE/d(normalised), centred
     along = scores.view(-1, 1) / (patches * x.shape[-1])  # (M, 1)
     projected = torch.addcmul(centred, normalised, along, value=-1.0)  # (M, D)
@@ -373,4 +422,5 @@ def energies_and_gradient(
     for weights, kept in zip(reversed(folded), reversed(saved), strict=True):
         grad = _block_backward(grad, weights, kept, shape)
     projection = model.patch_embedding.projection.weight.flatten(1)  # (D, C*p*p)
-    return energies, _patch_images(torch.mm(grad, projection), images.shape, patch)
+    gradient = torch.mm(grad, projection).to(images.dtype)  # (M, C*p*p)
+    return energies, _patch_images(gradient, images.shape, patch)
