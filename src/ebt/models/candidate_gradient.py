@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ebt.nn.attention import prediction_mask, split_weights
+from ebt.nn.attention import (
+    FusedContext,
+    fused_context,
+    fused_prediction_route,
+    fused_rows_backward,
+    fused_rows_forward,
+    prediction_mask,
+    split_weights,
+)
 from ebt.nn.block import Block
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.precision import full_precision, wide
@@ -149,12 +157,24 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tensor, Saved]:
     """Prediction attention of candidate rows x (N, D), as Block.prediction and
-    prediction_attention compute it, chunk by chunk of rows; shape = (B, R, H, hd)."""
+    prediction_attention compute it, chunk by chunk of rows (or on the fused route, pieces a
+    FusedContext); shape = (B, R, H, hd)."""
     attention = block.attention
     q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
     rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
     self_score = _batched((wide(q) * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
     own_values = _batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
+    if isinstance(pieces, FusedContext):
+        attended, kept = fused_rows_forward(rotated, self_score, own_values, pieces)
+    else:
+        attended, kept = _explicit_forward(rotated, self_score, own_values, pieces)
+    out = _linear(_unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
+    return out, (q, k, own_values, kept)
+
+
+def _explicit_forward(rotated, self_score, own_values, pieces: list[Piece]):
+    """(attended rows (B*H, R, hd), per chunk its softmax weights (B*H, r, k + 1)) with the
+    scores written out, chunk by chunk of rows."""
     attended, weights = [], []
     chunks = _chunked(pieces, rotated, self_score, own_values)
     for (_, mask, keys, values), (queries, own_score, own_value) in chunks:
@@ -163,15 +183,24 @@ def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tens
         context_weights, self_weight = split_weights(chunk_weights)
         attended.append(torch.baddbmm(self_weight * own_value, context_weights, values))
         weights.append(chunk_weights)
-    out = _linear(_unbatched(_join(attended), shape).reshape(x.shape), attention.wo)  # (N, D)
-    return out, (q, k, own_values, weights)
+    return _join(attended), weights
 
 
 def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -> torch.Tensor:
     """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
     attention = block.attention
-    q, k, own_values, weights = saved  # (B, R, H, hd) x 2, (B*H, R, hd), per chunk (B*H, r, k + 1)
+    q, k, own_values, kept = saved  # (B, R, H, hd) x 2, (B*H, R, hd), the route's own
     grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
+    if isinstance(pieces, FusedContext):
+        grads = fused_rows_backward(grad, own_values, kept)
+    else:
+        grads = _explicit_backward(grad, own_values, kept, pieces)
+    return _input_gradient(attention, q, k, grads, rope, shape)
+
+
+def _explicit_backward(grad, own_values, weights, pieces: list[Piece]) -> Saved:
+    """(dE/d(rotated queries) (B*H, R, hd), dE/d(self scores) (B*H, R, 1), dE/d(own values)
+    (B*H, R, hd)) from dE/d(attended) grad (B*H, R, hd) and each chunk's softmax weights."""
     grad_rotated, grad_self, grad_v = [], [], []
     chunks = _chunked(pieces, grad, own_values)
     for ((_, _, keys, values), (chunk_grad, own_value)), chunk_weights in zip(
@@ -186,10 +215,16 @@ def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -
         grad_rotated.append(torch.bmm(grad_context_scores, keys))  # (B*H, r, hd)
         grad_self.append(grad_self_score)
         grad_v.append(self_weight * chunk_grad)
-    grad_rotated = _unbatched(_join(grad_rotated), shape)  # (B, R, H, hd)
-    grad_self = _unbatched(_join(grad_self), shape) * shape[-1] ** -0.5  # (B, R, H, 1)
+    return _join(grad_rotated), _join(grad_self), _join(grad_v)
+
+
+def _input_gradient(attention, q, k, grads: Saved, rope, shape) -> torch.Tensor:
+    """dE/dx (N, D) of the attention input from dE/d(rotated queries) (B*H, R, hd), dE/d(self
+    scores) (B*H, R, 1) and dE/d(values) (B*H, R, hd); q, k (B, R, H, hd)."""
+    grad_rotated = _unbatched(grads[0], shape)  # (B, R, H, hd)
+    grad_self = _unbatched(grads[1], shape) * shape[-1] ** -0.5  # (B, R, H, 1)
     grad_q = torch.addcmul(_rotate(grad_rotated, rope.conj()), grad_self, k)  # (B, R, H, hd)
-    grad_v = _unbatched(_join(grad_v), shape)  # (B, R, H, hd)
+    grad_v = _unbatched(grads[2], shape)  # (B, R, H, hd)
     rows = (-1, q.shape[2] * q.shape[3])
     total = torch.mm(grad_q.reshape(rows), attention.wq.weight)  # (N, D)
     total = torch.addmm(total, (grad_self * q).reshape(rows), attention.wk.weight)
@@ -295,19 +330,18 @@ def energies_and_gradient(
     """
     batch, count, _ = probabilities.shape
     chunks = [(count, cache.length)]  # rows given (e.g. generation's newest): one chunk
+    offset = None  # rows 0..R-1: strictly causal with model.offset (the fused route's mask)
     if rows is None:  # every position (training, batch thinking): split the rows
         chunks = row_chunks(count, cache.length, model.offset)
         rows = torch.arange(count, device=probabilities.device)
+        offset = model.offset
     landscape = cache.landscape if landscape is None else landscape
     shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
     z = model.embed_candidates(probabilities, landscape, noise, zero_leaf_as_bias=True)
     z = wide(z).flatten(0, 1)  # (N, D): the residual stream in float32 at least
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
-    pieces = [  # per layer, per chunk of rows: (rows, mask, keys (B*H, k, hd), values)
-        _pieces(k.flatten(0, 1), v.flatten(0, 1), mask, chunks)
-        for k, v in zip(cache.keys, cache.values, strict=True)
-    ]
+    pieces = _layer_contexts(cache, mask, chunks, offset, fused_prediction_route(z))
     layers = list(zip(model.blocks, pieces, strict=True))
     mods = [_row_modulation(block, cache.condition, count) for block in model.blocks]
     saved = []
@@ -319,6 +353,19 @@ def energies_and_gradient(
         grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
     gradient = _linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
+
+
+def _layer_contexts(cache: ContextCache, mask, chunks, offset: int | None, fused: bool) -> list:
+    """Per layer, the context keys/values (B*H, Tc, hd) as the attention reads them: per chunk
+    of rows (rows, mask (r, k), keys, values); or, on the fused route (nothing differentiated),
+    a FusedContext (rows 0..R-1: strictly causal with `offset`; others: the mask's pattern)."""
+    contexts = zip(cache.keys, cache.values, strict=True)
+    if fused:
+        allowed = None if offset is not None else mask == 0  # (R, Tc)
+        return [
+            fused_context(k.flatten(0, 1), v.flatten(0, 1), allowed, offset) for k, v in contexts
+        ]
+    return [_pieces(k.flatten(0, 1), v.flatten(0, 1), mask, chunks) for k, v in contexts]
 
 
 def _energy_head(model: EnergyTransformer, z, condition, count: int):

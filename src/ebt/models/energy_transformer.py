@@ -327,6 +327,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         depends on the landscape, so the cache must have been encoded on it. langevin_std:
         Gaussian noise of that std added to the embedded candidates (video's Langevin step).
         """
+        causal_offset = self.offset if rows is None else None  # rows 0..R-1: strictly causal
         if rows is None:
             rows = torch.arange(probabilities.shape[1], device=probabilities.device)
         landscape = cache.landscape if landscape is None else landscape
@@ -336,7 +337,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
-            z = block.prediction(z, rope, cache.condition, (k, v), mask)
+            z = block.prediction(z, rope, cache.condition, (k, v), mask, causal_offset)
         z = self.norm(z)
         if self.final_modulation is not None:
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
