@@ -373,8 +373,9 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         their graph, so a loss on a step taken with dE/dp back-propagates the second-order
         terms into the parameters (training).
 
-        Hand-written (see candidate_gradient) where hand_written_path() allows; otherwise
-        (bf16 autocast, sharded FSDP parameters) autograd, with create_graph for training.
+        Hand-written (see candidate_gradient) where hand_written_path() allows, also under
+        bf16 autocast; otherwise (a model cast to bf16, sharded FSDP parameters) autograd, with
+        create_graph for training.
         """
         if self.hand_written_path(probabilities):
             noise = self._embedding_noise(probabilities, langevin_std)  # None for text
