@@ -159,6 +159,10 @@ def anchored_attention(
     keys, values = context
     if causal_offset is not None:
         padded = F.pad(queries, (0, 0, causal_offset, 0))  # (..., offset + R, hd + E)
+        # No row reads past key offset + R - 1: with as many keys as queries, the causal mask is
+        # the same on every backend (top-left and bottom-right alignment agree).
+        length = padded.shape[-2]
+        keys, values = keys[..., :length, :], values[..., :length, :]  # (..., <= L, hd + E)
         out = F.scaled_dot_product_attention(padded, keys, values, is_causal=True, scale=1.0)
         return out[..., causal_offset:, :]
     mask = F.pad(allowed, (1, 0), value=True)  # (R, 1 + Tc): the anchor first
