@@ -148,6 +148,27 @@ def test_training_step_under_bf16_autocast_matches_float64(recipe, monkeypatch):
         assert _normwise(grads, expected) <= BF16_PARAMETERS, written
 
 
+def test_recomputed_steps_under_bf16_autocast_give_the_same_gradients():
+    """train.activation_checkpointing recomputes the written-out step in the backward under the
+    autocast state of its forward: the same loss and gradients, bit for bit."""
+    model = _bf16_model("two-blocks").float()
+    clean = torch.rand(2, 3, 8, 8) * 2 - 1  # (B, C, H, W)
+    think = ThinkConfig(step_size=0.5, **RECIPES["s2"])
+    results = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        task = ImageTask(GaussianDiffusion.for_noise_level(100, 0.1), 0.1)
+        objective = Objective(model, think, task=task).train()
+        objective.activation_checkpointing = recompute
+        with _autocast():
+            loss = objective.forward_backward(clean).loss
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss, grads), (expected_loss, expected) = results
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(grads, expected, strict=True))
+
+
 def test_thinking_under_bf16_autocast_matches_float64():
     reference = _bf16_model("two-blocks")
     noisy = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 0.5  # (B, C, H, W)
