@@ -14,6 +14,13 @@ The same code serves both uses of the candidate gradient:
 `extend_context_by_one` is generation's one-token context pass in the same style. Tests check
 both uses against autograd of the naive float64 model for every variant.
 
+Under bf16 (or fp16) autocast the matrix products run in the autocast dtype; RMSNorm statistics,
+RoPE rotations, softmax, the attention's row sums, the residual streams (of the activations and
+of dE/dz), the adaLN modulations and the energy head run in float32, written out with explicit
+dtypes (`ebt.nn.precision`) because CPU and CUDA autocast widen different ops. The SwiGLU
+elementwise ops stay in the products' dtype, as autocast leaves them in the autograd model.
+Outside autocast nothing changes: float32 and float64 run exactly as before.
+
 Candidates enter through one Linear (text: the projection of distributions; video: the frame
 embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
 """
@@ -25,9 +32,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ebt.nn.attention import prediction_mask, split_weights
+from ebt.nn.attention import (
+    FusedContext,
+    fused_context,
+    fused_prediction_route,
+    fused_rows_backward,
+    fused_rows_forward,
+    prediction_mask,
+    split_weights,
+)
 from ebt.nn.block import Block
 from ebt.nn.kv_cache import KeyValueBuffer
+from ebt.nn.precision import full_precision, wide
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -47,7 +63,8 @@ def _linear_backward(grad: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]:
-    """RMSNorm of rows x (N, D); saves (normalised x, 1/rms (N, 1))."""
+    """RMSNorm of rows x (N, D) in float32 at least; saves (normalised x, 1/rms (N, 1))."""
+    x = wide(x)  # (N, D)
     inverse = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(norm.eps))  # (N, 1)
     normalised = x * inverse  # (N, D)
     return normalised * norm.weight, (normalised, inverse)
@@ -55,7 +72,7 @@ def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]
 
 def _rms_backward(grad: torch.Tensor, norm: nn.Module, saved: Saved) -> torch.Tensor:
     normalised, inverse = saved
-    grad = grad * norm.weight  # (N, D)
+    grad = wide(grad) * norm.weight  # (N, D)
     return inverse * (grad - normalised * (grad * normalised).mean(-1, keepdim=True))
 
 
@@ -84,8 +101,8 @@ def _unbatched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """apply_rope for float32/float64 x (B, R, H, hd) without dtype round trips."""
-    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
+    """apply_rope of x (B, R, H, hd), in float32 at least, without dtype round trips."""
+    pairs = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
     return torch.view_as_real(pairs * rope).flatten(-2)  # (B, R, H, hd)
 
 
@@ -140,47 +157,74 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tensor, Saved]:
     """Prediction attention of candidate rows x (N, D), as Block.prediction and
-    prediction_attention compute it, chunk by chunk of rows; shape = (B, R, H, hd)."""
+    prediction_attention compute it, chunk by chunk of rows (or on the fused route, pieces a
+    FusedContext); shape = (B, R, H, hd)."""
     attention = block.attention
     q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
     rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
-    self_score = _batched((q * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
+    self_score = _batched((wide(q) * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
     own_values = _batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
+    if isinstance(pieces, FusedContext):
+        attended, kept = fused_rows_forward(rotated, self_score, own_values, pieces)
+    else:
+        attended, kept = _explicit_forward(rotated, self_score, own_values, pieces)
+    out = _linear(_unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
+    return out, (q, k, own_values, kept)
+
+
+def _explicit_forward(rotated, self_score, own_values, pieces: list[Piece]):
+    """(attended rows (B*H, R, hd), per chunk its softmax weights (B*H, r, k + 1)) with the
+    scores written out, chunk by chunk of rows."""
     attended, weights = [], []
     chunks = _chunked(pieces, rotated, self_score, own_values)
     for (_, mask, keys, values), (queries, own_score, own_value) in chunks:
-        scores = torch.baddbmm(mask, queries, keys.transpose(1, 2))  # (B*H, r, k)
+        scores = wide(torch.baddbmm(mask, queries, keys.transpose(1, 2)))  # (B*H, r, k)
         chunk_weights = torch.cat((scores, own_score), dim=-1).softmax(-1)  # (B*H, r, k + 1)
         context_weights, self_weight = split_weights(chunk_weights)
         attended.append(torch.baddbmm(self_weight * own_value, context_weights, values))
         weights.append(chunk_weights)
-    out = _linear(_unbatched(_join(attended), shape).reshape(x.shape), attention.wo)  # (N, D)
-    return out, (q, k, own_values, weights)
+    return _join(attended), weights
 
 
 def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -> torch.Tensor:
     """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
     attention = block.attention
-    q, k, own_values, weights = saved  # (B, R, H, hd) x 2, (B*H, R, hd), per chunk (B*H, r, k + 1)
+    q, k, own_values, kept = saved  # (B, R, H, hd) x 2, (B*H, R, hd), the route's own
     grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
+    if isinstance(pieces, FusedContext):
+        grads = fused_rows_backward(grad, own_values, kept)
+    else:
+        grads = _explicit_backward(grad, own_values, kept, pieces)
+    return _input_gradient(attention, q, k, grads, rope, shape)
+
+
+def _explicit_backward(grad, own_values, weights, pieces: list[Piece]) -> Saved:
+    """(dE/d(rotated queries) (B*H, R, hd), dE/d(self scores) (B*H, R, 1), dE/d(own values)
+    (B*H, R, hd)) from dE/d(attended) grad (B*H, R, hd) and each chunk's softmax weights."""
     grad_rotated, grad_self, grad_v = [], [], []
     chunks = _chunked(pieces, grad, own_values)
     for ((_, _, keys, values), (chunk_grad, own_value)), chunk_weights in zip(
         chunks, weights, strict=True
     ):
         self_weight = split_weights(chunk_weights)[1]
-        grad_self_weight = (chunk_grad * own_value).sum(-1, keepdim=True)  # (B*H, r, 1)
-        grad_context_weights = torch.bmm(chunk_grad, values.transpose(1, 2))  # (B*H, r, k)
+        grad_self_weight = (wide(chunk_grad) * own_value).sum(-1, keepdim=True)  # (B*H, r, 1)
+        grad_context_weights = wide(torch.bmm(chunk_grad, values.transpose(1, 2)))  # (B*H, r, k)
         grad_weights = torch.cat((grad_context_weights, grad_self_weight), -1)
         dot = (grad_weights * chunk_weights).sum(-1, keepdim=True)  # (B*H, r, 1)
         grad_context_scores, grad_self_score = split_weights(chunk_weights * (grad_weights - dot))
         grad_rotated.append(torch.bmm(grad_context_scores, keys))  # (B*H, r, hd)
         grad_self.append(grad_self_score)
         grad_v.append(self_weight * chunk_grad)
-    grad_rotated = _unbatched(_join(grad_rotated), shape)  # (B, R, H, hd)
-    grad_self = _unbatched(_join(grad_self), shape) * shape[-1] ** -0.5  # (B, R, H, 1)
+    return _join(grad_rotated), _join(grad_self), _join(grad_v)
+
+
+def _input_gradient(attention, q, k, grads: Saved, rope, shape) -> torch.Tensor:
+    """dE/dx (N, D) of the attention input from dE/d(rotated queries) (B*H, R, hd), dE/d(self
+    scores) (B*H, R, 1) and dE/d(values) (B*H, R, hd); q, k (B, R, H, hd)."""
+    grad_rotated = _unbatched(grads[0], shape)  # (B, R, H, hd)
+    grad_self = _unbatched(grads[1], shape) * shape[-1] ** -0.5  # (B, R, H, 1)
     grad_q = torch.addcmul(_rotate(grad_rotated, rope.conj()), grad_self, k)  # (B, R, H, hd)
-    grad_v = _unbatched(_join(grad_v), shape)  # (B, R, H, hd)
+    grad_v = _unbatched(grads[2], shape)  # (B, R, H, hd)
     rows = (-1, q.shape[2] * q.shape[3])
     total = torch.mm(grad_q.reshape(rows), attention.wq.weight)  # (N, D)
     total = torch.addmm(total, (grad_self * q).reshape(rows), attention.wk.weight)
@@ -226,6 +270,7 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
     """Block.context for one new token per row x (B, D), appending its keys/values to the
     layer's buffer; ropes = (plain, scaled by 1/sqrt(hd)) rotations (1, 1, hd/2)."""
     attention = block.attention
+    x = wide(x)  # (B, D)
     normed, _ = _rms_forward(x, block.attention_norm)
     attention_input = _modulated(normed, mod, 0)
     k = _rotate(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
@@ -235,7 +280,7 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
         return None
     q = _rotate(_linear(attention_input, attention.wq).view(shape), ropes[1])
     scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1)
-    weights = scores.softmax(-1)  # float32 / float64 only on this path
+    weights = wide(scores).softmax(-1)  # (B, H, 1, P + 1)
     attended = (weights @ values).transpose(1, 2).reshape(x.shape)  # (B, D)
     h = x + _gated(_linear(attended, attention.wo), mod, 2)  # (B, D)
     normed, _ = _rms_forward(h, block.ffn_norm)
@@ -263,10 +308,11 @@ def extend_context_by_one(
 
 
 def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) -> tuple | None:
-    """A block's six adaLN vectors, repeated for each of a batch row's candidates: 6 x (N, D)."""
+    """A block's six adaLN vectors, repeated for each of a batch row's candidates: 6 x (N, D),
+    in float32 at least."""
     if block.modulation is None:
         return None
-    return block.modulation(condition).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
+    return wide(block.modulation(condition)).repeat_interleave(per_row, dim=0).chunk(6, dim=-1)
 
 
 def energies_and_gradient(
@@ -284,19 +330,18 @@ def energies_and_gradient(
     """
     batch, count, _ = probabilities.shape
     chunks = [(count, cache.length)]  # rows given (e.g. generation's newest): one chunk
+    offset = None  # rows 0..R-1: strictly causal with model.offset (the fused route's mask)
     if rows is None:  # every position (training, batch thinking): split the rows
         chunks = row_chunks(count, cache.length, model.offset)
         rows = torch.arange(count, device=probabilities.device)
+        offset = model.offset
     landscape = cache.landscape if landscape is None else landscape
     shape = (batch, count, model.args.heads, model.args.dim // model.args.heads)
     z = model.embed_candidates(probabilities, landscape, noise, zero_leaf_as_bias=True)
-    z = z.flatten(0, 1)  # (N, D)
+    z = wide(z).flatten(0, 1)  # (N, D): the residual stream in float32 at least
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
-    pieces = [  # per layer, per chunk of rows: (rows, mask, keys (B*H, k, hd), values)
-        _pieces(k.flatten(0, 1), v.flatten(0, 1), mask, chunks)
-        for k, v in zip(cache.keys, cache.values, strict=True)
-    ]
+    pieces = _layer_contexts(cache, mask, chunks, offset, fused_prediction_route(z))
     layers = list(zip(model.blocks, pieces, strict=True))
     mods = [_row_modulation(block, cache.condition, count) for block in model.blocks]
     saved = []
@@ -306,8 +351,21 @@ def energies_and_gradient(
     energies, grad = _energy_head(model, z, cache.condition, count)  # (N, 1), (N, D)
     for (block, layer_pieces), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
         grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
-    gradient = _linear_backward(grad, model.candidate_layer)  # (N, V or F)
+    gradient = _linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
+
+
+def _layer_contexts(cache: ContextCache, mask, chunks, offset: int | None, fused: bool) -> list:
+    """Per layer, the context keys/values (B*H, Tc, hd) as the attention reads them: per chunk
+    of rows (rows, mask (r, k), keys, values); or, on the fused route (nothing differentiated),
+    a FusedContext (rows 0..R-1: strictly causal with `offset`; others: the mask's pattern)."""
+    contexts = zip(cache.keys, cache.values, strict=True)
+    if fused:
+        allowed = None if offset is not None else mask == 0  # (R, Tc)
+        return [
+            fused_context(k.flatten(0, 1), v.flatten(0, 1), allowed, offset) for k, v in contexts
+        ]
+    return [_pieces(k.flatten(0, 1), v.flatten(0, 1), mask, chunks) for k, v in contexts]
 
 
 def _energy_head(model: EnergyTransformer, z, condition, count: int):
@@ -315,8 +373,10 @@ def _energy_head(model: EnergyTransformer, z, condition, count: int):
     z, final_norm = _rms_forward(z, model.norm)
     grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
     if model.final_modulation is not None:
-        shift, scale = model.final_modulation(condition).chunk(2, dim=-1)  # (B, D) each
+        shift, scale = wide(model.final_modulation(condition)).chunk(2, dim=-1)  # (B, D) each
         shift, scale = shift.repeat_interleave(count, 0), scale.repeat_interleave(count, 0)
         z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
         grad = grad * (1 + scale)
-    return _linear(z, model.energy_head), _rms_backward(grad, model.norm, final_norm)
+    with full_precision(z):  # the energy itself in float32 at least, also under autocast
+        energies = _linear(z, model.energy_head)  # (N, 1)
+    return energies, _rms_backward(grad, model.norm, final_norm)

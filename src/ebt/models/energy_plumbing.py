@@ -28,12 +28,13 @@ class EnergyPlumbing:
         raise NotImplementedError
 
     def hand_written_path(self, example: torch.Tensor) -> bool:
-        """Whether the written-out energy and gradient apply: float32 or float64 outside
-        autocast, with ordinary (not FSDP-sharded DTensor) parameters, and not turned off."""
-        autocast = torch.is_autocast_enabled(example.device.type)
+        """Whether the written-out energy and gradient apply: float32 or float64 candidates
+        (also under bf16 autocast, where their products run in bf16 and their softmax, norm
+        statistics and energies in float32), ordinary (not FSDP-sharded DTensor) parameters,
+        and not turned off."""
         plain = type(self.head_weight()) is nn.Parameter
         floating = example.dtype in (torch.float32, torch.float64)
-        return self.hand_written_gradients and plain and not autocast and floating
+        return self.hand_written_gradients and plain and floating
 
 
 def autograd_energies_and_gradient(

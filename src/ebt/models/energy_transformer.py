@@ -327,6 +327,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         depends on the landscape, so the cache must have been encoded on it. langevin_std:
         Gaussian noise of that std added to the embedded candidates (video's Langevin step).
         """
+        causal_offset = self.offset if rows is None else None  # rows 0..R-1: strictly causal
         if rows is None:
             rows = torch.arange(probabilities.shape[1], device=probabilities.device)
         landscape = cache.landscape if landscape is None else landscape
@@ -336,7 +337,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         rope = self._rope(rows + self.offset).unsqueeze(1) * head_dim**-0.5  # (R, 1, hd/2)
         mask = prediction_mask(rows, cache.keys[0].shape[2], self.offset, z.dtype)  # (R, Tc)
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
-            z = block.prediction(z, rope, cache.condition, (k, v), mask)
+            z = block.prediction(z, rope, cache.condition, (k, v), mask, causal_offset)
         z = self.norm(z)
         if self.final_modulation is not None:
             shift, scale = self.final_modulation(cache.condition).chunk(2, dim=-1)  # (B, D) each
@@ -372,8 +373,9 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         their graph, so a loss on a step taken with dE/dp back-propagates the second-order
         terms into the parameters (training).
 
-        Hand-written (see candidate_gradient) where hand_written_path() allows; otherwise
-        (bf16 autocast, sharded FSDP parameters) autograd, with create_graph for training.
+        Hand-written (see candidate_gradient) where hand_written_path() allows, also under
+        bf16 autocast; otherwise (a model cast to bf16, sharded FSDP parameters) autograd, with
+        create_graph for training.
         """
         if self.hand_written_path(probabilities):
             noise = self._embedding_noise(probabilities, langevin_std)  # None for text

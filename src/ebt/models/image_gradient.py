@@ -19,7 +19,15 @@ LayerNorm backward, GELU-tanh with its derivative, attention and its backward) a
 autograd.Functions whose own derivative is written out too: the same math in fewer memory
 passes (CPU steps here are bound by memory traffic outside the matmuls). Those derivatives
 are first order (`once_differentiable`): the training graph is differentiated once, as it is.
+The attention's two Functions live in image_attention.py.
 Tests check energies, dE/dx and the training gradients against autograd in float64.
+
+Under bf16 (or fp16) autocast the matrix products run in the autocast dtype; LayerNorm
+statistics, softmax, GELU-tanh and its derivatives, the attention's row sums, the residual
+streams, the adaLN folds and the energy head run in float32, with explicit dtypes (see
+`ebt.nn.precision`): the autograd.Functions cast their bmm operands themselves and run their
+backward with autocast off, so the pass computes the same on CPU and CUDA and whatever autocast
+state the backward runs in. Outside autocast nothing changes, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,13 +39,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ebt.models.image_attention import Saved, Shape, _Attention, _AttentionGradient
 from ebt.nn.dit import NORM_EPS, DiTBlock, patch_grid
+from ebt.nn.precision import full_precision, wide
 
 if TYPE_CHECKING:
     from ebt.models.image_energy import ImageEnergyTransformer
-
-Saved = tuple[torch.Tensor, ...]
-Shape = tuple[int, int, int, int]  # (B, N, H, hd): images, patches per image, heads, head width
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)  # GELU-tanh: 0.5 u (1 + tanh(GELU_SCALE (u + c u^3)))
 GELU_CUBIC = 0.044715
@@ -67,14 +74,15 @@ def _fold(block: DiTBlock, condition: torch.Tensor) -> Folded:
     """The block's weights with its six adaLN vectors (from condition (1, D)) folded in, and
     the attention scale 1/sqrt(hd) folded into the query rows (so that the attention's layout
     passes are plain copies)."""
-    mod = block.modulation(condition)[0].chunk(6)  # 6 x (D,)
+    mod = wide(block.modulation(condition))[0].chunk(6)  # 6 x (D,), float32 at least
     shift1, scale1, gate1, shift2, scale2, gate2 = mod
     attention, mlp = block.attention, block.feed_forward
     queries = _query_scale(attention.qkv.weight, block.attention.heads)  # (3D, 1)
     qkv = attention.qkv.weight * (1 + scale1) * queries  # (3D, D)
-    qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1) * queries[:, 0]
+    with full_precision(condition):  # the folded biases in float32 at least
+        qkv_bias = torch.addmv(attention.qkv.bias, attention.qkv.weight, shift1) * queries[:, 0]
+        fc1_bias = torch.addmv(mlp.fc1.bias, mlp.fc1.weight, shift2)  # (F,)
     fc1 = mlp.fc1.weight * (1 + scale2)  # (F, D)
-    fc1_bias = torch.addmv(mlp.fc1.bias, mlp.fc1.weight, shift2)  # (F,)
     out = attention.out.weight * gate1.unsqueeze(1)  # (D, D)
     fc2 = mlp.fc2.weight * gate2.unsqueeze(1)  # (D, F)
     return Folded(
@@ -98,6 +106,7 @@ class _LayerNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_normalised: torch.Tensor, grad_inverse: torch.Tensor) -> torch.Tensor:
         x, mean, inverse, normalised = ctx.saved_tensors
+        grad_normalised, grad_inverse = wide(grad_normalised), wide(grad_inverse)
         grad = torch.ops.aten.native_layer_norm_backward(
             grad_normalised, x, x.shape[-1:], mean, inverse, None, None, [True, False, False]
         )[0]  # (M, D)
@@ -107,8 +116,9 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm without affine of rows x (M, D): (normalised (M, D), 1 / std (M, 1))."""
-    return _LayerNorm.apply(x)
+    """LayerNorm without affine of rows x (M, D): (normalised (M, D), 1 / std (M, 1)), in
+    float32 at least."""
+    return _LayerNorm.apply(wide(x))
 
 
 class _NormBackward(torch.autograd.Function):
@@ -138,8 +148,9 @@ class _NormBackward(torch.autograd.Function):
 def _norm_backward(
     residual: Tensor, centred: Tensor, normalised: Tensor, inverse: Tensor
 ) -> Tensor:
-    """residual (M, D) + the LayerNorm backward of a gradient already centred over D (M, D)."""
-    return _NormBackward.apply(residual, centred, normalised, inverse)
+    """residual (M, D) + the LayerNorm backward of a gradient already centred over D (M, D),
+    in float32 at least."""
+    return _NormBackward.apply(wide(residual), wide(centred), normalised, inverse)
 
 
 class _Gelu(torch.autograd.Function):
@@ -171,8 +182,9 @@ class _Gelu(torch.autograd.Function):
 
 
 def _gelu(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GELU-tanh of u (M, F), its derivative at u (M, F))."""
-    return _Gelu.apply(u)
+    """(GELU-tanh of u (M, F), its derivative at u (M, F)), in float32 at least (its second
+    derivative cancels terms)."""
+    return _Gelu.apply(wide(u))
 
 
 def _query_scale(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -181,111 +193,6 @@ def _query_scale(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     scale = qkv.new_ones(3 * dim, 1)
     scale[:dim] = (dim // heads) ** -0.5
     return scale
-
-
-def _to_heads(rows: Tensor, shape: Shape, count: int, bias: Tensor | None = None) -> Tensor:
-    """Rows (M, count * D) -> (count, B*H, N, hd) contiguous (one pass); count 3: q, k, v
-    after adding bias (3D,) if given."""
-    batch, patches, heads, width = shape
-    x = rows.view(batch, patches, count, heads, width).permute(2, 0, 3, 1, 4)  # (c, B, H, N, hd)
-    if count == 1 and bias is None:
-        return x.reshape(1, batch * heads, patches, width)
-    parts = rows.new_empty(count, batch * heads, patches, width)
-    if bias is None:
-        parts.view(x.shape).copy_(x)
-    else:
-        torch.add(x, bias.view(count, 1, heads, 1, width), out=parts.view(x.shape))
-    return parts
-
-
-def _to_rows(x: torch.Tensor, shape: Shape) -> torch.Tensor:
-    """(count, B*H, N, hd) -> rows (M, count * D) (one pass); inverse of _to_heads without its
-    bias."""
-    batch, patches, heads, width = shape
-    x = x.view(-1, batch, heads, patches, width).permute(1, 3, 0, 2, 4)  # (B, N, c, H, hd)
-    return x.reshape(batch * patches, -1)
-
-
-def _softmax_backward(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """dE/d(scores) (B*H, N, N) of softmax weights from dE/d(weights)."""
-    weighted = grad * weights  # (B*H, N, N)
-    return torch.addcmul(weighted, weights, weighted.sum(dim=-1, keepdim=True), value=-1.0)
-
-
-class _Attention(torch.autograd.Function):
-    """Softmax attention of rows qkv (M, 3D) + bias (3D,), the queries already scaled by
-    1/sqrt(hd) (see _fold): (output rows (M, D), q, k, v as (3, B*H, N, hd), weights
-    (B*H, N, N)), the last two for _AttentionGradient."""
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, bias: Tensor, shape: Shape) -> tuple[Tensor, Tensor, Tensor]:
-        parts = _to_heads(qkv, shape, 3, bias)  # (3, B*H, N, hd)
-        weights = torch.bmm(parts[0], parts[1].transpose(1, 2)).softmax(dim=-1)  # (B*H, N, N)
-        output = _to_rows(torch.bmm(weights, parts[2]).unsqueeze(0), shape)  # (M, D)
-        ctx.save_for_backward(parts, weights)
-        ctx.shape = shape
-        return output, parts, weights
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: Tensor, grad_parts: Tensor, grad_weights: Tensor):
-        parts, weights = ctx.saved_tensors
-        q, k, v = parts  # (B*H, N, hd) each
-        grad = _to_heads(grad_output, ctx.shape, 1)[0]  # (B*H, N, hd)
-        grad_weights = torch.baddbmm(grad_weights, grad, v.transpose(1, 2))  # (B*H, N, N)
-        scores = _softmax_backward(grad_weights, weights)  # (B*H, N, N)
-        total = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.baddbmm(grad_parts[0], scores, k, out=total[0])
-        torch.baddbmm(grad_parts[1], scores.transpose(1, 2), q, out=total[1])
-        torch.baddbmm(grad_parts[2], weights.transpose(1, 2), grad, out=total[2])
-        grad_qkv = _to_rows(total, ctx.shape)  # (M, 3D)
-        return grad_qkv, grad_qkv.sum(dim=0), None
-
-
-class _AttentionGradient(torch.autograd.Function):
-    """dE/d(qkv rows) (M, 3D) from dE/d(attention output rows) grad (M, D), given the output
-    rows (M, D), q/k/v (3, B*H, N, hd) and weights (B*H, N, N) of _Attention; with its own
-    derivative (the same batched matmuls as autograd's, far fewer elementwise passes)."""
-
-    @staticmethod
-    def forward(ctx, grad: Tensor, output: Tensor, parts: Tensor, weights: Tensor, shape: Shape):
-        batch, patches, heads, width = shape
-        q, k, v = parts  # (B*H, N, hd) each
-        heads_grad = _to_heads(grad, shape, 1)[0]  # (B*H, N, hd)
-        along = (grad * output).view(batch, patches, heads, width).sum(dim=-1)  # (B, N, H)
-        along = along.transpose(1, 2).reshape(-1, patches, 1)  # (B*H, N, 1)
-        centred = torch.bmm(heads_grad, v.transpose(1, 2)).sub_(along)  # (B*H, N, N)
-        scores = centred * weights  # (B*H, N, N)
-        total = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.bmm(scores, k, out=total[0])
-        torch.bmm(scores.transpose(1, 2), q, out=total[1])
-        torch.bmm(weights.transpose(1, 2), heads_grad, out=total[2])
-        ctx.save_for_backward(grad, output, parts, weights, heads_grad, centred, scores)
-        ctx.shape = shape
-        return _to_rows(total, shape)  # (M, 3D)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        grad, output, parts, weights, heads_grad, centred, scores = ctx.saved_tensors
-        batch, patches, heads, width = ctx.shape
-        q, k, v = parts  # (B*H, N, hd) each
-        gq, gk, gv = _to_heads(grad_total, ctx.shape, 3)  # (B*H, N, hd) each
-        grad_scores = torch.baddbmm(torch.bmm(gq, k.transpose(1, 2)), q, gk.transpose(1, 2))
-        grad_parts = torch.empty_like(parts)  # (3, B*H, N, hd)
-        torch.bmm(scores, gk, out=grad_parts[0])
-        torch.bmm(scores.transpose(1, 2), gq, out=grad_parts[1])
-        grad_weights = torch.bmm(heads_grad, gv.transpose(1, 2)).addcmul_(grad_scores, centred)
-        grad_centred = grad_scores.mul_(weights)  # (B*H, N, N)
-        grad_heads = torch.baddbmm(torch.bmm(weights, gv), grad_centred, v)  # (B*H, N, hd)
-        torch.bmm(grad_centred.transpose(1, 2), heads_grad, out=grad_parts[2])
-        along = grad_centred.sum(dim=-1).view(batch, heads, patches).transpose(1, 2)  # (B, N, H)
-        along = along.neg().contiguous().unsqueeze(-1)  # (B, N, H, 1): -dE/d(along)
-        grad_grad = _to_rows(grad_heads.unsqueeze(0), ctx.shape).view(batch, patches, heads, width)
-        grad_output = grad.view(grad_grad.shape) * along  # (B, N, H, hd)
-        grad_grad = grad_grad.addcmul_(output.view(grad_grad.shape), along)
-        rows = grad.shape
-        return grad_grad.view(rows), grad_output.view(rows), grad_parts, grad_weights, None
 
 
 def _block_forward(x: torch.Tensor, weights: Folded, shape: Shape) -> tuple[torch.Tensor, Saved]:
@@ -341,12 +248,13 @@ def _energy_head(
 ) -> tuple[Tensor, Tensor]:
     """(energies (B,), dE/dx (M, D)) of the last block's output rows x (M, D)."""
     head = model.energy_head
-    shift, scale = head.modulation(condition)[0].chunk(2)  # (D,) each
+    shift, scale = wide(head.modulation(condition))[0].chunk(2)  # (D,) each
     weight = head.linear.weight[0]  # (D,): the head has one output and no bias
     folded = weight * (1 + scale)  # (D,)
     normalised, inverse = _norm(x)  # (M, D), (M, 1)
-    scores = torch.mv(normalised, folded).view(-1, patches)  # (B, N): patch energies - w.s
-    energies = scores.mean(dim=1) + torch.dot(weight, shift)  # (B,)
+    with full_precision(x):  # the energies in float32 at least, also under autocast
+        scores = torch.mv(normalised, folded).view(-1, patches)  # (B, N): patch energies - w.s
+        energies = scores.mean(dim=1) + torch.dot(weight, shift)  # (B,)
     centred = (folded - folded.mean()) / patches  # (D,): dE/d(normalised), centred
     along = scores.view(-1, 1) / (patches * x.shape[-1])  # (M, 1)
     projected = torch.addcmul(centred, normalised, along, value=-1.0)  # (M, D)
@@ -373,4 +281,5 @@ def energies_and_gradient(
     for weights, kept in zip(reversed(folded), reversed(saved), strict=True):
         grad = _block_backward(grad, weights, kept, shape)
     projection = model.patch_embedding.projection.weight.flatten(1)  # (D, C*p*p)
-    return energies, _patch_images(torch.mm(grad, projection), images.shape, patch)
+    gradient = torch.mm(grad, projection).to(images.dtype)  # (M, C*p*p)
+    return energies, _patch_images(gradient, images.shape, patch)

@@ -104,8 +104,10 @@ class Block(nn.Module):
         condition: torch.Tensor | None,
         context: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
+        causal_offset: int | None = None,
     ) -> torch.Tensor:
-        """Candidates z (B, R, D) read the cached context keys/values and themselves only."""
+        """Candidates z (B, R, D) read the cached context keys/values and themselves only
+        (causal_offset: see prediction_attention)."""
         mod = self._modulation(condition)
         q, k, v = self.attention.project(self._attention_input(z, mod), "qkv")  # (B, R, H, hd)
         # A candidate's key only meets its own query, at the same position; rotations preserve
@@ -113,5 +115,5 @@ class Block(nn.Module):
         # caller may pre-scale the rotations by 1/sqrt(hd) (see prediction_attention).
         rotated_q = apply_rope(q, rope).transpose(1, 2)  # (B, H, R, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, R, hd)
-        attended = prediction_attention(rotated_q, q, k, v, context, mask)
+        attended = prediction_attention(rotated_q, q, k, v, context, mask, causal_offset)
         return self._finish(z, self.attention.merge(attended), mod)
