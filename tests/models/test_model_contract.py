@@ -18,7 +18,7 @@ from support.naive_reference import (
     naive_transformer_pp_logits,
 )
 from support.text import written_out_calls
-from support.tolerances import relative
+from support.tolerances import gradients, relative, trainable
 from torch.nn import functional as F
 
 import ebt.models.candidate_gradient as candidate_gradient
@@ -70,21 +70,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def our_energies(model: EnergyTransformer, tokens, probabilities, landscape=0, rows=None):
     """Split-stream energies (B, R): context cache, then the prediction stream."""
     return model.energies(model.encode_context(tokens, landscape), probabilities, rows)
-
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Named parameters that receive gradients."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def gradients(loss: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """d loss / d parameter for every trainable parameter (zeros where unused)."""
-    params = trainable(model)
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {
-        name: torch.zeros_like(p) if g is None else g
-        for (name, p), g in zip(params.items(), grads, strict=True)
-    }
 
 
 def worst_gradient_error(ours: dict, theirs: dict) -> tuple[float, str]:

@@ -35,7 +35,7 @@ from support.naive_reference import (
 )
 from support.precision import DEVICES, OpDtypes, precision_violations
 from support.text import written_out_calls
-from support.tolerances import relative
+from support.tolerances import gradients, relative
 from support.vision import video_model
 from torch.nn import functional as F
 
@@ -83,20 +83,6 @@ def perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 def tokens(length: int = SEQ) -> torch.Tensor:
     return torch.randint(1, VOCAB, (BATCH, length))  # (B, S)
-
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def gradients(loss: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """d loss / d parameter for every trainable parameter (zeros where unused)."""
-    params = trainable(model)
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {
-        name: torch.zeros_like(p) if g is None else g
-        for (name, p), g in zip(params.items(), grads, strict=True)
-    }
 
 
 def normwise(ours: dict, theirs: dict) -> float:
