@@ -182,9 +182,9 @@ def _modality_checks(config: Config) -> list[str]:
                 f"data.frame_size={data.frame_size} is not a multiple of {VAE_DOWNSAMPLING}, the "
                 "VAE's downsampling factor (or set data.frame_dim for another VAE)"
             ]
-    if model.frame_tokens == "patches":
+    if model.frame_tokens == "patches" and _patch_token_checks(config):
         return _patch_token_checks(config)
-    if model.frame_residual:
+    if model.frame_residual and model.frame_tokens != "patches":
         return ["model.frame_residual is for the video Transformer++ on patch tokens"]
     if model.modality == "video" and data.source.strip() in ("stdlib", "pydoc"):
         return [

@@ -9,8 +9,9 @@ import re
 
 import pytest
 import torch
+from support import CONFIGS
 
-from ebt.config import config_from_dict
+from ebt.config import config_from_dict, load_config
 from ebt.errors import ConfigError
 from ebt.modalities.video.rollout import predictor_for, rollout
 from ebt.modalities.video.thinking import FrameThinking
@@ -176,16 +177,23 @@ def test_best_of_n_starts_of_one_row_are_independent():
         torch.testing.assert_close(together[:, index : index + 1], alone, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ("time_embed", "adaln"))
-def test_patch_rollout_cached_equals_recompute(variant):
+@pytest.mark.parametrize(
+    ("variant", "tolerance"), [("time_embed", None), ("adaln", None), ("time_embed", 1e-3)]
+)
+def test_patch_rollout_cached_equals_recompute(variant, tolerance):
+    """Best-of-3 with Langevin noise (and adaptive halting), 7 frames after 3: the window of 4
+    frames overflows, so the cache is rebuilt as well as extended frame block by frame block."""
     model = patch_model(variant, noise=0.05)
-    thinking = FrameThinking(steps=2, samples=3, perturbation=0.2, init="last_frame")
+    thinking = FrameThinking(
+        steps=2, samples=3, perturbation=0.2, init="last_frame", halt_tolerance=tolerance
+    )
     results = {}
     for cached in (True, False):
         torch.manual_seed(1)
         results[cached] = rollout(predictor_for(model, thinking, cached=cached), frames(3), 7)
     torch.testing.assert_close(results[True].frames, results[False].frames, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(results[True].energies, results[False].energies)
+    assert torch.equal(results[True].steps, results[False].steps)
     assert results[True].frames.shape == (BATCH, 7, FRAME_DIM)
 
 
@@ -229,3 +237,14 @@ def test_patch_tokens_are_for_pixel_video_only():
         )
     with pytest.raises(ConfigError, match="frame_residual is for"):
         config_from_dict({"model": {"modality": "video", "frame_residual": True}})
+
+
+def test_the_tiny_presets_are_patch_twins_matched_in_parameters():
+    root = CONFIGS / "video"
+    ebt = build_model(load_config(root / "tiny.toml"))
+    twin = build_model(load_config(root / "baseline-tiny.toml"))
+    assert isinstance(ebt, PatchFrameEnergyTransformer) and ebt.args.patch_size == 4
+    assert isinstance(twin, PatchFrameTransformerPP) and twin.args.frame_residual
+    assert load_config(root / "tiny.toml").think.init == "last_frame"
+    counts = [sum(p.numel() for p in model.parameters()) for model in (ebt, twin)]
+    assert abs(counts[0] - counts[1]) / counts[0] < 0.02, counts

@@ -28,6 +28,7 @@ IMAGE_SHRINK = [  # 8 x 8 crops, width 16, one block, patches of 4 x 4, batches 
     "train.batch_size=4",
 ]
 VIDEO_SHRINK = [  # clips of 4 frames of 8 x 8, width 16, one block, batches of 4
+    "model.patch_size=2",  # patch-token presets: 16 patches of 12 numbers a frame
     "data.frames=4",
     "data.frame_size=8",
     "model.dim=16",
