@@ -13,8 +13,8 @@ from support.vision import video_config
 
 from ebt.api import load_run
 from ebt.cli.main import main
-from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
 from ebt.modalities.video.rollout import predictor_for, rollout
+from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
 from ebt.modalities.video.thinking import FrameThinking
 from ebt.modalities.video.verification import heat_row, patch_errors, spearman
 from ebt.training.trainer import train
