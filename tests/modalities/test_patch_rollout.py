@@ -8,8 +8,10 @@ import json
 import imageio.v3 as iio
 import pytest
 import torch
-from models.test_patch_frames import BATCH, FRAME_DIM, PATCHES, frames, patch_model
-from support.vision import video_config
+from support.vision import PATCH_BATCH as BATCH
+from support.vision import PATCH_FRAME_DIM as FRAME_DIM
+from support.vision import PATCHES, patch_model, video_config
+from support.vision import patch_frames as frames
 
 from ebt.api import load_run
 from ebt.cli.main import main

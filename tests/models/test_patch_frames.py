@@ -10,6 +10,27 @@ import re
 import pytest
 import torch
 from support import CONFIGS
+from support.vision import (
+    PATCH,
+    PATCHES,
+    patch_config,
+    patch_model,
+)
+from support.vision import (
+    PATCH_BATCH as BATCH,
+)
+from support.vision import (
+    PATCH_FRAME_DIM as FRAME_DIM,
+)
+from support.vision import (
+    PATCH_FRAMES as FRAMES,
+)
+from support.vision import (
+    PATCH_SIZE as SIZE,
+)
+from support.vision import (
+    patch_frames as frames,
+)
 
 from ebt.config import config_from_dict, load_config
 from ebt.errors import ConfigError
@@ -26,33 +47,7 @@ from ebt.models.patch_frames import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE, PATCH, FRAMES, BATCH = 4, 2, 5, 2  # 4 patches of 3 x 2 x 2 = 12 numbers per frame
-FRAME_DIM, PATCHES = 3 * SIZE * SIZE, (SIZE // PATCH) ** 2
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
-
-
-def patch_config(variant="time_embed", kind="ebt", noise=0.0, **model):
-    keys = {"modality": "video", "kind": kind, "variant": variant, "dim": 16, "heads": 2}
-    keys |= {"layers": 2, "frame_tokens": "patches", "patch_size": PATCH} | model
-    return config_from_dict(
-        {
-            "model": keys,
-            "data": {"source": "pan", "frames": FRAMES, "frame_size": SIZE},
-            "think": {"step_size": 3.0, "landscapes": 2, "langevin_noise": noise},
-        }
-    )
-
-
-def patch_model(variant="time_embed", kind="ebt", noise=0.0, **model):
-    """A tiny float64 patch-token video model with random weights, eval mode."""
-    torch.manual_seed(0)
-    return build_model(patch_config(variant, kind, noise, **model)).double().eval()
-
-
-def frames(count: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.rand(BATCH, count, FRAME_DIM, dtype=torch.float64, generator=generator)
-    return values * 2 - 1  # (B, T, F)
 
 
 def test_patchify_is_raster_order_channel_major_and_inverts():
