@@ -8,10 +8,14 @@ import json
 import imageio.v3 as iio
 import pytest
 import torch
-from support.vision import PATCH_BATCH as BATCH
-from support.vision import PATCH_FRAME_DIM as FRAME_DIM
-from support.vision import PATCHES, patch_model, video_config
-from support.vision import patch_frames as frames
+from support.vision import (
+    PATCH_BATCH,
+    PATCH_FRAME_DIM,
+    PATCHES,
+    patch_frames,
+    patch_model,
+    video_config,
+)
 
 from ebt.api import load_run
 from ebt.cli.main import main
@@ -22,6 +26,7 @@ from ebt.modalities.video.verification import heat_row, patch_errors, spearman
 from ebt.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+BATCH, FRAME_DIM, frames = PATCH_BATCH, PATCH_FRAME_DIM, patch_frames
 PATCH_RUN = ["model.patch_size=2", "model.frame_tokens=patches"]
 
 

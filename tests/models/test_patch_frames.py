@@ -12,24 +12,14 @@ import torch
 from support import CONFIGS
 from support.vision import (
     PATCH,
+    PATCH_BATCH,
+    PATCH_FRAME_DIM,
+    PATCH_FRAMES,
+    PATCH_SIZE,
     PATCHES,
     patch_config,
+    patch_frames,
     patch_model,
-)
-from support.vision import (
-    PATCH_BATCH as BATCH,
-)
-from support.vision import (
-    PATCH_FRAME_DIM as FRAME_DIM,
-)
-from support.vision import (
-    PATCH_FRAMES as FRAMES,
-)
-from support.vision import (
-    PATCH_SIZE as SIZE,
-)
-from support.vision import (
-    patch_frames as frames,
 )
 
 from ebt.config import config_from_dict, load_config
@@ -47,6 +37,8 @@ from ebt.models.patch_frames import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE, PATCH_SIDE, FRAMES, BATCH = PATCH_SIZE, PATCH, PATCH_FRAMES, PATCH_BATCH
+FRAME_DIM, frames = PATCH_FRAME_DIM, patch_frames
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 
 
