@@ -37,7 +37,7 @@ from ebt.models.patch_frames import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE, PATCH_SIDE, FRAMES, BATCH = PATCH_SIZE, PATCH, PATCH_FRAMES, PATCH_BATCH
+SIZE, FRAMES, BATCH = PATCH_SIZE, PATCH_FRAMES, PATCH_BATCH
 FRAME_DIM, frames = PATCH_FRAME_DIM, patch_frames
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 
