@@ -80,6 +80,9 @@ def test_rollout_command_reports_patch_verification(tmp_path, capsys):
     assert len(ebt["patch_energy"]) == (8 // 2) ** 2  # 8 x 8 frames of 2 x 2 patches
     assert {"energy_error_spearman", "patch_energy_error_spearman"} <= set(ebt)
     assert -1 <= ebt["patch_energy_error_spearman"] <= 1
+    text = ["rollout", str(tmp_path / "ebt"), "--context", "2", "--frames", "2", "--clips", "2"]
+    assert main(text) == 0
+    assert "ebt energy vs error (Spearman): per frame" in capsys.readouterr().out
     assert iio.imread(strip).shape[0] > 0
     request = RolloutRequest(context=2, frames=2, clips=2)
     outcome = run_rollouts(request, {"run": load_run(tmp_path / "ebt")})
