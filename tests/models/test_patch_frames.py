@@ -235,3 +235,16 @@ def test_the_tiny_presets_are_patch_twins_matched_in_parameters():
     assert load_config(root / "tiny.toml").think.init == "last_frame"
     counts = [sum(p.numel() for p in model.parameters()) for model in (ebt, twin)]
     assert abs(counts[0] - counts[1]) / counts[0] < 0.02, counts
+
+
+def test_the_gpu_preset_builds_a_patch_ebt_and_its_twin_matches_it():
+    """configs/video/gpu.toml (never run here) loads and builds; the twin its comment names
+    has the same parameter count within 1%."""
+    path = CONFIGS / "video" / "gpu.toml"
+    ebt = build_model(load_config(path))
+    twin_keys = ["model.kind=transformer_pp", "model.frame_residual=true", "model.ffn_dim=360"]
+    twin = build_model(load_config(path, twin_keys))
+    assert isinstance(ebt, PatchFrameEnergyTransformer)
+    assert isinstance(twin, PatchFrameTransformerPP)
+    counts = [sum(p.numel() for p in model.parameters()) for model in (ebt, twin)]
+    assert abs(counts[0] - counts[1]) / counts[0] < 0.01, counts
