@@ -248,3 +248,22 @@ def test_the_gpu_preset_builds_a_patch_ebt_and_its_twin_matches_it():
     assert isinstance(twin, PatchFrameTransformerPP)
     counts = [sum(p.numel() for p in model.parameters()) for model in (ebt, twin)]
     assert abs(counts[0] - counts[1]) / counts[0] < 0.01, counts
+
+
+def test_thinking_reaches_every_pixel_with_patches_but_not_with_one_token():
+    """The reason for patch tokens: dE/dx over many candidate frames spans all of frame space
+    (48 numbers) with patch tokens, but only the width (16) with one token per frame."""
+    context = frames(FRAMES - 1)
+    candidates = torch.rand(64, 1, FRAME_DIM, dtype=torch.float64) * 2 - 1
+    rows = torch.zeros(64, dtype=torch.long)
+    ranks = {}
+    for tokens in ("patches", "frame"):
+        config = patch_config()
+        config.model.frame_tokens = tokens
+        torch.manual_seed(0)
+        model = build_model(config).double().eval()
+        cache = model.encode_context(context[:1], 1)
+        starts = candidates.transpose(0, 1)  # (1, 64, F): 64 candidates after real frame 0
+        _, gradient = model.energies_and_gradient(cache, starts, rows)
+        ranks[tokens] = int(torch.linalg.matrix_rank(gradient[0]))  # of (64, F)
+    assert ranks == {"patches": FRAME_DIM, "frame": 16}
