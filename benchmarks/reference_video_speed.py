@@ -5,7 +5,7 @@ How to run (CPU; the paper's code is imported at run time, never vendored here):
     git clone https://github.com/alexiglad/EBT /tmp/ebt-reference
     EBT_REFERENCE_DIR=/tmp/ebt-reference python benchmarks/reference_video_speed.py --threads 1
 
-Setting (the issue's, `ebt bench train configs/video/tiny.toml ...`): dim 256, 4 layers, 4
+Setting (the issue's, `ebt bench train configs/video/frame-tiny.toml ...`): dim 256, 4 layers, 4
 heads, `time_embed`, clips of 16 frames of 3136 numbers (the SD-VAE latents of 224 x 224
 frames), batch 8, 2 landscapes x 1 step, the tiny preset's recipe (step size learnable,
 candidates from zeros), float32. Both codes read the same precomputed random latents: the
@@ -119,7 +119,7 @@ def import_reference(path: str) -> dict[str, Any]:
 
 
 def our_config(kind: str) -> Config:
-    """configs/video/tiny.toml at the issue's shape (kind "transformer_pp": its twin)."""
+    """configs/video/frame-tiny.toml at the issue's shape (kind "transformer_pp": its twin)."""
     config = load_config(ROOT / "configs" / "video" / "tiny.toml", SETTING)
     assert frame_dim(config) == 3136
     return baseline_config(config) if kind == "transformer_pp" else config
@@ -191,7 +191,7 @@ def parity(path: str) -> dict[str, float]:
 
 
 def main() -> None:
-    run_modality_side_by_side(sys.modules[__name__], "configs/video/tiny.toml", True)
+    run_modality_side_by_side(sys.modules[__name__], "configs/video/frame-tiny.toml", True)
 
 
 if __name__ == "__main__":

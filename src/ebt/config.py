@@ -62,7 +62,9 @@ class ModelConfig:
     ffn_dim: int = 0  # 0 means "= dim", as in the paper
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    patch_size: int = 4  # images: pixels per patch side
+    patch_size: int = 4  # images, and video patch tokens: pixels per patch side
+    frame_tokens: str = "frame"  # video: "frame" (one token per frame, the paper's) | "patches"
+    frame_residual: bool = False  # video Transformer++ on patches: next frame = last + output
 
 
 @dataclass

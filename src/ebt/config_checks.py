@@ -65,6 +65,7 @@ RULES: dict[str, Rule] = {
     "model.norm_eps": POSITIVE,
     "model.rope_theta": POSITIVE,
     "model.patch_size": _ge(1),
+    "model.frame_tokens": _choice("frame", "patches"),
     "think.landscapes": _ge(1),
     "think.steps": _ge(1),
     "think.step_size": POSITIVE,
@@ -185,10 +186,42 @@ def _modality_checks(config: Config) -> list[str]:
                 f"data.frame_size={data.frame_size} is not a multiple of {VAE_DOWNSAMPLING}, the "
                 "VAE's downsampling factor (or set data.frame_dim for another VAE)"
             ]
+    if model.frame_tokens == "patches" and _patch_token_checks(config):
+        return _patch_token_checks(config)
+    if model.frame_residual and model.frame_tokens != "patches":
+        return ["model.frame_residual is for the video Transformer++ on patch tokens"]
     if model.modality == "video" and data.source.strip() in ("stdlib", "pydoc"):
         return [
             f"data.source={data.source!r} is a text corpus; video comes from pan, faces, "
             "skimage-gif, video files or a folder of frames"
+        ]
+    return []
+
+
+def _patch_token_checks(config: Config) -> list[str]:
+    """model.frame_tokens = "patches": pixel video frames cut into whole patches, each at most
+    model.dim numbers (so thinking can move every pixel)."""
+    model, data = config.model, config.data
+    if model.modality != "video":
+        return [
+            f"model.frame_tokens='patches' is for video; a {model.modality} model has no frames"
+        ]
+    if data.frame_encoder != "pixels" or data.frame_dim:
+        return ["model.frame_tokens='patches' needs pixel frames (data.frame_encoder='pixels')"]
+    if data.frame_size % model.patch_size:
+        return [
+            f"data.frame_size={data.frame_size} is not a multiple of "
+            f"model.patch_size={model.patch_size}"
+        ]
+    if model.kind == "ebt" and CHANNELS * model.patch_size**2 > model.dim:
+        return [
+            f"model.patch_size={model.patch_size}: a patch's {CHANNELS * model.patch_size**2} "
+            f"numbers exceed model.dim={model.dim}, so thinking could not move every pixel"
+        ]
+    if model.frame_residual and model.kind == "ebt":
+        return [
+            "model.frame_residual is the Transformer++'s; the EBT starts from "
+            "think.init='last_frame'"
         ]
     return []
 

@@ -42,7 +42,7 @@ def vae_config(vae_dir: Path, tmp_path: Path, *overrides: str):
     tmp_path/frames, trained 4 steps into tmp_path/run."""
     encoder = ["data.frame_encoder=vae", f"data.vae={vae_dir}", f"data.frame_size={SIZE}"]
     cache = f"data.cache_dir={tmp_path / 'frames'}"
-    return video_config(tmp_path / "run", "tiny.toml", *encoder, cache, *overrides)
+    return video_config(tmp_path / "run", "frame-tiny.toml", *encoder, cache, *overrides)
 
 
 def frames(count: int = 5, size: int = SIZE) -> torch.Tensor:
@@ -130,7 +130,7 @@ def test_a_frame_size_the_vae_cannot_take_is_one_line(vae_dir, tmp_path):
 
 
 def test_a_frame_dim_the_encoder_does_not_make_is_refused(tmp_path):
-    config = load_config(CONFIGS / "tiny.toml", ["data.frame_dim=3136"])
+    config = load_config(CONFIGS / "frame-tiny.toml", ["data.frame_dim=3136"])
     clips = build_video_dataset("pan", "val", frames=4, frame_size=16, num_clips=4)
     with pytest.raises(DataError, match="pixels encoder makes 768 numbers") as error:
         encoded_dataset(clips, config)
@@ -140,14 +140,16 @@ def test_a_frame_dim_the_encoder_does_not_make_is_refused(tmp_path):
 def test_an_unloadable_vae_is_one_line(tmp_path):
     empty = tmp_path / "not-a-vae"
     empty.mkdir()
-    config = load_config(CONFIGS / "tiny.toml", ["data.frame_encoder=vae", f"data.vae={empty}"])
+    config = load_config(
+        CONFIGS / "frame-tiny.toml", ["data.frame_encoder=vae", f"data.vae={empty}"]
+    )
     with pytest.raises(DataError, match="cannot load the VAE") as error:
         build_frame_encoder(config)
     assert len(str(error.value).splitlines()) == 1
 
 
 def test_pixels_need_no_wrapper():
-    config = load_config(CONFIGS / "tiny.toml", ["data.frames=4"])
+    config = load_config(CONFIGS / "frame-tiny.toml", ["data.frames=4"])
     clips = build_video_dataset("pan", "val", frames=4, frame_size=16, num_clips=4)
     assert encoded_dataset(clips, config) is clips
 

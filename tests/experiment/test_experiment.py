@@ -364,6 +364,7 @@ def test_report_of_a_video_run_has_its_rollout_strip(tmp_path: Path) -> None:
     config = TINY.parents[1] / "video" / "tiny.toml"
     run = tmp_path / "video"
     overrides = ["model.dim=32", "model.layers=1", "model.heads=2", "data.frame_size=8"]
+    overrides += ["model.patch_size=2"]  # the patch-token preset: 12 numbers a patch, under 32
     overrides += ["train.batch_size=4", "train.max_steps=2", "train.eval_batches=1"]
     overrides += ["train.progress=false", f"train.out_dir={run}"]
     assert main(["train", str(config), *overrides]) == 0

@@ -95,7 +95,7 @@ def test_the_papers_frozen_vae_is_left_out(paper_video, tmp_path):
 
 
 def _our_run(path: Path, overrides: list[str]) -> Path:
-    config = load_config(CONFIGS / "tiny.toml", [*PAPER_LATENTS, *overrides])
+    config = load_config(CONFIGS / "frame-tiny.toml", [*PAPER_LATENTS, *overrides])
     model = build_model(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

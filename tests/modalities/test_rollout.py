@@ -187,8 +187,8 @@ def runs(tmp_path_factory):
     """A tiny video EBT and its Transformer++ twin, trained 4 steps each."""
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("rollout")
-    train(video_config(root / "ebt", "tiny.toml"))
-    train(video_config(root / "baseline", "baseline-tiny.toml"))
+    train(video_config(root / "ebt", "frame-tiny.toml"))
+    train(video_config(root / "baseline", "frame-baseline-tiny.toml"))
     torch.set_num_threads(threads)
     return root
 
@@ -234,7 +234,7 @@ def test_rollout_out_of_distribution_and_text_summary(runs, capsys):
     argv = [str(runs / "baseline"), "--compare", str(runs / "ebt"), "--frames", "1"]
     report = _rollout_json(capsys, *argv, "--context", "2")
     assert set(report["models"]) == {"transformer_pp", "ebt", "copy_last"}
-    assert report["thinking"]["init"] == "zeros"  # the EBT's own think.init (tiny.toml)
+    assert report["thinking"]["init"] == "zeros"  # the EBT's own think.init (frame-tiny.toml)
 
 
 def _write_gif(path: Path, frames: int) -> Path:
@@ -293,7 +293,7 @@ def test_rollout_of_a_vae_run_decodes_its_frames(tmp_path, capsys, restore_threa
     encoder = ["data.frame_encoder=vae", f"data.vae={tmp_path / 'vae'}", "data.frame_dim=64"]
     train(
         video_config(
-            tmp_path / "run", "tiny.toml", *encoder, f"data.cache_dir={tmp_path / 'cache'}"
+            tmp_path / "run", "frame-tiny.toml", *encoder, f"data.cache_dir={tmp_path / 'cache'}"
         )
     )
     argv = [str(tmp_path / "run"), "--context", "2", "--frames", "2", "--clips", "2"]

@@ -28,6 +28,7 @@ IMAGE_SHRINK = [  # 8 x 8 crops, width 16, one block, patches of 4 x 4, batches 
     "train.batch_size=4",
 ]
 VIDEO_SHRINK = [  # clips of 4 frames of 8 x 8, width 16, one block, batches of 4
+    "model.patch_size=2",  # patch-token presets: 16 patches of 12 numbers a frame
     "data.frames=4",
     "data.frame_size=8",
     "model.dim=16",
@@ -181,3 +182,36 @@ def count_calls(owner: object, name: str) -> Iterator[list[int]]:
         yield calls
     finally:
         setattr(owner, name, original)
+
+
+# Patch-token video models (model.frame_tokens = "patches"): 5-frame clips of 4 x 4 frames,
+# 2 x 2 patches (4 patches of 12 numbers a frame), width 16, two blocks, two landscapes
+PATCH_SIZE, PATCH, PATCH_FRAMES, PATCH_BATCH = 4, 2, 5, 2
+PATCH_FRAME_DIM, PATCHES = 3 * PATCH_SIZE * PATCH_SIZE, (PATCH_SIZE // PATCH) ** 2
+
+
+def patch_config(variant="time_embed", kind="ebt", noise=0.0, **model) -> Config:
+    """The config of a tiny patch-token video model (model keys override the defaults)."""
+    keys = {"modality": "video", "kind": kind, "variant": variant, "dim": 16, "heads": 2}
+    keys |= {"layers": 2, "frame_tokens": "patches", "patch_size": PATCH} | model
+    return config_from_dict(
+        {
+            "model": keys,
+            "data": {"source": "pan", "frames": PATCH_FRAMES, "frame_size": PATCH_SIZE},
+            "think": {"step_size": 3.0, "landscapes": 2, "langevin_noise": noise},
+        }
+    )
+
+
+def patch_model(variant="time_embed", kind="ebt", noise=0.0, **model) -> torch.nn.Module:
+    """A tiny float64 patch-token video model with random weights (seed 0), eval mode."""
+    torch.manual_seed(0)
+    return build_model(patch_config(variant, kind, noise, **model)).double().eval()
+
+
+def patch_frames(count: int, seed: int = 0) -> torch.Tensor:
+    """The same random frames (PATCH_BATCH, count, PATCH_FRAME_DIM) in [-1, 1] per seed."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (PATCH_BATCH, count, PATCH_FRAME_DIM)
+    values = torch.rand(*shape, dtype=torch.float64, generator=generator)
+    return values * 2 - 1  # (B, T, F)

@@ -22,7 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_bench_train_times_the_video_ebt_against_its_transformer_pp(capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CPU peak-memory child processes
     overrides = [*TINY, "data.frame_dim=100"]  # latents of a size no pixel frame has
-    argv = ["bench", "train", str(CONFIGS / "tiny.toml"), *overrides, "--vs-baseline", "--json"]
+    argv = [
+        "bench",
+        "train",
+        str(CONFIGS / "frame-tiny.toml"),
+        *overrides,
+        "--vs-baseline",
+        "--json",
+    ]
     assert main([*argv, "--repeats", "1", "--warmup", "0"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("ms_per_step", "peak_mem_mb", "baseline_ms_per_step", "baseline_peak_mem_mb"):
@@ -34,6 +41,6 @@ def test_bench_train_times_the_video_ebt_against_its_transformer_pp(capsys, monk
 
 @pytest.mark.parametrize(("frame_dim", "expected"), [(0, 3 * 8 * 8), (3136, 3136)])
 def test_video_bench_batches_are_clips_of_frame_vectors(frame_dim, expected):
-    config = load_config(CONFIGS / "tiny.toml", [*TINY, f"data.frame_dim={frame_dim}"])
+    config = load_config(CONFIGS / "frame-tiny.toml", [*TINY, f"data.frame_dim={frame_dim}"])
     batch = example_batch(config, 0, torch.device("cpu"))
     assert batch.shape == (2, 4, expected) and batch.dtype == torch.float32

@@ -32,8 +32,15 @@ def _threads(restore_threads):
 
 @pytest.mark.parametrize(
     ("name", "overrides"),
-    [("tiny.toml", []), ("tiny.toml", SYSTEM2), ("baseline-tiny.toml", [])],
-    ids=["ebt-s1", "ebt-s2", "transformer_pp"],
+    [
+        ("tiny.toml", []),
+        ("tiny.toml", SYSTEM2),
+        ("baseline-tiny.toml", []),
+        ("frame-tiny.toml", []),
+        ("frame-tiny.toml", SYSTEM2),
+        ("frame-baseline-tiny.toml", []),
+    ],
+    ids=["ebt-s1", "ebt-s2", "transformer_pp", "frame-ebt-s1", "frame-ebt-s2", "frame-tpp"],
 )
 def test_video_models_train_and_evaluate(tmp_path, name, overrides):
     """The reported PSNR is the mean over predicted frames of the final model's predictions
@@ -42,7 +49,7 @@ def test_video_models_train_and_evaluate(tmp_path, name, overrides):
     assert result["split"] == "val" and result["frames"] == BATCH * (FRAMES - 1)
     assert result["psnr"] == pytest.approx(recomputed_psnr(tmp_path / "run"), rel=PSNR_TOLERANCE)
     assert result["mse"] > 0 and result["loss"] > 0
-    ebt = name == "tiny.toml"
+    ebt = name in ("tiny.toml", "frame-tiny.toml")
     assert result["forward_passes"] == (len(result["loss_per_step"]) if ebt else 1)
     assert ("energy_per_step" in result) == ebt
     assert [row["step"] for row in training_rows(tmp_path / "run")] == [1, 2, 3, 4]

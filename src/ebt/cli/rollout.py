@@ -112,6 +112,22 @@ def _pictures(outputs: list[Output], context: int, outcome: RolloutOutcome) -> N
         report[output.flag.removeprefix("--")] = output.path
 
 
+def _rho(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
+def _verification_lines(report: dict) -> list[str]:
+    """The rank correlation of the EBT's final energies with the errors, per frame and patch."""
+    lines = []
+    for name, result in report["models"].items():
+        if "energy_error_spearman" in result:
+            patch = result.get("patch_energy_error_spearman", None)
+            per_patch = "" if patch is None else f", per patch {_rho(patch)}"
+            frame = _rho(result["energy_error_spearman"])
+            lines.append(f"{name} energy vs error (Spearman): per frame {frame}{per_patch}")
+    return lines
+
+
 def summary_lines(report: dict) -> str:
     """A human-readable table: PSNR / SSIM at the reported horizons, ms per frame."""
     horizons = list(next(iter(report["models"].values()))["horizons"])
@@ -128,6 +144,7 @@ def summary_lines(report: dict) -> str:
         )
         passes = result["forward_passes_per_frame"]
         lines.append(f"{name:<15} {cells}  {result['ms_per_frame']:8.2f}  {passes:g}")
+    lines += _verification_lines(report)
     for name, bench in report.get("bench", {}).items():
         lines.append(
             f"bench {name}: {bench['cached_ms_per_frame']:.2f} ms/frame cached, "

@@ -24,6 +24,7 @@ from ebt.config_checks import CHANNELS, frame_dim
 from ebt.models.dit import DiT, DiTArgs
 from ebt.models.energy_transformer import EnergyTransformer, EnergyTransformerArgs
 from ebt.models.image_energy import ImageEnergyArgs, ImageEnergyTransformer
+from ebt.models.patch_frames import PatchFrameEnergyTransformer, PatchFrameTransformerPP
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
 
 
@@ -58,6 +59,10 @@ def _build_sequence_model(
     numbers per frame vector; 0 for tokens)."""
     model = config.model
     ffn_dim = model.ffn_dim or model.dim
+    patches = bool(frame_size) and model.frame_tokens == "patches"
+    tokens = (
+        {"frame_size": config.data.frame_size, "patch_size": model.patch_size} if patches else {}
+    )
     if model.kind == "transformer_pp":
         args = TransformerArgs(
             vocab_size,
@@ -69,7 +74,11 @@ def _build_sequence_model(
             model.norm_eps,
             model.rope_theta,
             frame_size,
+            **tokens,
         )
+        if patches:
+            args.frame_residual = model.frame_residual
+            return PatchFrameTransformerPP(args)
         return TransformerPP(args)
     think = config.think
     args = EnergyTransformerArgs(
@@ -88,8 +97,9 @@ def _build_sequence_model(
         langevin_noise=think.langevin_noise,
         inference_steps=steps_per_landscape(config),  # per landscape
         frame_dim=frame_size,
+        **tokens,
     )
-    return EnergyTransformer(args)
+    return PatchFrameEnergyTransformer(args) if patches else EnergyTransformer(args)
 
 
 def build_image_model(config: Config, vocab_size: int = 0) -> nn.Module:

@@ -79,6 +79,8 @@ class EnergyTransformerArgs:
     langevin_noise: float = 0.0
     inference_steps: int = 1  # default steps per landscape for `think`
     frame_dim: int = 0  # 0: text (token ids, vocabulary candidates); > 0: frame vectors
+    frame_size: int = 0  # video patch tokens (models.patch_frames): pixels per frame side
+    patch_size: int = 0  # 0: one token per frame; > 0: patch tokens of this side
 
 
 class EnergyTransformer(EnergyPlumbing, nn.Module):
@@ -122,6 +124,10 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.args.vocab_size
+
+    def context_capacity(self, frames: int) -> int:
+        """Context-cache positions that `frames` real tokens (frames) take, step token included."""
+        return frames + self.offset
 
     @property
     def candidate_dim(self) -> int:
@@ -200,7 +206,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
             step_token = self._condition(landscape, batch).unsqueeze(1)  # (B, 1, D)
             x = torch.cat((step_token, x), dim=1)  # (B, S + 1, D)
         rope = self._rope(torch.arange(x.shape[1], device=x.device)).unsqueeze(1)  # (T, 1, hd/2)
-        context_layers = self._training_pass("context", EnergyTransformer._context_layers)
+        context_layers = self._training_pass("context", type(self)._context_layers)
         keys, values = context_layers(self, x, rope, condition)
         label = landscape if isinstance(landscape, int) else -1
         cache = ContextCache(keys, values, label, condition)

@@ -29,6 +29,9 @@ class TransformerArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 1e4
     frame_dim: int = 0  # 0: text (token ids -> logits); > 0: frame vectors -> next frames
+    frame_size: int = 0  # video patch tokens (models.patch_frames): pixels per frame side
+    patch_size: int = 0  # 0: one token per frame; > 0: patch tokens of this side
+    frame_residual: bool = False  # patch tokens: the next frame is the last one plus the output
 
 
 class TransformerPP(nn.Module):
@@ -57,6 +60,10 @@ class TransformerPP(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.args.vocab_size
+
+    def context_capacity(self, frames: int) -> int:
+        """Cache positions that `frames` real tokens (frames) take."""
+        return frames
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, S, V) for tokens (B, S); next frames (B, S, F) for frames

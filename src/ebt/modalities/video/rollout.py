@@ -14,7 +14,6 @@ from the newest `keep` frames (cached: the cache is rebuilt from them), in both 
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from ebt.modalities.video.thinking import (
     landscapes_of,
     think_next_frame,
 )
+from ebt.modalities.video.verification import energy_summary, patch_errors
 from ebt.models import EnergyTransformer, TransformerPP
 
 REPORTED_HORIZONS = (1, 4, 8)
@@ -113,7 +113,7 @@ class EnergyPredictor(_Window):
         return self.model.encode_context(self._stacked(self.visible), labels, capacity)
 
     def _rebuild(self) -> None:
-        self.state = self._encode(self.window + self.model.offset)
+        self.state = self._encode(self.model.context_capacity(self.window))
 
     def _extend(self, frame: torch.Tensor) -> None:
         self.state = self.model.extend_context(self.state, self._stacked(frame.unsqueeze(1)))
@@ -146,7 +146,8 @@ class TransformerPredictor(_Window):
 
     @torch.no_grad()
     def _rebuild(self) -> None:
-        out, self.state = self.model.forward_cached(self.visible, None, self.window)
+        capacity = self.model.context_capacity(self.window)
+        out, self.state = self.model.forward_cached(self.visible, None, capacity)
         self.next = out[:, -1]  # (B, F)
 
     @torch.no_grad()
@@ -191,13 +192,15 @@ def predictor_for(
 @dataclass
 class Rollout:
     """Predicted frames (B, H, F); final energies and thinking steps (B, H) of an EBT (else
-    None); energy evaluations per frame; wall-clock milliseconds per frame."""
+    None); energy evaluations per frame; wall-clock milliseconds per frame; final energies per
+    patch (B, H, P) of a patch-token EBT."""
 
     frames: torch.Tensor
     energies: torch.Tensor | None
     steps: torch.Tensor | None
     passes: float
     ms_per_frame: float
+    patch_energies: torch.Tensor | None = None  # (B, H, P): patch-token EBTs
 
 
 def rollout(predictor: FramePredictor, context: torch.Tensor, horizon: int) -> Rollout:
@@ -216,7 +219,10 @@ def rollout(predictor: FramePredictor, context: torch.Tensor, horizon: int) -> R
     energies = torch.stack([v.energies for v in verdicts], dim=1) if thinks else None  # (B, H)
     steps = torch.stack([v.steps for v in verdicts], dim=1) if thinks else None  # (B, H)
     passes = statistics.fmean(v.passes for v in verdicts)
-    return Rollout(frames.detach(), energies, steps, passes, elapsed)
+    patches = None
+    if verdicts[0].patch_energies is not None:
+        patches = torch.stack([v.patch_energies for v in verdicts], dim=1)  # (B, H, P)
+    return Rollout(frames.detach(), energies, steps, passes, elapsed, patches)
 
 
 def frame_ssim(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -261,20 +267,6 @@ def frame_loss(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """The training loss per frame (B, H), SmoothL1 (beta 1), of frame vectors (B, H, F)."""
     loss = F.smooth_l1_loss(frames.double(), truth.double(), reduction="none", beta=1.0)
     return loss.mean(-1)  # (B, H)
-
-
-def energy_summary(result: Rollout, errors: torch.Tensor) -> dict:
-    """The EBT's uncertainty over time: mean final energy and thinking steps per horizon, and
-    the correlation of a frame's energy with its error (errors (B, H), e.g. MSE; None when
-    undefined, e.g. equal energies)."""
-    energies = result.energies.double()  # (B, H)
-    pairs = torch.stack((energies.flatten(), errors.double().flatten()))
-    correlation = float(torch.corrcoef(pairs)[0, 1]) if energies.numel() > 1 else math.nan
-    return {
-        "energy": [round(float(v), 6) for v in energies.mean(0)],
-        "steps": [round(float(v), 4) for v in result.steps.double().mean(0)],
-        "energy_error_correlation": correlation if math.isfinite(correlation) else None,
-    }
 
 
 def benchmark(
@@ -377,8 +369,9 @@ def model_report(
     """Roll out len(truth) frames after context (B, C, F) and score them: PSNR / SSIM of the
     decoded frames against the real ones, the last H frames of clips (B, L, 3, S, S); the loss
     against the true frame vectors truth (B, H, F); ms and energy evaluations per frame; for an
-    EBT the energy_summary (final energy and steps per horizon; its correlation with the pixel
-    MSE). A one-frame rollout of one clip first warms the predictor up (its time not reported)."""
+    EBT the energy_summary (final energy and steps per horizon; its correlations with the pixel
+    MSE, per frame and, for patch tokens, per patch). A one-frame rollout of one clip first warms
+    the predictor up (its time not reported)."""
     state = torch.get_rng_state()
     rollout(predictor, context[:1], 1)
     torch.set_rng_state(state)  # the warm-up draws nothing the reported rollout would see
@@ -388,5 +381,9 @@ def model_report(
     report |= {"ms_per_frame": result.ms_per_frame, "forward_passes_per_frame": result.passes}
     if result.energies is not None:
         errors = frame_mse(images.flatten(2).double(), real.flatten(2).double())  # (B, H)
-        report |= energy_summary(result, errors)
+        per_patch = None
+        if result.patch_energies is not None:
+            per_patch = patch_errors(images, real, result.patch_energies.shape[-1])  # (B, H, P)
+        patches = result.patch_energies
+        report |= energy_summary(result.energies, result.steps, errors, patches, per_patch)
     return report, result

@@ -13,6 +13,7 @@ import torch
 
 from ebt.modalities.video import rollout as ro
 from ebt.modalities.video.thinking import FrameThinking
+from ebt.modalities.video.verification import heat_row
 from ebt.thinking.loop import InferenceOptions
 
 if TYPE_CHECKING:
@@ -164,10 +165,14 @@ def run_rollouts(request: RolloutRequest, runs: dict[str, LoadedRun]) -> Rollout
 
 def first_clip_rows(outcome: RolloutOutcome, context: int) -> dict[str, torch.Tensor]:
     """The first clip as pictures show it: the truth, then each model's rollout after the
-    `context` real frames, all (L, 3, S, S) in [-1, 1]."""
+    `context` real frames, all (L, 3, S, S) in [-1, 1]; under a patch-token EBT's row, its final
+    energy per patch as a heat map (blank context columns)."""
     clips = outcome.clips
     rows = {"truth": clips[0]}  # (L, 3, S, S)
     for name, result in outcome.rollouts.items():
         predicted = outcome.codec.decode(result.frames[:1])[0]  # (H, 3, S, S)
         rows[name] = torch.cat((clips[0, :context], predicted))  # (L, 3, S, S)
+        if result.patch_energies is not None:  # patch tokens: where the EBT is unsure
+            side = clips.shape[-1]
+            rows[f"{name} energy"] = heat_row(result.patch_energies[0], context, side)
     return rows

@@ -10,7 +10,9 @@ independently per clip.
 
 Extra starts are offsets in the row space of the frame embedding W (D x frame_dim): the energy
 reads a frame x only through W x, and the candidate gradient W^T dE/dz lies in that space, so an
-offset outside it would be invisible to verification and never removed by thinking.
+offset outside it would be invisible to verification and never removed by thinking. With patch
+tokens (model.frame_tokens = "patches", 3 p^2 <= D) every pixel is seen: the offsets are plain
+per-pixel Gaussian noise.
 """
 
 from __future__ import annotations
@@ -59,12 +61,14 @@ class FrameThinking:
 class FrameVerdict:
     """The chosen next frames (B, F), their final energies (B,), the thinking steps the chosen
     starts took (B,), and the energy evaluations spent per frame (forward passes: 1 and no
-    energies or steps for a model that does not think)."""
+    energies or steps for a model that does not think); patch-token EBTs: the final energy of
+    every patch of the chosen frames (B, P), which sum to `energies`."""
 
     frames: torch.Tensor
     energies: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     passes: float = 1.0
+    patch_energies: torch.Tensor | None = None  # (B, P): patch tokens' final energies
 
 
 def landscapes_of(model: EnergyTransformer) -> list[int]:
@@ -95,8 +99,13 @@ def initial_frames(
         base = torch.randn_like(last_frame) * thinking.init_scale  # (B, F)
     starts = base.unsqueeze(1).repeat(1, thinking.samples, 1)  # (B, N, F)
     if thinking.samples > 1 and thinking.perturbation > 0:
-        weight = model.frame_embedding.weight.to(last_frame.dtype)  # (D, F)
-        offsets = row_space_noise(weight, (batch, thinking.samples - 1), thinking.perturbation)
+        weight = model.frame_embedding.weight.to(last_frame.dtype)  # (D, F or 3 p^2)
+        if model.args.patch_size:  # patch tokens: every pixel is seen, so every pixel moves
+            shape = (batch, thinking.samples - 1, size)
+            offsets = torch.randn(shape, dtype=last_frame.dtype, device=last_frame.device)
+            offsets = offsets * thinking.perturbation  # (B, N - 1, F)
+        else:
+            offsets = row_space_noise(weight, (batch, thinking.samples - 1), thinking.perturbation)
         starts[:, 1:] += offsets  # (B, N - 1, F)
     return starts
 
@@ -147,4 +156,10 @@ def think_next_frame(
     last = model.args.landscapes - 1
     cache = cache_of(model, caches, last)
     chosen = self_verify(model, thought, cache, rows, last, starts.shape[:2], dim=1)
-    return FrameVerdict(chosen.states, chosen.energies, chosen.steps, chosen.passes)
+    verdict = FrameVerdict(chosen.states, chosen.energies, chosen.steps, chosen.passes)
+    if hasattr(model, "patch_energies"):  # the chosen frames' energy split by patch
+        with torch.no_grad():
+            frames = chosen.states.unsqueeze(1)  # (B, 1, F)
+            patches = model.patch_energies(cache, frames, rows[:1], last)  # (B, 1, P)
+        verdict.patch_energies = patches.squeeze(1)  # (B, P)
+    return verdict
