@@ -16,7 +16,8 @@ starting parts when --budget-s is spent):
   ceiling, peak memory; bf16 and fp32 eager, then bf16 compiled and with CUDA graphs;
 - `reference`: the paper's EBT and Transformer++ at both sizes, bf16 autocast, same device;
 - `generation`: `ebt bench generate` ms/token cached vs recomputing (tiny preset; 88.6M with a
-  1024-token context), and the paper's generator at 88.6M;
+  1024-token context), and the paper's generator at 88.6M; then cached eager vs the one-graph
+  decoding step (`ebt generate --graphs`, CUDA graphs), tiny and 88.6M (`fp32_graphs`);
 - `loss`: bf16 against fp32 validation loss after the same short run of the tiny-s2 preset;
 - `kernels`: CUDA kernels per training step and GPU busy fraction (profiler), eager and graphs.
 """
@@ -43,8 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_speed as paper  # noqa: E402  (the paper's-code loader and stand-ins)
 
 from ebt.config import Config, load_config  # noqa: E402
+from ebt.modalities.text.generate import Sampling, generate_ids  # noqa: E402
+from ebt.models import build_model  # noqa: E402
 from ebt.outputs import atomic_path  # noqa: E402
-from ebt.training.bench import _Stepper, bench_generate, bench_train, matmul_ceiling  # noqa: E402
+from ebt.training.bench import (  # noqa: E402
+    _Stepper,
+    bench_generate,
+    bench_train,
+    matmul_ceiling,
+    vocabulary_size,
+)
 from ebt.training.step import autocast_region  # noqa: E402
 from ebt.training.trainer import train  # noqa: E402
 
@@ -242,6 +251,39 @@ def generation_entry(run: Run, size: str, precision: str) -> dict[str, Any]:
     return {key: result[key] for key in keys} | {"precision": precision}
 
 
+def graph_generation_entry(run: Run, size: str) -> dict[str, Any]:
+    """Cached generation, eager against the one-graph decoding step (`ebt generate --graphs`:
+    compiled, CUDA graphs on CUDA), ms/token, one token of each in turn; the first tokens
+    (prefill, compilation, graph capture) are not timed."""
+    overrides = [] if size == "tiny" else run.size(size)
+    config = run.config(TINY, SMOKE if run.smoke else overrides)
+    new_tokens, warmup = (2, 2) if run.smoke else (16, 4)
+    torch.manual_seed(config.train.seed)
+    vocab_size = vocabulary_size(config)
+    model = build_model(config, vocab_size).to(run.device).eval()
+    window = config.data.seq_len
+    prompt = torch.randint(1, vocab_size, (window - new_tokens - warmup,)).tolist()
+    streams = {
+        graphs: generate_ids(model, prompt, warmup + new_tokens, window, Sampling(graphs=graphs))
+        for graphs in (False, True)
+    }
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for index in range(warmup + new_tokens):
+        for graphs, stream in streams.items():
+            start = time.perf_counter()
+            next(stream)  # the token is read on the host: the device has finished
+            if index >= warmup:
+                times[graphs].append(time.perf_counter() - start)
+    eager, graphs = (1000 * statistics.median(times[mode]) for mode in (False, True))
+    return {
+        "ms_per_token_cached": round(eager, 3),
+        "ms_per_token_graphs": round(graphs, 3),
+        "speedup": round(eager / graphs, 3),
+        "context_length": window,
+        "new_tokens": new_tokens,
+    }
+
+
 def paper_generation(run: Run, path: str, tokens: int = 4) -> dict[str, Any]:
     """The paper's generator (whole prefix re-run per token, as its generate_text.py) at 88.6M
     with a full context: ms per token, the first token dropped; bf16 autocast."""
@@ -315,6 +357,8 @@ def plan(run: Run, workdir: Path) -> list[tuple[tuple[str, ...], float, Callable
         parts.append((("generation", size, "fp32"), 60, _bind(generation_entry, run, size, "fp32")))
     work = _bind(paper_generation, run, path) if path else REFERENCE_MISSING.copy
     parts.append((("generation", "m88", "reference_bf16"), 60, work))
+    work = _bind(graph_generation_entry, run, "tiny")
+    parts.append((("generation", "tiny", "fp32_graphs"), 120, work))
     for size in ("paper", "m88"):
         parts.append((("train", size, "fp32", "eager"), 90, _bind(train_entry, run, size, "fp32")))
     for precision in ("bf16", "fp32"):
@@ -328,6 +372,8 @@ def plan(run: Run, workdir: Path) -> list[tuple[tuple[str, ...], float, Callable
     for precision, mode in (("bf16", "eager"), ("fp32", "graphs"), ("bf16", "graphs")):
         work = _bind(kernels_entry, run, precision, mode)
         parts.append((("kernels", precision, mode), 60, work))
+    work = _bind(graph_generation_entry, run, "m88")
+    parts.append((("generation", "m88", "fp32_graphs"), 150, work))
     return parts
 
 
@@ -363,6 +409,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         ),
         "tiny_generation_ms_per_token (target <= 2)": get(
             "generation", "tiny", "fp32", "ms_per_token"
+        ),
+        "tiny_generation_ms_per_token_graphs (target <= 2)": get(
+            "generation", "tiny", "fp32_graphs", "ms_per_token_graphs"
         ),
         "bf16_over_fp32_val_loss_minus_1 (target <= 0.02)": gap,
     }

@@ -320,6 +320,28 @@ def test_think_and_generate_take_the_inference_thinking_options(run_dir, capsys)
     assert main(args + ["--accept-lower-energies", "--halt-tolerance", "0.1"]) == 2
 
 
+def test_generate_graphs_gives_the_eager_tokens(run_dir, capsys, monkeypatch):
+    """`generate --graphs`: the one-graph decoding step (compiled through aot_eager here) gives
+    the eager cached path's tokens; it does not combine with --halt-tolerance (one line)."""
+    from ebt.modalities.text import graph_decoding
+
+    real = torch.compile
+    aot_eager = {"backend": "aot_eager"}
+    monkeypatch.setattr(
+        graph_decoding.torch,
+        "compile",
+        lambda function, mode, **kw: real(function, **kw | aot_eager),
+    )
+    args = ["generate", str(run_dir), "--prompt", "the", "--max-new-tokens", "4", "--json"]
+    assert main(args + ["--langevin-noise", "0"]) == 0
+    eager = json_output(capsys)["tokens"]
+    assert main(args + ["--langevin-noise", "0", "--graphs"]) == 0
+    graphs = json_output(capsys)["tokens"]
+    assert [t["id"] for t in graphs] == [t["id"] for t in eager]
+    assert main(args + ["--graphs", "--halt-tolerance", "0.1"]) == 2
+    assert "--graphs does not combine" in capsys.readouterr().err
+
+
 def test_generate_json_and_think_tokens_expose_per_token_uncertainty(run_dir, tmp_path, capsys):
     """`generate --json`: text and, per token, id / text / energy; `think --tokens FILE`: one
     JSON line per token with loss, wrong, energy and (adaptive) steps taken."""

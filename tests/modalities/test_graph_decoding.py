@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 from ebt.config import load_config
 from ebt.errors import ConfigError
@@ -28,15 +29,21 @@ def _model(variant: str, window: int = 8, noise: float = 0.0) -> torch.nn.Module
     return build_model(load_config(None, overrides), 20).eval()
 
 
-def aot_eager_compile(calls: list):
+def aot_eager_compile(calls: list, graphs: list | None = None):
     """torch.compile through aot_eager (tracing + AOTAutograd, no C++ codegen); records the
-    options it was asked for."""
+    options it was asked for and (in `graphs`) every graph it compiled."""
     real = torch.compile
+    aot_eager = lookup_backend("aot_eager")
+
+    def counting(graph_module, example_inputs):
+        if graphs is not None:
+            graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
 
     def compile(function, **options):
         calls.append(options)
         options = {k: v for k, v in options.items() if k != "mode"}
-        return real(function, **(options | {"backend": "aot_eager"}))
+        return real(function, **(options | {"backend": counting}))
 
     return compile
 
@@ -51,9 +58,11 @@ def _generate(model, graphs: bool, thinking: InferenceOptions, count: int = 14):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_graph_generation_equals_cached_generation_across_window_restarts(variant, monkeypatch):
     """Window 8, 3 prompt + 14 new tokens (two restarts): the compiled one-graph step
-    (fullgraph=True) gives the eager cached path's tokens one for one and its energies."""
+    (fullgraph=True) gives the eager cached path's tokens one for one and its energies, and is
+    traced once for all tokens and restarts."""
     calls: list[dict] = []
-    monkeypatch.setattr(graph_decoding.torch, "compile", aot_eager_compile(calls))
+    compiled: list = []
+    monkeypatch.setattr(graph_decoding.torch, "compile", aot_eager_compile(calls, compiled))
     model = _model(variant)
     thinking = InferenceOptions(langevin_noise=0.0)
     eager = _generate(model, False, thinking)
@@ -62,6 +71,7 @@ def test_graph_generation_equals_cached_generation_across_window_restarts(varian
     torch.testing.assert_close(graphs[1], eager[1], rtol=1e-5, atol=1e-5)
     assert graphs[2] == eager[2] == [4] * 14
     assert calls == [{"fullgraph": True, "dynamic": False, "mode": None}]
+    assert len(compiled) == 1  # one graph for every token: no recompilation per position
 
 
 def test_the_trained_langevin_sigma_is_read_once_and_the_noisy_step_traces(monkeypatch):

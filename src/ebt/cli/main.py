@@ -84,8 +84,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     thinking = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides, modality="text", verb="ebt generate")
+    if args.graphs and args.halt_tolerance is not None:
+        raise ConfigError("--graphs does not combine with --halt-tolerance")
     sampling = Sampling(
-        args.temperature, args.top_k, args.top_p, args.steps, thinking, args.halt_tolerance
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.steps,
+        thinking,
+        args.halt_tolerance,
+        args.graphs,
     )
     records: list[dict[str, Any]] = []
     pieces = generate(
@@ -246,6 +254,12 @@ def _add_inference(sub: Any) -> None:
         type=POSITIVE,
         default=None,
         help="EBT: a token stops thinking when its energy moves less than this (steps: budget)",
+    )
+    generate.add_argument(
+        "--graphs",
+        action="store_true",
+        help="EBT: run each token's decoding step as one compiled graph at fixed shapes "
+        "(CUDA graphs on CUDA; the first tokens pay the compilation)",
     )
     generate.add_argument(
         "--json",

@@ -64,6 +64,16 @@ class StaticKeyValueBuffer:
             self.keys[:, :, :length] = keys
             self.values[:, :, :length] = values
 
+    def refill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start over from keys/values (B, H, T, hd) in the same storage (its address stays:
+        a captured CUDA graph keeps writing and reading it)."""
+        length = keys.shape[2]
+        with torch.inference_mode(False), torch.no_grad():
+            self.keys[:, :, length:].zero_()
+            self.values[:, :, length:].zero_()
+            self.keys[:, :, :length] = keys
+            self.values[:, :, :length] = values
+
     def write(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor):
         """Write one position's keys/values (B, H, 1, hd) at position (1,); the full storage
         (B, H, C, hd) each."""

@@ -117,18 +117,25 @@ class GraphDecoding:
         stacked = torch.tensor([tokens], device=device).expand(len(self.landscapes), -1)  # (L, T)
         labels = torch.tensor(self.landscapes, device=device)  # (L,)
         cache = self.model.encode_context(stacked, labels)
-        self.buffers = [
-            StaticKeyValueBuffer(k, v, self.capacity)
-            for k, v in zip(cache.keys, cache.values, strict=True)
-        ]
-        if device.type == "cuda":  # written in place by the CUDA graph: fixed addresses
-            for buffer in self.buffers:
-                torch._dynamo.mark_static_address(buffer.keys)
-                torch._dynamo.mark_static_address(buffer.values)
+        self._fill(cache.keys, cache.values)
         self.condition, self.length = cache.condition, cache.length
         row = torch.tensor([len(tokens) - 1], device=device)  # (1,)
         args = (self.buffers, self.condition, row, init, self.schedule, self.options)
         return think_newest(self.model, *args)
+
+    def _fill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """The static buffers made once per generation, refilled in place on a restart (fixed
+        addresses: the compiled step and its CUDA graph write them in place)."""
+        if self.buffers:
+            for buffer, k, v in zip(self.buffers, keys, values, strict=True):
+                buffer.refill(k, v)
+            return
+        pairs = zip(keys, values, strict=True)
+        self.buffers = [StaticKeyValueBuffer(k, v, self.capacity) for k, v in pairs]
+        if keys[0].device.type == "cuda":
+            for buffer in self.buffers:
+                torch._dynamo.mark_static_address(buffer.keys)
+                torch._dynamo.mark_static_address(buffer.values)
 
     def next(self, token: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend by `token` and think for its successor in the compiled step; (logits (1, V),
