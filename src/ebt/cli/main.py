@@ -258,7 +258,7 @@ def _add_inference(sub: Any) -> None:
     generate.add_argument(
         "--graphs",
         action="store_true",
-        help="EBT: run each token's decoding step as one compiled graph at fixed shapes "
+        help="run each token's decoding step as one compiled graph at fixed shapes "
         "(CUDA graphs on CUDA; the first tokens pay the compilation)",
     )
     generate.add_argument(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ebt.errors import ConfigError
-from ebt.modalities.text.graph_decoding import GraphDecoding
+from ebt.modalities.text.graph_decoding import GraphDecoding, TransformerGraphDecoding
 from ebt.models import TransformerPP
 from ebt.thinking.halting import think_until_converged
 from ebt.thinking.loop import InferenceOptions
@@ -72,7 +72,7 @@ class Decoder:
         self.cached_length = 0
         self.energy: float | None = None  # EBT: energy of the last step's starting state
         self.steps: int | None = None  # EBT: thinking steps the last token took
-        self.graph: GraphDecoding | None = None  # EBT with Sampling.graphs
+        self.graph: GraphDecoding | TransformerGraphDecoding | None = None  # Sampling.graphs
 
     def _landscapes(self) -> list[int]:
         model = self.model
@@ -118,7 +118,7 @@ class Decoder:
         device = next(self.model.parameters()).device
         if not self.cached:
             return self._recompute(device, sampling)
-        if sampling.graphs and not isinstance(self.model, TransformerPP):
+        if sampling.graphs:
             return self._graph_logits(sampling, device)
         logits = self._refresh(device)
         if logits is not None:
@@ -140,16 +140,22 @@ class Decoder:
         restarts; the starting logits drawn here, in the same order)."""
         if sampling.halt_tolerance is not None:
             raise ConfigError("--graphs does not combine with --halt-tolerance")
+        visible = visible_length(len(self.ids), self.window)
+        restart = self.graph is None or visible != self.cached_length + 1
+        self.cached_length = visible
+        if isinstance(self.model, TransformerPP):
+            if self.graph is None:
+                self.graph = TransformerGraphDecoding(self.model, self.window)
+            if restart:
+                return self.graph.restart(self.ids[-visible:], device)
+            return self.graph.next(self.ids[-1], device)
         if self.graph is None:
             self.graph = GraphDecoding(self.model, self.window, sampling.steps, sampling.thinking)
-        visible = visible_length(len(self.ids), self.window)
-        restart = self.graph.length == 0 or visible != self.cached_length + 1
         init = torch.randn(1, 1, self.model.vocab_size, device=device)
         if restart:
             logits, energy = self.graph.restart(self.ids[-visible:], init)
         else:
             logits, energy = self.graph.next(self.ids[-1], init)
-        self.cached_length = visible
         self.energy, self.steps = float(energy[0]), self.graph.steps
         return logits
 

@@ -1,4 +1,4 @@
-"""Generation's per-token EBT decoding step as ONE graph at fixed shapes (`ebt generate --graphs`).
+"""Generation's per-token decoding step as ONE graph at fixed shapes (`ebt generate --graphs`).
 
 The eager cached decoder's shapes change every token (its KV cache views grow by one position),
 it reads the device for the Langevin sigma at every thinking step and it runs the inference
@@ -17,6 +17,7 @@ is an error, not a silent slowdown), with mode="reduce-overhead" on CUDA so that
 a CUDA graph. A window restart (every window // 2 tokens past the window) re-encodes the visible
 tokens eagerly and thinks eagerly on the same static buffers: a prefill, whose shape varies.
 The starting logits are drawn outside the graph, so the random stream equals the eager path's.
+Transformer++ gets the same fixed-capacity cache and one-graph step (`TransformerGraphDecoding`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ebt.errors import ConfigError
 from ebt.models.candidate_gradient import extend_context_by_one
 from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+from ebt.models.transformer_pp import TransformerPP
 from ebt.nn.kv_cache import StaticKeyValueBuffer
 from ebt.thinking.loop import InferenceOptions, StepOptions, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
@@ -83,10 +85,53 @@ def decoding_step(
     return think_newest(model, buffers, condition, row, init, schedule, options)
 
 
-def compile_decoding_step(device: torch.device) -> Callable:
-    """decoding_step compiled as one graph; replayed as a CUDA graph on CUDA."""
+def transformer_step(
+    model: TransformerPP,
+    buffers: list[StaticKeyValueBuffer],
+    tokens: torch.Tensor,
+    position: torch.Tensor,
+) -> torch.Tensor:
+    """Transformer++'s decoding step: logits (1, V) of the token (1, 1) written at position."""
+    return model.forward_static(tokens, buffers, position)[:, -1]
+
+
+def compile_step(step: Callable, device: torch.device) -> Callable:
+    """A decoding step compiled as one graph; replayed as a CUDA graph on CUDA."""
     mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decoding_step, fullgraph=True, dynamic=False, mode=mode)
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+
+def run_compiled(step: Callable, *args) -> tuple[torch.Tensor, ...]:
+    """The compiled step's outputs, cloned (a CUDA graph replay overwrites its previous
+    outputs); a graph break (or a guard on device data) under fullgraph is one line."""
+    try:
+        outputs = step(*args)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"--graphs: the decoding step does not trace as one graph ({first}); "
+            "generate without --graphs"
+        ) from error
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return tuple(output.clone() for output in outputs)
+
+
+def fill_buffers(
+    buffers: list[StaticKeyValueBuffer], keys: list, values: list, capacity: int
+) -> list[StaticKeyValueBuffer]:
+    """Static buffers holding per-layer keys/values (B, H, T, hd): made once per generation,
+    refilled in place on a restart (fixed addresses: the compiled step and its CUDA graph
+    write them in place)."""
+    if buffers:
+        for buffer, k, v in zip(buffers, keys, values, strict=True):
+            buffer.refill(k, v)
+        return buffers
+    buffers = [StaticKeyValueBuffer(k, v, capacity) for k, v in zip(keys, values, strict=True)]
+    if keys[0].device.type == "cuda":
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer.keys)
+            torch._dynamo.mark_static_address(buffer.values)
+    return buffers
 
 
 class GraphDecoding:
@@ -103,7 +148,7 @@ class GraphDecoding:
         self.buffers: list[StaticKeyValueBuffer] = []
         self.condition: torch.Tensor | None = None
         self.length = 0  # filled context positions (the step token included)
-        self.step = compile_decoding_step(next(model.parameters()).device)
+        self.step = compile_step(decoding_step, next(model.parameters()).device)
 
     @property
     def steps(self) -> int:
@@ -117,25 +162,11 @@ class GraphDecoding:
         stacked = torch.tensor([tokens], device=device).expand(len(self.landscapes), -1)  # (L, T)
         labels = torch.tensor(self.landscapes, device=device)  # (L,)
         cache = self.model.encode_context(stacked, labels)
-        self._fill(cache.keys, cache.values)
+        self.buffers = fill_buffers(self.buffers, cache.keys, cache.values, self.capacity)
         self.condition, self.length = cache.condition, cache.length
         row = torch.tensor([len(tokens) - 1], device=device)  # (1,)
         args = (self.buffers, self.condition, row, init, self.schedule, self.options)
         return think_newest(self.model, *args)
-
-    def _fill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """The static buffers made once per generation, refilled in place on a restart (fixed
-        addresses: the compiled step and its CUDA graph write them in place)."""
-        if self.buffers:
-            for buffer, k, v in zip(self.buffers, keys, values, strict=True):
-                buffer.refill(k, v)
-            return
-        pairs = zip(keys, values, strict=True)
-        self.buffers = [StaticKeyValueBuffer(k, v, self.capacity) for k, v in pairs]
-        if keys[0].device.type == "cuda":
-            for buffer in self.buffers:
-                torch._dynamo.mark_static_address(buffer.keys)
-                torch._dynamo.mark_static_address(buffer.values)
 
     def next(self, token: int, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend by `token` and think for its successor in the compiled step; (logits (1, V),
@@ -144,14 +175,36 @@ class GraphDecoding:
         position = torch.tensor([self.length], device=device)  # (1,)
         tokens = torch.tensor([[token]], device=device).expand(len(self.landscapes), 1)  # (L, 1)
         args = (self.buffers, self.condition, tokens, position, init, self.schedule, self.options)
-        try:
-            logits, energy = self.step(self.model, *args)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
-            # a graph break (or a guard on device data) under fullgraph
-            first = str(error).strip().splitlines()[0]
-            raise ConfigError(
-                f"--graphs: the decoding step does not trace as one graph ({first}); "
-                "generate without --graphs"
-            ) from error
+        logits, energy = run_compiled(self.step, self.model, *args)
         self.length += 1
-        return logits.clone(), energy.clone()
+        return logits, energy
+
+
+class TransformerGraphDecoding:
+    """Transformer++'s twin: the static cache of one generation and its compiled step."""
+
+    def __init__(self, model: TransformerPP, window: int) -> None:
+        self.model, self.capacity = model, window
+        self.buffers: list[StaticKeyValueBuffer] = []
+        self.length = 0  # filled positions
+        self.step = compile_step(transformer_step, next(model.parameters()).device)
+
+    @torch.no_grad()
+    def restart(self, tokens: list[int], device: torch.device) -> torch.Tensor:
+        """Encode the visible tokens into the static cache, eagerly; logits (1, V)."""
+        ids = torch.tensor([tokens], device=device)  # (1, T)
+        logits, cache = self.model.forward_cached(ids, None, len(tokens))
+        views = [buffer.views() for buffer in cache]
+        keys, values = [k for k, _ in views], [v for _, v in views]
+        self.buffers = fill_buffers(self.buffers, keys, values, self.capacity)
+        self.length = len(tokens)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def next(self, token: int, device: torch.device) -> torch.Tensor:
+        """Logits (1, V) after `token`, from the compiled step."""
+        position = torch.tensor([self.length], device=device)  # (1,)
+        tokens = torch.tensor([[token]], device=device)  # (1, 1)
+        (logits,) = run_compiled(self.step, self.model, self.buffers, tokens, position)
+        self.length += 1
+        return logits
