@@ -44,16 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_speed as paper  # noqa: E402  (the paper's-code loader and stand-ins)
 
 from ebt.config import Config, load_config  # noqa: E402
-from ebt.modalities.text.generate import Sampling, generate_ids  # noqa: E402
-from ebt.models import build_model  # noqa: E402
 from ebt.outputs import atomic_path  # noqa: E402
-from ebt.training.bench import (  # noqa: E402
-    _Stepper,
-    bench_generate,
-    bench_train,
-    matmul_ceiling,
-    vocabulary_size,
-)
+from ebt.training.bench import _Stepper, bench_generate, bench_train, matmul_ceiling  # noqa: E402
 from ebt.training.step import autocast_region  # noqa: E402
 from ebt.training.trainer import train  # noqa: E402
 
@@ -252,35 +244,18 @@ def generation_entry(run: Run, size: str, precision: str) -> dict[str, Any]:
 
 
 def graph_generation_entry(run: Run, size: str) -> dict[str, Any]:
-    """Cached generation, eager against the one-graph decoding step (`ebt generate --graphs`:
-    compiled, CUDA graphs on CUDA), ms/token, one token of each in turn; the first tokens
-    (prefill, compilation, graph capture) are not timed."""
+    """`ebt bench generate --graphs`: cached eager generation against the one-graph decoding
+    step (`ebt generate --graphs`: compiled, CUDA graphs on CUDA), ms/token, token by token in
+    turn, the warm-up tokens (prefill, compilation, capture) not timed."""
     overrides = [] if size == "tiny" else run.size(size)
     config = run.config(TINY, SMOKE if run.smoke else overrides)
-    new_tokens, warmup = (2, 2) if run.smoke else (16, 4)
-    torch.manual_seed(config.train.seed)
-    vocab_size = vocabulary_size(config)
-    model = build_model(config, vocab_size).to(run.device).eval()
-    window = config.data.seq_len
-    prompt = torch.randint(1, vocab_size, (window - new_tokens - warmup,)).tolist()
-    streams = {
-        graphs: generate_ids(model, prompt, warmup + new_tokens, window, Sampling(graphs=graphs))
-        for graphs in (False, True)
-    }
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for index in range(warmup + new_tokens):
-        for graphs, stream in streams.items():
-            start = time.perf_counter()
-            next(stream)  # the token is read on the host: the device has finished
-            if index >= warmup:
-                times[graphs].append(time.perf_counter() - start)
-    eager, graphs = (1000 * statistics.median(times[mode]) for mode in (False, True))
+    result = bench_generate(config, 2 if run.smoke else 16, 1, graphs=True)
     return {
-        "ms_per_token_cached": round(eager, 3),
-        "ms_per_token_graphs": round(graphs, 3),
-        "speedup": round(eager / graphs, 3),
-        "context_length": window,
-        "new_tokens": new_tokens,
+        "ms_per_token_cached": round(result["ms_per_token"], 3),
+        "ms_per_token_graphs": round(result["graphs_ms_per_token"], 3),
+        "speedup": round(result["graphs_speedup_vs_cached"], 3),
+        "context_length": result["context_length"],
+        "new_tokens": result["new_tokens"],
     }
 
 

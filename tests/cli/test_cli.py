@@ -377,3 +377,24 @@ def test_bench_generate_reports_cached_and_recompute_times(workspace, capsys):
     for key in ("ms_per_token", "naive_ms_per_token", "speedup", "speedup_paired"):
         assert result[key] > 0, key
     assert result["context_length"] == 16 and result["new_tokens"] == 3
+    assert "graphs_ms_per_token" not in result
+
+
+def test_bench_generate_graphs_also_times_the_one_graph_step(workspace, capsys, monkeypatch):
+    """`ebt bench generate --graphs`: the one-graph decoding step timed too (aot_eager here);
+    its warm-up tokens must fit in the window with the timed ones (one line otherwise)."""
+    from ebt.modalities.text import graph_decoding
+
+    real = torch.compile
+    monkeypatch.setattr(
+        graph_decoding.torch,
+        "compile",
+        lambda function, mode, **kw: real(function, **kw | {"backend": "aot_eager"}),
+    )
+    overrides = tiny_overrides(workspace / "bench", workspace / "corpus.txt")
+    args = ["bench", "generate", str(TINY), *overrides, "--repeats", "1", "--graphs", "--json"]
+    assert main(args + ["--new-tokens", "3"]) == 0
+    result = json_output(capsys)
+    assert result["graphs_ms_per_token"] > 0 and result["graphs_speedup_vs_cached"] > 0
+    assert main(args + ["--new-tokens", "13"]) == 2
+    assert "minus 3 with --graphs" in capsys.readouterr().err

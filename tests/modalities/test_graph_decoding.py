@@ -101,6 +101,18 @@ def test_the_trained_langevin_sigma_is_read_once_and_the_noisy_step_traces(monke
     torch.testing.assert_close(graphs[1], eager[1], rtol=1e-5, atol=1e-5)
 
 
+def test_accepting_lower_energies_traces_in_the_step_too(monkeypatch):
+    """--accept-lower-energies (one extra energy per step, a per-candidate choice on the
+    device) is part of the one graph and gives the eager cached path's tokens."""
+    monkeypatch.setattr(graph_decoding.torch, "compile", aot_eager_compile([]))
+    model = _model("adaln")
+    thinking = InferenceOptions(langevin_noise=0.0, accept_lower_energies=True)
+    eager = _generate(model, False, thinking, count=6)
+    graphs = _generate(model, True, thinking, count=6)
+    assert graphs[0] == eager[0]
+    torch.testing.assert_close(graphs[1], eager[1], rtol=1e-5, atol=1e-5)
+
+
 def _static_state(model, tokens: torch.Tensor, capacity: int):
     cache = model.encode_context(tokens, torch.arange(tokens.shape[0]))
     buffers = [
