@@ -325,6 +325,7 @@ def test_generate_graphs_gives_the_eager_tokens(run_dir, capsys, monkeypatch):
     the eager cached path's tokens; it does not combine with --halt-tolerance (one line)."""
     from ebt.modalities.text import graph_decoding
 
+    torch._dynamo.reset()  # a fresh recompile budget (see test_graph_decoding)
     real = torch.compile
     aot_eager = {"backend": "aot_eager"}
     monkeypatch.setattr(
@@ -385,6 +386,7 @@ def test_bench_generate_graphs_also_times_the_one_graph_step(workspace, capsys, 
     its warm-up tokens must fit in the window with the timed ones (one line otherwise)."""
     from ebt.modalities.text import graph_decoding
 
+    torch._dynamo.reset()  # a fresh recompile budget (see test_graph_decoding)
     real = torch.compile
     monkeypatch.setattr(
         graph_decoding.torch,

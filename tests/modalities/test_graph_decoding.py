@@ -18,6 +18,15 @@ from ebt.thinking.loop import InferenceOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def fresh_compile_cache():
+    """Every model, variant and setting compiles decoding_step once more: without a reset a
+    whole test run reaches dynamo's recompile limit (8 per code object), a hard error under
+    fullgraph."""
+    torch._dynamo.reset()
+
+
 VARIANTS = ("time_embed", "adaln", "default", "pred_step")
 
 
