@@ -16,7 +16,8 @@ starting parts when --budget-s is spent):
   ceiling, peak memory; bf16 and fp32 eager, then bf16 compiled and with CUDA graphs;
 - `reference`: the paper's EBT and Transformer++ at both sizes, bf16 autocast, same device;
 - `generation`: `ebt bench generate` ms/token cached vs recomputing (tiny preset; 88.6M with a
-  1024-token context), and the paper's generator at 88.6M;
+  1024-token context), and the paper's generator at 88.6M; then cached eager vs the one-graph
+  decoding step (`ebt generate --graphs`, CUDA graphs), tiny and 88.6M (`fp32_graphs`);
 - `loss`: bf16 against fp32 validation loss after the same short run of the tiny-s2 preset;
 - `kernels`: CUDA kernels per training step and GPU busy fraction (profiler), eager and graphs.
 """
@@ -242,6 +243,22 @@ def generation_entry(run: Run, size: str, precision: str) -> dict[str, Any]:
     return {key: result[key] for key in keys} | {"precision": precision}
 
 
+def graph_generation_entry(run: Run, size: str) -> dict[str, Any]:
+    """`ebt bench generate --graphs`: cached eager generation against the one-graph decoding
+    step (`ebt generate --graphs`: compiled, CUDA graphs on CUDA), ms/token, token by token in
+    turn, the warm-up tokens (prefill, compilation, capture) not timed."""
+    overrides = [] if size == "tiny" else run.size(size)
+    config = run.config(TINY, SMOKE if run.smoke else overrides)
+    result = bench_generate(config, 2 if run.smoke else 16, 1, graphs=True)
+    return {
+        "ms_per_token_cached": round(result["ms_per_token"], 3),
+        "ms_per_token_graphs": round(result["graphs_ms_per_token"], 3),
+        "speedup": round(result["graphs_speedup_vs_cached"], 3),
+        "context_length": result["context_length"],
+        "new_tokens": result["new_tokens"],
+    }
+
+
 def paper_generation(run: Run, path: str, tokens: int = 4) -> dict[str, Any]:
     """The paper's generator (whole prefix re-run per token, as its generate_text.py) at 88.6M
     with a full context: ms per token, the first token dropped; bf16 autocast."""
@@ -315,6 +332,8 @@ def plan(run: Run, workdir: Path) -> list[tuple[tuple[str, ...], float, Callable
         parts.append((("generation", size, "fp32"), 60, _bind(generation_entry, run, size, "fp32")))
     work = _bind(paper_generation, run, path) if path else REFERENCE_MISSING.copy
     parts.append((("generation", "m88", "reference_bf16"), 60, work))
+    work = _bind(graph_generation_entry, run, "tiny")
+    parts.append((("generation", "tiny", "fp32_graphs"), 120, work))
     for size in ("paper", "m88"):
         parts.append((("train", size, "fp32", "eager"), 90, _bind(train_entry, run, size, "fp32")))
     for precision in ("bf16", "fp32"):
@@ -328,6 +347,8 @@ def plan(run: Run, workdir: Path) -> list[tuple[tuple[str, ...], float, Callable
     for precision, mode in (("bf16", "eager"), ("fp32", "graphs"), ("bf16", "graphs")):
         work = _bind(kernels_entry, run, precision, mode)
         parts.append((("kernels", precision, mode), 60, work))
+    work = _bind(graph_generation_entry, run, "m88")
+    parts.append((("generation", "m88", "fp32_graphs"), 150, work))
     return parts
 
 
@@ -363,6 +384,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         ),
         "tiny_generation_ms_per_token (target <= 2)": get(
             "generation", "tiny", "fp32", "ms_per_token"
+        ),
+        "tiny_generation_ms_per_token_graphs (target <= 2)": get(
+            "generation", "tiny", "fp32_graphs", "ms_per_token_graphs"
         ),
         "bf16_over_fp32_val_loss_minus_1 (target <= 0.02)": gap,
     }

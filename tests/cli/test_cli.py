@@ -320,6 +320,29 @@ def test_think_and_generate_take_the_inference_thinking_options(run_dir, capsys)
     assert main(args + ["--accept-lower-energies", "--halt-tolerance", "0.1"]) == 2
 
 
+def test_generate_graphs_gives_the_eager_tokens(run_dir, capsys, monkeypatch):
+    """`generate --graphs`: the one-graph decoding step (compiled through aot_eager here) gives
+    the eager cached path's tokens; it does not combine with --halt-tolerance (one line)."""
+    from ebt.modalities.text import graph_decoding
+
+    torch._dynamo.reset()  # a fresh recompile budget (see test_graph_decoding)
+    real = torch.compile
+    aot_eager = {"backend": "aot_eager"}
+    monkeypatch.setattr(
+        graph_decoding.torch,
+        "compile",
+        lambda function, mode, **kw: real(function, **kw | aot_eager),
+    )
+    args = ["generate", str(run_dir), "--prompt", "the", "--max-new-tokens", "4", "--json"]
+    assert main(args + ["--langevin-noise", "0"]) == 0
+    eager = json_output(capsys)["tokens"]
+    assert main(args + ["--langevin-noise", "0", "--graphs"]) == 0
+    graphs = json_output(capsys)["tokens"]
+    assert [t["id"] for t in graphs] == [t["id"] for t in eager]
+    assert main(args + ["--graphs", "--halt-tolerance", "0.1"]) == 2
+    assert "--graphs does not combine" in capsys.readouterr().err
+
+
 def test_generate_json_and_think_tokens_expose_per_token_uncertainty(run_dir, tmp_path, capsys):
     """`generate --json`: text and, per token, id / text / energy; `think --tokens FILE`: one
     JSON line per token with loss, wrong, energy and (adaptive) steps taken."""
@@ -355,3 +378,25 @@ def test_bench_generate_reports_cached_and_recompute_times(workspace, capsys):
     for key in ("ms_per_token", "naive_ms_per_token", "speedup", "speedup_paired"):
         assert result[key] > 0, key
     assert result["context_length"] == 16 and result["new_tokens"] == 3
+    assert "graphs_ms_per_token" not in result
+
+
+def test_bench_generate_graphs_also_times_the_one_graph_step(workspace, capsys, monkeypatch):
+    """`ebt bench generate --graphs`: the one-graph decoding step timed too (aot_eager here);
+    its warm-up tokens must fit in the window with the timed ones (one line otherwise)."""
+    from ebt.modalities.text import graph_decoding
+
+    torch._dynamo.reset()  # a fresh recompile budget (see test_graph_decoding)
+    real = torch.compile
+    monkeypatch.setattr(
+        graph_decoding.torch,
+        "compile",
+        lambda function, mode, **kw: real(function, **kw | {"backend": "aot_eager"}),
+    )
+    overrides = tiny_overrides(workspace / "bench", workspace / "corpus.txt")
+    args = ["bench", "generate", str(TINY), *overrides, "--repeats", "1", "--graphs", "--json"]
+    assert main(args + ["--new-tokens", "3"]) == 0
+    result = json_output(capsys)
+    assert result["graphs_ms_per_token"] > 0 and result["graphs_speedup_vs_cached"] > 0
+    assert main(args + ["--new-tokens", "13"]) == 2
+    assert "minus 3 with --graphs" in capsys.readouterr().err

@@ -37,6 +37,8 @@ def test_the_smoke_run_fills_every_part(tmp_path):
     for size in ("tiny", "m88"):
         generation = report["generation"][size]["fp32"]
         assert generation["ms_per_token"] > 0 and generation["naive_ms_per_token"] > 0
+        graphs = report["generation"][size]["fp32_graphs"]
+        assert graphs["ms_per_token_cached"] > 0 and graphs["ms_per_token_graphs"] > 0
     assert report["loss"]["bf16"]["val_loss"] > 0 and report["loss"]["fp32"]["val_loss"] > 0
     assert "kernels_per_step" in report["kernels"]["bf16"]["eager"]
-    assert len(report["summary"]) == 6
+    assert len(report["summary"]) == 7

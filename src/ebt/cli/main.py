@@ -84,8 +84,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     thinking = thinking_options(args)  # invalid combinations fail before any loading
     run = load_run(args.run, args.overrides, modality="text", verb="ebt generate")
+    if args.graphs and args.halt_tolerance is not None:
+        raise ConfigError("--graphs does not combine with --halt-tolerance")
     sampling = Sampling(
-        args.temperature, args.top_k, args.top_p, args.steps, thinking, args.halt_tolerance
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.steps,
+        thinking,
+        args.halt_tolerance,
+        args.graphs,
     )
     records: list[dict[str, Any]] = []
     pieces = generate(
@@ -164,15 +172,18 @@ def cmd_think(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ebt.training.bench import bench_generate, bench_train
+    from ebt.training.bench import GRAPH_WARMUP_TOKENS, bench_generate, bench_train
 
     config = load_config(args.config, args.overrides)
-    if args.what == "generate" and args.new_tokens >= config.data.seq_len:
+    limit = config.data.seq_len - (GRAPH_WARMUP_TOKENS - 1 if args.graphs else 0)
+    if args.what == "generate" and args.new_tokens >= limit:
+        graphs = " minus 3 with --graphs (warm-up tokens)" if args.graphs else ""
         raise ConfigError(
-            f"--new-tokens={args.new_tokens}: must be below data.seq_len={config.data.seq_len}"
+            f"--new-tokens={args.new_tokens}: must be below data.seq_len="
+            f"{config.data.seq_len}{graphs}"
         )
     if args.what == "generate":
-        result = bench_generate(config, args.new_tokens, args.repeats)
+        result = bench_generate(config, args.new_tokens, args.repeats, args.graphs)
     else:
         if config.train.compile:
             print(
@@ -248,6 +259,12 @@ def _add_inference(sub: Any) -> None:
         help="EBT: a token stops thinking when its energy moves less than this (steps: budget)",
     )
     generate.add_argument(
+        "--graphs",
+        action="store_true",
+        help="run each token's decoding step as one compiled graph at fixed shapes "
+        "(CUDA graphs on CUDA; the first tokens pay the compilation)",
+    )
+    generate.add_argument(
         "--json",
         action="store_true",
         help="print the text and, per token, its id, energy (EBT: of the state the last "
@@ -288,6 +305,9 @@ def _add_tools(sub: Any) -> None:
     bench.add_argument("--vs-baseline", action="store_true", help="also time Transformer++")
     bench.add_argument("--repeats", type=COUNT, default=10)
     bench.add_argument("--new-tokens", type=COUNT, default=16, help="generate: tokens per run")
+    bench.add_argument(
+        "--graphs", action="store_true", help="generate: also time `ebt generate --graphs`"
+    )
     bench.add_argument("--warmup", type=INT_0, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(handler=cmd_bench)

@@ -42,8 +42,8 @@ from ebt.nn.attention import (
     split_weights,
 )
 from ebt.nn.block import Block
-from ebt.nn.kv_cache import KeyValueBuffer
-from ebt.nn.precision import full_precision, wide
+from ebt.nn.kv_cache import KeyValueBuffer, StaticKeyValueBuffer, position_mask
+from ebt.nn.precision import full_precision, no_autograd, wide
 
 if TYPE_CHECKING:
     from ebt.models.energy_transformer import ContextCache, EnergyTransformer
@@ -266,20 +266,26 @@ def _block_backward(block, grad, saved, rope, mod, pieces, shape) -> torch.Tenso
     return grad + _rms_backward(_unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
 
 
-def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | None:
+def _context_block(block, x, ropes, mod, buffer, shape, last, at=None) -> torch.Tensor | None:
     """Block.context for one new token per row x (B, D), appending its keys/values to the
-    layer's buffer; ropes = (plain, scaled by 1/sqrt(hd)) rotations (1, 1, hd/2)."""
+    layer's buffer; ropes = (plain, scaled by 1/sqrt(hd)) rotations (1, 1, hd/2). at: for a
+    StaticKeyValueBuffer, (position (1,), additive mask (1, C) of the keys up to it)."""
     attention = block.attention
     x = wide(x)  # (B, D)
     normed, _ = _rms_forward(x, block.attention_norm)
     attention_input = _modulated(normed, mod, 0)
     k = _rotate(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
     v = _linear(attention_input, attention.wv).view(shape)  # (B, 1, H, hd)
-    keys, values = buffer.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H, P + 1, hd)
+    if at is None:
+        keys, values = buffer.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H, P + 1, hd)
+    else:  # fixed capacity: (B, H, C, hd), the positions after `at` masked below
+        keys, values = buffer.write(k.transpose(1, 2), v.transpose(1, 2), at[0])
     if last:  # the energy head never reads the context stream's last output
         return None
     q = _rotate(_linear(attention_input, attention.wq).view(shape), ropes[1])
-    scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1)
+    scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1 or C)
+    if at is not None:
+        scores = scores + at[1]
     weights = wide(scores).softmax(-1)  # (B, H, 1, P + 1)
     attended = (weights @ values).transpose(1, 2).reshape(x.shape)  # (B, D)
     h = x + _gated(_linear(attended, attention.wo), mod, 2)  # (B, D)
@@ -288,23 +294,34 @@ def _context_block(block, x, ropes, mod, buffer, shape, last) -> torch.Tensor | 
     return h + _gated(out, mod, 5)
 
 
-@torch.inference_mode()
 def extend_context_by_one(
     model: EnergyTransformer,
-    buffers: list[KeyValueBuffer],
+    buffers: list[KeyValueBuffer] | list[StaticKeyValueBuffer],
     condition: torch.Tensor | None,
     tokens: torch.Tensor,
+    position: torch.Tensor | None = None,
 ) -> None:
-    """Append one token per row (B, 1) to a context cache's per-layer buffers, in place."""
-    batch = tokens.shape[0]
-    shape = (batch, 1, model.args.heads, model.args.dim // model.args.heads)
-    rope = model._rope(torch.tensor([buffers[0].length], device=tokens.device)).unsqueeze(1)
-    ropes = (rope, rope * shape[-1] ** -0.5)  # (1, 1, hd/2) each
-    x = model.embed_context(tokens[:, 0])  # (B, D): one token id or frame per row
-    last = len(model.blocks) - 1
-    for index, (block, buffer) in enumerate(zip(model.blocks, buffers, strict=True)):
-        mod = _row_modulation(block, condition, 1)
-        x = _context_block(block, x, ropes, mod, buffer, shape, index == last)
+    """Append one token per row (B, 1) to a context cache's per-layer buffers, in place.
+
+    position (1,) (StaticKeyValueBuffers, graph decoding): write the token there and attend to
+    the keys up to it; the shapes do not depend on it, so one traced graph serves every token.
+    """
+    with no_autograd():
+        batch = tokens.shape[0]
+        shape = (batch, 1, model.args.heads, model.args.dim // model.args.heads)
+        at = None
+        if position is None:
+            position = torch.tensor([buffers[0].length], device=tokens.device)
+        else:
+            keys = buffers[0].keys  # (B, H, C, hd)
+            at = (position, position_mask(position, keys.shape[2], keys.dtype))  # (1,), (1, C)
+        rope = model._rope(position).unsqueeze(1)  # (1, 1, hd/2)
+        ropes = (rope, rope * shape[-1] ** -0.5)  # (1, 1, hd/2) each
+        x = model.embed_context(tokens[:, 0])  # (B, D): one token id or frame per row
+        last = len(model.blocks) - 1
+        for index, (block, buffer) in enumerate(zip(model.blocks, buffers, strict=True)):
+            mod = _row_modulation(block, condition, 1)
+            x = _context_block(block, x, ropes, mod, buffer, shape, index == last, at)
 
 
 def _row_modulation(block: Block, condition: torch.Tensor | None, per_row: int) -> tuple | None:

@@ -31,6 +31,7 @@ from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
+from ebt.nn.precision import no_autograd
 from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
 
@@ -389,7 +390,7 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
                 eager = candidate_gradient.energies_and_gradient
                 written_out = self._training_pass("gradient", eager)
                 return written_out(self, cache, probabilities, rows, landscape, noise)
-            with torch.inference_mode():
+            with no_autograd():  # inference_mode, or no_grad inside a traced graph
                 energies, gradient = candidate_gradient.energies_and_gradient(
                     self, cache, probabilities.detach(), rows, landscape, noise
                 )  # inference tensors: clone for use where autograd records (a learnable alpha)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ebt.nn.block import Block
-from ebt.nn.kv_cache import KeyValueBuffer
+from ebt.nn.kv_cache import KeyValueBuffer, StaticKeyValueBuffer
 from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier
 
 
@@ -99,3 +99,18 @@ class TransformerPP(nn.Module):
                 cache.append(past[index] if past else KeyValueBuffer(k, v, capacity))
         out = self.output(self.norm(x))  # (B, T, V) logits, or (B, T, D) for frames
         return (self.frame_output(out) if frames else out), cache  # (B, T, V or F)
+
+    def forward_static(
+        self, tokens: torch.Tensor, buffers: list[StaticKeyValueBuffer], position: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, 1, V) of one token per row (B, 1) written into fixed-capacity buffers at
+        position (1,), attending to the keys up to it: the same shapes at every position (graph
+        decoding); equals forward_cached's up to rounding. Text only."""
+        x = self.token_embedding(tokens)  # (B, 1, D)
+        rope = self.rope(position, x.dtype).unsqueeze(1)  # (1, 1, hd/2)
+        capacity = buffers[0].keys.shape[2]
+        allowed = torch.arange(capacity, device=tokens.device) <= position  # (C,)
+        at = (position, allowed.unsqueeze(0))  # (1,), (1, C)
+        for block, buffer in zip(self.blocks, buffers, strict=True):
+            x, _, _ = block.context(x, rope, None, past=buffer, at=at)
+        return self.output(self.norm(x))  # (B, 1, V)

@@ -111,11 +111,11 @@ def prediction_attention(
 
 def fused_prediction_route(x: torch.Tensor) -> bool:
     """Whether the prediction attention of x takes the fused route: nothing is differentiated
-    (the fused kernels have no double backward) and FUSED_PREDICTION_ATTENTION allows x's
-    device."""
+    (the fused kernels have no double backward), no graph is being traced (the route's
+    backward asks autograd) and FUSED_PREDICTION_ATTENTION allows x's device."""
     setting = FUSED_PREDICTION_ATTENTION
-    if setting == "off" or torch.is_grad_enabled():
-        return False
+    if setting == "off" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False  # compiling: its backward asks autograd, which breaks a one-graph trace
     return setting == "any" or x.device.type == "cuda"
 
 

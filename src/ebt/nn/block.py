@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ebt.nn.attention import causal_attention, prediction_attention
 from ebt.nn.kv_cache import KeyValueBuffer
@@ -73,6 +74,7 @@ class Block(nn.Module):
         condition: torch.Tensor | None,
         keys_only: bool = False,
         past: tuple[torch.Tensor, torch.Tensor] | KeyValueBuffer | None = None,
+        at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Causal self-attention over real tokens x (B, T, D); returns (out, keys, values).
 
@@ -80,13 +82,17 @@ class Block(nn.Module):
         reads the context stream's last output, so the last block needs nothing more). With
         past (keys, values (B, H, P, hd) of earlier tokens, or a KeyValueBuffer holding them, which
         is then appended to in place), x holds the next T tokens, which attend to the past and
-        causally to each other; the returned keys/values cover P + T.
+        causally to each other; the returned keys/values cover P + T. at = (position (1,), the
+        keys it may read (1, C)) with past a StaticKeyValueBuffer: one token is written at
+        position and attends to the capacity's keys up to it (graph decoding: fixed shapes).
         """
         mod = self._modulation(condition)
         normed = self._attention_input(x, mod)
         k, v = self.attention.project(normed, "kv")  # (B, T, H, hd) each
         k, v = apply_rope(k, rope).transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if isinstance(past, KeyValueBuffer):
+        if at is not None:
+            k, v = past.write(k, v, at[0])  # (B, H, C, hd) each
+        elif isinstance(past, KeyValueBuffer):
             k, v = past.append(k, v)  # (B, H, P + T, hd) each
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
@@ -94,7 +100,11 @@ class Block(nn.Module):
             return None, k, v
         (q,) = self.attention.project(normed, "q")
         q = apply_rope(q, rope).transpose(1, 2)  # (B, H, T, hd)
-        attended = self.attention.merge(causal_attention(q, k, v))  # (B, T, D)
+        if at is None:
+            attended = causal_attention(q, k, v)  # (B, H, T, hd)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=at[1])  # (B, H, 1, hd)
+        attended = self.attention.merge(attended)  # (B, T, D)
         return self._finish(x, attended, mod), k, v
 
     def prediction(

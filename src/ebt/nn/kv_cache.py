@@ -47,3 +47,46 @@ class KeyValueBuffer:
             self.keys[:, :, : self.length], self.values[:, :, : self.length], capacity
         )
         self.keys, self.values = grown.keys, grown.values
+
+
+class StaticKeyValueBuffer:
+    """One layer's keys and values in fixed (B, H, capacity, hd) storage, written at a position
+    tensor: every view has the full capacity, so a decoding step has the same shapes token after
+    token and traces (and replays as a CUDA graph) once. Readers mask the positions after the
+    filled ones (`position_mask`). Zero-filled: a masked score or weight meets finite numbers
+    only (0 x NaN from uninitialised memory would poison the attention)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        batch, heads, length, head_dim = keys.shape  # (B, H, T, hd)
+        with torch.inference_mode(False), torch.no_grad():
+            self.keys = keys.new_zeros(batch, heads, capacity, head_dim)  # (B, H, C, hd)
+            self.values = values.new_zeros(batch, heads, capacity, head_dim)  # (B, H, C, hd)
+            self.keys[:, :, :length] = keys
+            self.values[:, :, :length] = values
+
+    def refill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start over from keys/values (B, H, T, hd) in the same storage (its address stays:
+        a captured CUDA graph keeps writing and reading it)."""
+        length = keys.shape[2]
+        with torch.inference_mode(False), torch.no_grad():
+            self.keys[:, :, length:].zero_()
+            self.values[:, :, length:].zero_()
+            self.keys[:, :, :length] = keys
+            self.values[:, :, :length] = values
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor):
+        """Write one position's keys/values (B, H, 1, hd) at position (1,); the full storage
+        (B, H, C, hd) each."""
+        self.keys.index_copy_(2, position, keys)
+        self.values.index_copy_(2, position, values)
+        return self.keys, self.values
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+
+def position_mask(position: torch.Tensor, capacity: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1, capacity): 0 for the keys up to position (1,), -inf after it."""
+    keys = torch.arange(capacity, device=position.device)  # (C,)
+    mask = torch.zeros(1, capacity, dtype=dtype, device=position.device)
+    return mask.masked_fill((keys > position).unsqueeze(0), float("-inf"))  # (1, C)

@@ -26,3 +26,10 @@ def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     if not torch.is_autocast_enabled(device):
         return contextlib.nullcontext()
     return torch.autocast(device, enabled=False)
+
+
+def no_autograd() -> contextlib.AbstractContextManager:
+    """Nothing recorded for autograd: inference_mode eagerly; no_grad inside a graph that
+    torch.compile traces (an inference_mode boundary does not trace into one graph, and the
+    arithmetic is the same)."""
+    return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ebt.config import Config, ConfigError
 from ebt.modalities import modality_for, unit_for
-from ebt.modalities.text.generate import generate_ids
+from ebt.modalities.text.generate import Sampling, generate_ids
 from ebt.models import build_model
 from ebt.runtime import keep_freed_memory
 from ebt.training.distributed import pick_device
@@ -260,26 +260,37 @@ def _reported_config(config: Config) -> dict[str, Any]:
     return reported
 
 
-def _token_times(model: torch.nn.Module, prompt: list[int], count: int, window: int):
-    """Seconds per token of cached and recompute-everything generation, one token of each in
-    turn (so a slow spell of a shared machine hits both); the first token, which also pays
-    the prompt's prefill, is dropped."""
+GRAPH_WARMUP_TOKENS = 4  # --graphs: prefill, compilation, CUDA graph warm-up and capture
+
+
+def _token_times(model, prompt: list[int], count: int, window: int, graphs: bool = False):
+    """Seconds per token of cached and recompute-everything generation (and, with graphs, of
+    the one-graph decoding step), one token of each in turn (so a slow spell of a shared
+    machine hits all); the first token, which also pays the prompt's prefill, is dropped (with
+    graphs the first GRAPH_WARMUP_TOKENS, which also pay compilation and capture)."""
+    modes = {"cached": (True, Sampling()), "naive": (False, Sampling())}
+    if graphs:
+        modes["graphs"] = (True, Sampling(graphs=True))
     streams = {
-        cached: generate_ids(model, prompt, count, window, cached=cached)
-        for cached in (True, False)
+        name: generate_ids(model, prompt, count, window, sampling, cached=cached)
+        for name, (cached, sampling) in modes.items()
     }
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(count):
-        for cached, stream in streams.items():
+        for name, stream in streams.items():
             start = time.perf_counter()
             next(stream)
-            times[cached].append(time.perf_counter() - start)
-    return {cached: seconds[1:] for cached, seconds in times.items()}
+            times[name].append(time.perf_counter() - start)
+    skip = GRAPH_WARMUP_TOKENS if graphs else 1
+    return {name: seconds[skip:] for name, seconds in times.items()}
 
 
-def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> dict[str, Any]:
+def bench_generate(
+    config: Config, new_tokens: int = 16, repeats: int = 3, graphs: bool = False
+) -> dict[str, Any]:
     """Median ms per generated token near the configured context length: cached generation
-    against the recompute-everything path (the paper's generator), token by token in turn.
+    against the recompute-everything path (the paper's generator), token by token in turn;
+    graphs: also the one-graph decoding step (`ebt generate --graphs`).
     Text only: image models denoise rather than generate (ConfigError)."""
     unit = unit_for(config)
     if not unit.generates_tokens:
@@ -294,14 +305,24 @@ def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> di
     torch.manual_seed(config.train.seed)
     model = build_model(config, vocab_size).to(device).eval()
     window = config.data.seq_len
-    prompt = torch.randint(1, vocab_size, (window - new_tokens,)).tolist()
-    times: dict[bool, list[float]] = {True: [], False: []}
+    warmup = GRAPH_WARMUP_TOKENS - 1 if graphs else 0
+    prompt = torch.randint(1, vocab_size, (window - new_tokens - warmup,)).tolist()
+    times: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for cached, seconds in _token_times(model, prompt, new_tokens + 1, window).items():
-            times[cached] += seconds
-    cached_ms = 1000 * statistics.median(times[True])
-    naive_ms = 1000 * statistics.median(times[False])
-    paired = statistics.median(n / c for c, n in zip(times[True], times[False], strict=True))
+        for name, seconds in _token_times(
+            model, prompt, new_tokens + 1 + warmup, window, graphs
+        ).items():
+            times[name] = times.get(name, []) + seconds
+    cached_ms = 1000 * statistics.median(times["cached"])
+    naive_ms = 1000 * statistics.median(times["naive"])
+    paired = statistics.median(n / c for c, n in zip(times["cached"], times["naive"], strict=True))
+    extra = {}
+    if graphs:
+        graphs_ms = 1000 * statistics.median(times["graphs"])
+        extra = {
+            "graphs_ms_per_token": graphs_ms,
+            "graphs_speedup_vs_cached": cached_ms / graphs_ms,
+        }
     return {
         "ms_per_token": cached_ms,
         "naive_ms_per_token": naive_ms,
@@ -312,4 +333,4 @@ def bench_generate(config: Config, new_tokens: int = 16, repeats: int = 3) -> di
         "device": str(device),
         "threads": torch.get_num_threads(),
         "config": _reported_config(config),
-    }
+    } | extra

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ebt.errors import ConfigError
+from ebt.modalities.text.graph_decoding import GraphDecoding, TransformerGraphDecoding
 from ebt.models import TransformerPP
 from ebt.thinking.halting import think_until_converged
 from ebt.thinking.loop import InferenceOptions
@@ -30,6 +32,7 @@ class Sampling:
     steps: int | None = None  # EBT thinking steps per landscape (None: the trained recipe's)
     thinking: InferenceOptions = field(default_factory=InferenceOptions)  # EBT step size, noise
     halt_tolerance: float | None = None  # EBT: stop a token's thinking when |dE| < this
+    graphs: bool = False  # EBT: the decoding step as one compiled graph (see graph_decoding)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -69,6 +72,7 @@ class Decoder:
         self.cached_length = 0
         self.energy: float | None = None  # EBT: energy of the last step's starting state
         self.steps: int | None = None  # EBT: thinking steps the last token took
+        self.graph: GraphDecoding | TransformerGraphDecoding | None = None  # Sampling.graphs
 
     def _landscapes(self) -> list[int]:
         model = self.model
@@ -114,6 +118,8 @@ class Decoder:
         device = next(self.model.parameters()).device
         if not self.cached:
             return self._recompute(device, sampling)
+        if sampling.graphs:
+            return self._graph_logits(sampling, device)
         logits = self._refresh(device)
         if logits is not None:
             return logits
@@ -128,6 +134,30 @@ class Decoder:
         self.energy = float(trajectory.energies[-1][0, -1])
         self.steps = len(trajectory.states)
         return trajectory.states[-1][:, -1]
+
+    def _graph_logits(self, sampling: Sampling, device: torch.device) -> torch.Tensor:
+        """The cached path's logits from the compiled fixed-shape step (the same window
+        restarts; the starting logits drawn here, in the same order)."""
+        if sampling.halt_tolerance is not None:
+            raise ConfigError("--graphs does not combine with --halt-tolerance")
+        visible = visible_length(len(self.ids), self.window)
+        restart = self.graph is None or visible != self.cached_length + 1
+        self.cached_length = visible
+        if isinstance(self.model, TransformerPP):
+            if self.graph is None:
+                self.graph = TransformerGraphDecoding(self.model, self.window)
+            if restart:
+                return self.graph.restart(self.ids[-visible:], device)
+            return self.graph.next(self.ids[-1], device)
+        if self.graph is None:
+            self.graph = GraphDecoding(self.model, self.window, sampling.steps, sampling.thinking)
+        init = torch.randn(1, 1, self.model.vocab_size, device=device)
+        if restart:
+            logits, energy = self.graph.restart(self.ids[-visible:], init)
+        else:
+            logits, energy = self.graph.next(self.ids[-1], init)
+        self.energy, self.steps = float(energy[0]), self.graph.steps
+        return logits
 
     def _think_adaptively(self, sampling: Sampling, init: torch.Tensor, row: torch.Tensor):
         """The newest position thinks until its energy stops moving (adaptive halting)."""
