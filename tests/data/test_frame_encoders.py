@@ -3,6 +3,8 @@ frame Linear's written-out gradients. The VAE is a small random one saved to tmp
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,29 @@ def test_a_torn_cache_file_is_encoded_again(vae_dir, tmp_path):
     expected = cache.encode(x)
     cache.path(x).write_bytes(b"torn")
     assert torch.equal(cache.encode(x), expected) and cache.misses == 2
+
+
+def test_a_full_disk_at_the_frame_cache_is_one_warning_and_encoding_goes_on(
+    vae_dir, tmp_path, monkeypatch, capsys
+):
+    """As the token cache: a cache write that fails for no space is said once on stderr, later
+    frames are encoded without trying again, and no temporary file is left."""
+    real_replace = os.replace
+
+    def replace(source, target, *args, **kwargs):
+        if Path(target).is_relative_to(tmp_path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    cache, x = FrameCache(VaeEncoder(str(vae_dir)), tmp_path), frames()
+    expected = VaeEncoder(str(vae_dir)).encode(x)
+    torch.testing.assert_close(cache.encode(x), expected)
+    torch.testing.assert_close(cache.encode(x + 0.5), VaeEncoder(str(vae_dir)).encode(x + 0.5))
+    err = capsys.readouterr().err
+    assert err.count("ebt: could not write the frame cache") == 1, err
+    assert "no space left on device" in err and cache.misses == 2
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
 
 
 def test_a_frame_size_the_vae_cannot_take_is_one_line(vae_dir, tmp_path):

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ebt.config_checks import CHANNELS, frame_dim
 from ebt.data.images import to_float
 from ebt.data.loader import cache_dir
-from ebt.errors import DataError
+from ebt.errors import DataError, MachineError
 from ebt.outputs import atomic_path, write_bytes
 from ebt.runtime import pick_device
 
@@ -202,6 +203,7 @@ class FrameCache:
         self.directory = Path(root) / _digest(fingerprint)[:20]
         self.hits = self.misses = 0
         self._fingerprint = fingerprint
+        self._writable = True  # False after a write failed (full or read-only disk): said once
 
     def path(self, frames: torch.Tensor) -> Path:
         """Where the encoding of frames (N, 3, F, F) lives (the key hashes their content)."""
@@ -223,8 +225,21 @@ class FrameCache:
                 pass
         self.misses += 1
         vectors = self.encoder.encode(frames).contiguous()  # (N, frame_dim)
-        self._write(path, vectors)
+        if self._writable:
+            self._write_or_warn(path, vectors)
         return vectors
+
+    def _write_or_warn(self, path: Path, vectors: torch.Tensor) -> None:
+        """A cache is not an output: on a full or read-only disk the run goes on without it
+        (encoding again when needed) and says so once on stderr, as the token cache does."""
+        try:
+            self._write(path, vectors)
+        except (OSError, MachineError) as error:
+            self._writable = False
+            print(
+                f"ebt: could not write the frame cache in {self.directory}: {error}",
+                file=sys.stderr,
+            )
 
     def _write(self, path: Path, vectors: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
