@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from ebt.outputs import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+@functools.cache
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use (matplotlib costs
+    start-up time every command would pay otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -20,13 +28,13 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
         with atomic_path(path) as temporary:
             figure.savefig(temporary, dpi=dpi)
     finally:
-        plt.close(figure)
+        pyplot().close(figure)
     return Path(path)
 
 
 def plot_thinking(result: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Left: loss per thinking steps, one line per best-of-N; right: energy vs token loss."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     fixed = [c for c in result["curves"] if not c.get("adaptive")]
     adaptive = [c for c in result["curves"] if c.get("adaptive")]
     if adaptive:

@@ -22,6 +22,7 @@ from ebt.cli.args import (
 from ebt.config import ConfigError
 from ebt.data import probes as probe_data
 from ebt.outputs import PNG, Output, atomic_path, check_outputs
+from ebt.plots import pyplot, save_figure
 
 if TYPE_CHECKING:
     from ebt.modalities.text.probe import ProbeRequest
@@ -89,10 +90,7 @@ def probe_run(path: str, overrides: list[str], command: ProbeCommand) -> dict[st
 def plot_probe(result: dict[str, Any], path: str | Path) -> Path:
     """Answer perplexity (top) and exact match (bottom) against energy evaluations per token,
     in distribution (left) and out (right); one line per best-of-N, the baseline flat."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     splits = list(result["problems"])
     figure, axes = plt.subplots(2, len(splits), figsize=(5.5 * len(splits), 7), squeeze=False)
@@ -101,8 +99,6 @@ def plot_probe(result: dict[str, Any], path: str | Path) -> Path:
             _plot_panel(axes[row][column], result, split, key)
     figure.suptitle(f"ebt probe {result['probe']}: {result['checkpoint']}", fontsize=10)
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)
 
 

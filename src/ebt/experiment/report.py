@@ -13,6 +13,7 @@ from typing import Any
 
 from ebt.experiment.fit import fit_power_law, rate_gain
 from ebt.outputs import write_text
+from ebt.plots import pyplot, save_figure
 
 AXIS_LABELS = {
     "data": "training tokens (text) / examples",
@@ -55,10 +56,7 @@ def fits(results: dict[str, Any], x_key: str = "x") -> dict[str, Any]:
 
 def plot_scaling(results: dict[str, Any], x_key: str, path: Path) -> Path:
     """Log-log metric against `x_key` per model, with the fitted power laws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     study = results["study"]
@@ -80,8 +78,6 @@ def plot_scaling(results: dict[str, Any], x_key: str, path: Path) -> Path:
     axes.set_title(f"{study['axis']} scaling: {study['metric']}")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)
 
 

@@ -21,6 +21,7 @@ from ebt.modalities.text.generate import Sampling, generate
 from ebt.modalities.video.figures import write_strip
 from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
 from ebt.outputs import write_text
+from ebt.plots import pyplot, save_figure
 from ebt.training import tracking
 from ebt.training.rundir import flatten_config
 from ebt.training.tracking import METRICS_FILE
@@ -71,10 +72,7 @@ def _val_series(rows: list[dict[str, Any]]) -> dict[str, tuple[list, list]]:
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """One panel per quantity; every run's series drawn in it (run name in the label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [*TRAIN_PANELS, ("validation loss per thinking step", ())]
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
@@ -92,8 +90,6 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         if title == "loss" and axis.lines:
             axis.set_yscale("log")
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path, dpi=110)
 
 

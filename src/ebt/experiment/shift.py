@@ -18,6 +18,7 @@ from typing import Any
 from ebt.api import load_run
 from ebt.data import build_token_dataset, iter_eval_batches
 from ebt.errors import EbtError
+from ebt.plots import pyplot, save_figure
 from ebt.thinking.metrics import LOSS_CAP, perplexity
 from ebt.thinking.selection import Selection, thinking_curves
 
@@ -125,10 +126,7 @@ def _add_distance(rows: list[dict[str, Any]], key: str) -> None:
 
 def plot_shift(result: dict[str, Any], path: Path) -> Path:
     """Gain against distance: thinking longer, longer + verification, the baseline at 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sorted(result["sets"], key=lambda row: row["distance"])
     distance = [row["distance"] for row in rows]
@@ -149,6 +147,4 @@ def plot_shift(result: dict[str, Any], path: Path) -> Path:
     axes.set_title("thinking gains against distribution shift")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)

@@ -38,6 +38,7 @@ from ebt.modalities.image.diffusion import GaussianDiffusion
 from ebt.modalities.image.task import ImageModality, pixel_mse, psnr
 from ebt.models.dit import DiT
 from ebt.models.image_energy import NoContext
+from ebt.plots import pyplot, save_figure
 from ebt.thinking.halting import halt, shared_context
 from ebt.thinking.loop import InferenceOptions, step_options, step_schedule
 from ebt.thinking.selection import Thought, final_energies, self_verify
@@ -298,10 +299,7 @@ def denoising_curves(
 def write_grid(galleries: list[tuple[str, Gallery]], path: str | Path) -> Path:
     """A PNG of a few crops per noise level (galleries: (row label, crops per method)): one
     row per crop, one column per method, each labelled with its PSNR against the clean crop."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(galleries[0][1])
     rows = [(label, g, i) for label, g in galleries for i in range(len(g["clean"]))]
@@ -322,8 +320,6 @@ def write_grid(galleries: list[tuple[str, Gallery]], path: str | Path) -> Path:
                 axis.set_title(name, fontsize=8)
         axes[r, 0].set_ylabel(label, fontsize=7)
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)
 
 

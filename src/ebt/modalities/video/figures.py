@@ -10,6 +10,7 @@ import torch
 
 from ebt.data.images import to_uint8
 from ebt.outputs import atomic_path
+from ebt.plots import pyplot, save_figure
 
 GAP = 2  # pixels between frames / panels
 SCALE = 4  # nearest-neighbour upscaling of the (tiny) frames
@@ -33,10 +34,7 @@ def _side_by_side(panels: list[np.ndarray], axis: int) -> np.ndarray:
 def write_strip(rows: dict[str, torch.Tensor], context: int, path: str | Path) -> Path:
     """A PNG of one clip: a labelled row per model (frames (T, 3, S, S): the context, then the
     predictions), the first `context` columns being the real frames every model saw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     strips = [_side_by_side(list(_pixels(frames)), axis=-2) for frames in rows.values()]
     height, width = strips[0].shape[:2]
@@ -53,8 +51,6 @@ def write_strip(rows: dict[str, torch.Tensor], context: int, path: str | Path) -
         fontsize=8,
     )
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)
 
 
@@ -72,10 +68,7 @@ def write_gif(rows: dict[str, torch.Tensor], path: str | Path, milliseconds: int
 def plot_energy(report: dict, path: str | Path, energies: torch.Tensor | None = None) -> Path:
     """Left: the EBT's final energy of every predicted frame over time (mean over clips, thin
     lines per clip from `energies` (B, H)); right: PSNR per horizon of every model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     thinking = {name: r for name, r in report["models"].items() if "energy" in r}
@@ -98,6 +91,4 @@ def plot_energy(report: dict, path: str | Path, energies: torch.Tensor | None = 
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8)
     figure.tight_layout()
-    from ebt.plots import save_figure
-
     return save_figure(figure, path)
