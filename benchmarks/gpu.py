@@ -45,6 +45,7 @@ import reference_speed as paper  # noqa: E402  (the paper's-code loader and stan
 
 from ebt.config import Config, load_config  # noqa: E402
 from ebt.outputs import atomic_path  # noqa: E402
+from ebt.runtime import synchronize  # noqa: E402
 from ebt.training.bench import _Stepper, bench_generate, bench_train, matmul_ceiling  # noqa: E402
 from ebt.training.step import autocast_region  # noqa: E402
 from ebt.training.trainer import train  # noqa: E402
@@ -137,11 +138,6 @@ def _time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- parts
@@ -270,12 +266,12 @@ def paper_generation(run: Run, path: str, tokens: int = 4) -> dict[str, Any]:
     ids = torch.randint(1, paper.VOCAB, (1, context - tokens), device=run.device)  # (1, P)
     times = []
     for _ in range(tokens):
-        _sync(run.device)
+        synchronize(run.device)
         start = time.perf_counter()
         with torch.no_grad(), autocast_region("bf16", run.device):
             logits = model.forward(ids, start_pos=0, learning=False, return_raw_logits=True)
         ids = torch.cat((ids, logits[0][-1][:, -1].argmax(-1, keepdim=True)), dim=1)
-        _sync(run.device)
+        synchronize(run.device)
         times.append(time.perf_counter() - start)
     return {"ms_per_token": round(1000 * statistics.median(times[1:]), 3), "tokens": tokens}
 

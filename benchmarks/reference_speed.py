@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ebt.config import Config, finalize
-from ebt.runtime import keep_freed_memory
+from ebt.runtime import keep_freed_memory, synchronize
 from ebt.training.bench import (
     _peak_rss_mb,
     _reset_peak_rss,
@@ -271,20 +271,16 @@ class PaperStepper:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def step(self) -> float:
         """Seconds for forward + loss + backward + optimizer step."""
-        self._sync()
+        synchronize(self.device)
         start = time.perf_counter()
         with autocast_region(self.precision, self.device):
             loss = self.module.forward_loss_wrapper(self.batch, "train")["loss"]
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync()
+        synchronize(self.device)
         return time.perf_counter() - start
 
 

@@ -41,3 +41,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU, whose ops are synchronous.
+    Timers call it on both sides of what they time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

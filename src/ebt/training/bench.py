@@ -29,7 +29,7 @@ from ebt.config import Config, ConfigError
 from ebt.modalities import modality_for, unit_for
 from ebt.modalities.text.generate import Sampling, generate_ids
 from ebt.models import build_model
-from ebt.runtime import keep_freed_memory
+from ebt.runtime import keep_freed_memory, synchronize
 from ebt.training.distributed import pick_device
 from ebt.training.objective import Objective
 from ebt.training.optim import build_optimizer
@@ -71,16 +71,12 @@ class _Stepper:
         self.batch = example_batch(config, vocab_size, device)
         self.device = device
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def step(self) -> float:
         """Seconds for one training step (forward, backward, clipping, optimizer step)."""
-        self._sync()
+        synchronize(self.device)
         start = time.perf_counter()
         self.training_step(self.batch)
-        self._sync()
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
@@ -226,12 +222,10 @@ def matmul_ceiling(
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)  # (N, N)
     times = []
     for index in range(repeats + 2):  # two warm-up products
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         if index >= 2:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
