@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ebt.models.builders import BUILDERS, CHANNELS, build_image_model, build_model, frame_dim
+from ebt.models.context_cache import ContextCache
 from ebt.models.dit import DiT
-from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+from ebt.models.energy_transformer import EnergyTransformer
 from ebt.models.image_energy import ImageEnergyTransformer
 from ebt.models.transformer_pp import TransformerPP
 

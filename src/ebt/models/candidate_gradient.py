@@ -46,7 +46,8 @@ from ebt.nn.kv_cache import KeyValueBuffer, StaticKeyValueBuffer, position_mask
 from ebt.nn.precision import full_precision, no_autograd, wide
 
 if TYPE_CHECKING:
-    from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+    from ebt.models.context_cache import ContextCache
+    from ebt.models.energy_transformer import EnergyTransformer
 
 Saved = tuple[torch.Tensor, ...]
 

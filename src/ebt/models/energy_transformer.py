@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ebt.models import candidate_gradient
+from ebt.models.context_cache import ContextCache
 from ebt.models.energy_plumbing import EnergyPlumbing, autograd_energies_and_gradient
 from ebt.nn.attention import prediction_mask
 from ebt.nn.block import Block, Rope
@@ -34,33 +35,6 @@ from ebt.nn.layers import RMSNorm, RopeTables, init_linear_xavier, modulate
 from ebt.nn.precision import no_autograd
 from ebt.thinking.loop import Trajectory, resolve_step_size, step_options, step_schedule
 from ebt.thinking.loop import think as run_thinking
-
-
-@dataclass
-class ContextCache:
-    """Per-layer context keys/values (B, H, Tc, hd) for one landscape, plus its condition.
-
-    buffers (generation only): the in-place storage the keys/values view, which extend_context
-    appends to. A stacked cache (see encode_context) holds several landscapes' rows; `select`
-    views one of them.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    landscape: int
-    condition: torch.Tensor | None  # (B, D) for adaln, else None
-    buffers: list[KeyValueBuffer] | None = None
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def select(self, rows: slice | torch.Tensor, landscape: int) -> ContextCache:
-        """The batch rows `rows` of a stacked cache, as a cache of `landscape`: a slice gives
-        views, an index tensor (A,) copies (rows may repeat, e.g. one per best-of-N start)."""
-        condition = None if self.condition is None else self.condition[rows]
-        keys = [k[rows] for k in self.keys]
-        return ContextCache(keys, [v[rows] for v in self.values], landscape, condition)
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebt.models.energy_transformer import ContextCache, EnergyTransformer, EnergyTransformerArgs
+from ebt.models.context_cache import ContextCache
+from ebt.models.energy_transformer import EnergyTransformer, EnergyTransformerArgs
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
 from ebt.nn.block import Block, Rope
 from ebt.nn.kv_cache import KeyValueBuffer

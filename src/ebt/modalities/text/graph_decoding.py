@@ -28,7 +28,8 @@ import torch
 
 from ebt.errors import ConfigError
 from ebt.models.candidate_gradient import extend_context_by_one
-from ebt.models.energy_transformer import ContextCache, EnergyTransformer
+from ebt.models.context_cache import ContextCache
+from ebt.models.energy_transformer import EnergyTransformer
 from ebt.models.transformer_pp import TransformerPP
 from ebt.nn.kv_cache import StaticKeyValueBuffer
 from ebt.thinking.loop import InferenceOptions, StepOptions, step_options, step_schedule
