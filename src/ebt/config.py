@@ -117,6 +117,9 @@ class DataConfig:
     frames: int = 8  # video: frames per clip (frames - 1 context frames, each predicts the next)
     frame_size: int = 32  # video: side of the square frames (3 * frame_size^2 numbers a frame)
     frame_stride: int = 1  # video files: every frame_stride-th frame is sampled
+    # video, pan: training clips box-filtered over train_supersample^2 samples a pixel (1: point
+    # samples); val / test / ood clips stay point-sampled, so every figure stays comparable
+    train_supersample: int = 1
     frame_encoder: str = "pixels"  # video: pixels (resized, flattened) | vae (frozen latents)
     frame_dim: int = 0  # video: numbers per frame vector; 0 = the encoder's (see models.frame_dim)
     vae: str = "stabilityai/sd-vae-ft-mse"  # video, frame_encoder=vae: a local dir or a hub id

@@ -166,3 +166,43 @@ def test_several_videos_split_by_file(tmp_path):
     parts = [set(build_video_dataset(source, s, frames=2).names) for s in ("train", "val", "test")]
     assert all(parts) and sorted(set.union(*parts)) == sorted(every.names)
     assert sum(len(part) for part in parts) == 7
+
+
+def _stripes(period: int) -> torch.Tensor:
+    """A scene (3, 64, 96) of vertical stripes, +1 and -1, `period` scene px each."""
+    columns = (torch.arange(96) // period) % 2 * 2.0 - 1.0  # (96,)
+    return columns.expand(3, 64, 96).clone()
+
+
+def _one_clip(scene: torch.Tensor, supersample: int) -> torch.Tensor:
+    """The first clip (T, 3, 16, 16) whose window is at least 1.8 frames wide (a pixel covers
+    1.8 scene px or more)."""
+    clips = PanZoomClips(
+        scenes=[scene], names=["s"], num_clips=64, frames=4, frame_size=16, supersample=supersample
+    )
+    wide = next(i for i in range(64) if clips.motion(i).window >= 1.8)
+    return clips.clip(wide)  # (T, 3, 16, 16)
+
+
+def test_pan_supersample_is_a_box_filter_over_each_pixel():
+    ramp = torch.linspace(-1, 1, 96).expand(3, 64, 96).clone()  # linear: box mean = centre sample
+    assert torch.allclose(_one_clip(ramp, 4), _one_clip(ramp, 1), atol=1e-5)
+    stripes = _stripes(1)  # finer than a frame pixel: point samples alias, a box averages them out
+    point, box = _one_clip(stripes, 1), _one_clip(stripes, 4)
+    assert point.abs().mean() > 0.25 and box.abs().mean() < 0.5 * point.abs().mean()
+
+
+def test_only_training_clips_are_supersampled():
+    from ebt.config import load_config
+    from ebt.modalities.video.task import VideoModality
+
+    config = load_config("configs/video/tiny.toml", ["data.train_supersample=4"])
+    plain = load_config("configs/video/tiny.toml", [])
+    for split in ("val", "test", "ood"):
+        ours, theirs = VideoModality(config).dataset(split), VideoModality(plain).dataset(split)
+        assert torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
+    ours, theirs = VideoModality(config).dataset("train"), VideoModality(plain).dataset("train")
+    assert ours.supersample == 4 and theirs.supersample == 1
+    assert not torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
+    with pytest.raises(DataError, match="supersample >= 1"):
+        build_video_dataset("pan", "train", supersample=0)

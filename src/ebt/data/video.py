@@ -6,6 +6,8 @@ Sources (`source`):
   `SCENE_SCALE` frame widths. Clip k shows photograph k % n through a square window 1 to 2 frames
   wide, panning at `PAN_SPEED` scene px/frame in a random direction and zooming at up to
   `PAN_ZOOM` (log per frame), both times `speed_scale`; inside the photo when the path fits.
+  Every frame pixel is one bilinear sample of the scene, or with `supersample` = S the mean of
+  S x S samples spread over the pixel's area (a box filter, as a camera's pixel integrates light).
 - ``faces``: `lfw_subset` faces (its first 100), `face_size` wide (default frame_size // 2) on a
   plain background, moving at `FACE_SPEED` px/frame (times `speed_scale`) and bouncing off the
   frame's edges (sub-pixel, always wholly inside).
@@ -106,6 +108,7 @@ class PanZoomClips(_Synthetic):
     scenes: list[torch.Tensor]  # each (3, h, w) float32 in [-1, 1]
     names: list[str]
     source: str = "pan"
+    supersample: int = 1  # samples per pixel side (1: one point sample; S: a box of S x S)
 
     def motion(self, index: int, epoch: int = 0) -> PanMotion:
         """The camera of clip `index` of `epoch`."""
@@ -125,12 +128,15 @@ class PanZoomClips(_Synthetic):
         sizes = start * growth  # (T,)
         xs = _axis_path(width, sizes, move.speed * math.cos(move.angle), move.place[0])  # (T,)
         ys = _axis_path(height, sizes, move.speed * math.sin(move.angle), move.place[1])  # (T,)
-        base = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5  # (F,)
-        grid_x = 2 * (xs[:, None] + sizes[:, None] * base) / width - 1  # (T, F)
-        grid_y = 2 * (ys[:, None] + sizes[:, None] * base) / height - 1  # (T, F)
-        grid = _grid(grid_x, grid_y)  # (T, F, F, 2)
+        samples = size * self.supersample  # S F sample points a side
+        base = (torch.arange(samples, dtype=torch.float32) + 0.5) / samples - 0.5  # (S F,)
+        grid_x = 2 * (xs[:, None] + sizes[:, None] * base) / width - 1  # (T, S F)
+        grid_y = 2 * (ys[:, None] + sizes[:, None] * base) / height - 1  # (T, S F)
+        grid = _grid(grid_x, grid_y)  # (T, S F, S F, 2)
         source = scene[None].expand(self.frames, -1, -1, -1)  # (T, 3, h, w)
         out = F.grid_sample(source, grid, padding_mode="reflection", align_corners=False)
+        if self.supersample > 1:
+            out = F.avg_pool2d(out, self.supersample)  # (T, 3, F, F): the box over each pixel
         return out.clamp(-1.0, 1.0)  # (T, 3, F, F)
 
 
@@ -367,17 +373,19 @@ def build_video_dataset(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     max_frames: int = 0,
+    supersample: int = 1,
 ) -> PanZoomClips | BouncingFaces | VideoClips:
     """Clips of `split` of `source` (see the module docstring) with `len()` and `batch()`.
 
     Synthetic sources make `num_clips` clips per epoch (0: 1024 for train, 64 otherwise) at
-    `speed_scale` (0: 2 for "ood", else 1). Bad sources, files and sizes raise DataError.
+    `speed_scale` (0: 2 for "ood", else 1); pan frames are box-filtered over `supersample` x
+    `supersample` samples a pixel (1: one point sample). Bad sources, files and sizes raise
+    DataError.
     """
     source = source.strip()
-    if frames < 2 or frame_size < 0 or hop < 1:
-        raise DataError(
-            f"need frames >= 2, frame_size >= 0, hop >= 1: got {frames, frame_size, hop}"
-        )
+    if frames < 2 or frame_size < 0 or hop < 1 or supersample < 1:
+        got = (frames, frame_size, hop, supersample)
+        raise DataError(f"need frames >= 2, frame_size >= 0, hop >= 1, supersample >= 1: got {got}")
     fractions = (val_fraction, test_fraction)
     if source in ("pan", "faces"):
         if split not in SYNTHETIC_SPLITS:
@@ -387,7 +395,7 @@ def build_video_dataset(
         clips = {"num_clips": count, "frames": frames, "speed_scale": scale, "seed": seed}
         clips["frame_size"] = frame_size or 32
         if source == "pan":
-            return _pan_clips(split, fractions, **clips)
+            return _pan_clips(split, fractions, supersample=supersample, **clips)
         return _face_clips(split, fractions, face_size, num_faces=num_faces, **clips)
     if source != "skimage-gif" and not any(c in source for c in "/\\,.*?[~"):
         if not os.path.exists(source):

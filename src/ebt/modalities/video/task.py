@@ -146,7 +146,8 @@ class VideoModality(ModalityUnit):
 
     def dataset(self, split: str, source: str | None = None):
         """Clips of a split: "train" (new clips every epoch), "val", "test" or "ood" (held-out
-        photographs / faces at twice the speed) of pan / faces; video files split in time."""
+        photographs / faces at twice the speed) of pan / faces; video files split in time. Only
+        the training clips of pan are box-filtered (`data.train_supersample`)."""
         data = self.config.data
         clips = build_video_dataset(
             source or data.source,
@@ -155,6 +156,7 @@ class VideoModality(ModalityUnit):
             frame_size=data.frame_size,
             seed=self.config.train.seed,
             stride=data.frame_stride,
+            supersample=data.train_supersample if split == "train" else 1,
         )
         return encoded_dataset(clips, self.config)  # frame_encoder=vae: cached latents
 
