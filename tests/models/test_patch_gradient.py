@@ -223,3 +223,22 @@ def test_written_out_patch_pass_runs_products_in_bf16_and_statistics_in_float32(
     assert precision_violations(recorder.calls, torch.bfloat16, full_products=1) == []
     assert gradient.dtype == torch.float32 and gradient.requires_grad == training
     assert gradient.shape == (PATCH_BATCH, len(BEST_OF), PATCH_FRAME_DIM)
+
+
+def test_the_written_out_patch_pass_compiles_whole():
+    """train.compile: the pass traces into one graph (fullgraph; aot_eager, no C++ compiler
+    needed) and computes what eager does, parameter gradients of a loss on dE/dx included."""
+    model = patch_model("adaln")
+    context, starts = patch_frames(PATCH_FRAMES - 1), patch_frames(len(BEST_OF), seed=2)
+    compiled = torch.compile(
+        patch_gradient.energies_and_gradient, fullgraph=True, backend="aot_eager"
+    )
+    results = []
+    for function in (patch_gradient.energies_and_gradient, compiled):
+        cache = model.encode_context(context, 1)
+        energies, gradient = function(model, cache, starts, BEST_OF)
+        results.append((energies, gradient, gradients(gradient.square().sum(), model)))
+    (energies, gradient, grads), (expected_energies, expected_gradient, expected) = results
+    assert relative(energies, expected_energies) < FLOAT64
+    assert relative(gradient, expected_gradient) < FLOAT64
+    assert normwise(grads, expected) < 1e-10
