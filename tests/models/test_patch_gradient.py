@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from support.precision import OpDtypes, precision_violations
+from support.precision import DEVICES, OpDtypes, precision_violations
 from support.tolerances import gradients, relative
 from support.vision import (
     PATCH_BATCH,
@@ -210,16 +210,19 @@ def test_bf16_autocast_stays_close_to_float64(variant):
         assert normwise(grads, expected) < BF16_PARAMETERS, written
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_written_out_patch_pass_runs_products_in_bf16_and_statistics_in_float32(training):
-    """Under bf16 autocast every product of the pass runs in bf16 except the energy head's,
-    every softmax, norm statistic and sum in float32."""
-    model = patch_model("adaln").float()
-    context, starts = patch_frames(PATCH_FRAMES - 1).float(), patch_frames(5, seed=2).float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_written_out_patch_pass_runs_products_in_bf16_and_statistics_in_float32(training, device):
+    """Under bf16 autocast (CPU's, and CUDA's where there is a GPU) every product of the pass
+    runs in bf16 except the energy head's, every softmax, norm statistic and sum in float32."""
+    model = patch_model("adaln").float().to(device)
+    context = patch_frames(PATCH_FRAMES - 1).float().to(device)
+    starts = patch_frames(len(BEST_OF), seed=2).float().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         cache = model.encode_context(context, 1)
         with OpDtypes() as recorder, torch.set_grad_enabled(training):
-            _, gradient = model.energies_and_gradient(cache, starts, BEST_OF, 1, training)
+            rows = BEST_OF.to(device)
+            _, gradient = model.energies_and_gradient(cache, starts, rows, 1, training)
     assert precision_violations(recorder.calls, torch.bfloat16, full_products=1) == []
     assert gradient.dtype == torch.float32 and gradient.requires_grad == training
     assert gradient.shape == (PATCH_BATCH, len(BEST_OF), PATCH_FRAME_DIM)
