@@ -23,6 +23,8 @@ Outside autocast nothing changes: float32 and float64 run exactly as before.
 
 Candidates enter through one Linear (text: the projection of distributions; video: the frame
 embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
+Patch-token video frames (patch_gradient.py) run the same blocks (`stream_and_gradient`) with
+their own attention.
 """
 
 from __future__ import annotations

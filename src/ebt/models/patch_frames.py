@@ -21,6 +21,8 @@ patch of the next frame, optionally as a residual on the last frame (`model.fram
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -172,18 +174,28 @@ class PatchFrameEnergyTransformer(EnergyTransformer):
             "gradient": torch.compile(patch_gradient.energies_and_gradient, dynamic=False),
         }
 
-    def written_out_pass(self):
+    def written_out_pass(self) -> Callable:
+        """The written-out (energies, dE/dx) of patch frames (models/patch_gradient.py)."""
         return patch_gradient.energies_and_gradient
 
-    def embed_candidates(self, frames, landscape, noise=None, zero_leaf_as_bias=False):
+    def embed_candidates(
+        self,
+        frames: torch.Tensor,
+        landscape: int,
+        noise: torch.Tensor | None = None,
+        zero_leaf_as_bias: bool = False,
+    ) -> torch.Tensor:
         """Candidate frames (B, R, frame_dim) -> patch tokens (B, R P, D), plus the Langevin
-        noise (B, R P, D) if given and the step embedding (pred_step)."""
+        noise (B, R P, D) if given and the step embedding (pred_step). zero_leaf_as_bias (the
+        one-token mode's shortcut for zero starts) is not taken here."""
         z = self.patches(frames, noise)  # (B, R P, D)
         if self.variant == "pred_step":
             z = z + self.step_embedding.weight[landscape]
         return z
 
-    def _embedding_noise(self, frames, langevin_std):
+    def _embedding_noise(
+        self, frames: torch.Tensor, langevin_std: float | torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Langevin noise (B, R P, D) for the patch tokens of frames (B, R, frame_dim)."""
         if langevin_std is None:
             return None
