@@ -23,6 +23,8 @@ Outside autocast nothing changes: float32 and float64 run exactly as before.
 
 Candidates enter through one Linear (text: the projection of distributions; video: the frame
 embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
+Patch-token video frames (patch_gradient.py) run the same blocks (`stream_and_gradient`) with
+their own attention.
 """
 
 from __future__ import annotations
@@ -248,22 +250,23 @@ def _feed_forward_backward(block: Block, grad: torch.Tensor, saved: Saved) -> to
     return torch.addmm(_linear_backward(grad_gate, ffn.w1), grad * silu, ffn.w3.weight)
 
 
-def _block_forward(block, z, rope, mod, pieces, shape) -> tuple[torch.Tensor, Saved]:
-    """Block.prediction on candidate rows z (N, D), keeping what the backward needs."""
+def _block_forward(block, z, rope, mod, pieces, shape, attend) -> tuple[torch.Tensor, Saved]:
+    """Block.prediction on candidate rows z (N, D), keeping what the backward needs; attend:
+    the attention's (forward, backward) pair (ONE_TOKEN, or patch_gradient's)."""
     normed, attention_norm = _rms_forward(z, block.attention_norm)
     attention_input = _modulated(normed, mod, 0)
-    attended, attention = _attention_forward(block, attention_input, rope, pieces, shape)
+    attended, attention = attend[0](block, attention_input, rope, pieces, shape)
     h = z + _gated(attended, mod, 2)  # (N, D)
     normed, ffn_norm = _rms_forward(h, block.ffn_norm)
     out, ffn = _feed_forward(block, _modulated(normed, mod, 3))
     return h + _gated(out, mod, 5), (attention_norm, attention, ffn_norm, ffn)
 
 
-def _block_backward(block, grad, saved, rope, mod, pieces, shape) -> torch.Tensor:
+def _block_backward(block, grad, saved, rope, mod, pieces, shape, attend) -> torch.Tensor:
     attention_norm, attention, ffn_norm, ffn = saved
     inner = _feed_forward_backward(block, _gated(grad, mod, 5), ffn)
     grad = grad + _rms_backward(_unmodulated(inner, mod, 3), block.ffn_norm, ffn_norm)
-    inner = _attention_backward(block, _gated(grad, mod, 2), attention, rope, pieces, shape)
+    inner = attend[1](block, _gated(grad, mod, 2), attention, rope, pieces, shape)
     return grad + _rms_backward(_unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
 
 
@@ -360,17 +363,31 @@ def energies_and_gradient(
     rope = model._rope(rows + model.offset).unsqueeze(1) * shape[-1] ** -0.5  # (R, 1, hd/2)
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
     pieces = _layer_contexts(cache, mask, chunks, offset, fused_prediction_route(z))
-    layers = list(zip(model.blocks, pieces, strict=True))
-    mods = [_row_modulation(block, cache.condition, count) for block in model.blocks]
-    saved = []
-    for (block, layer_pieces), mod in zip(layers, mods, strict=True):
-        z, kept = _block_forward(block, z, rope, mod, layer_pieces, shape)
-        saved.append(kept)
-    energies, grad = _energy_head(model, z, cache.condition, count)  # (N, 1), (N, D)
-    for (block, layer_pieces), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
-        grad = _block_backward(block, grad, kept, rope, mod, layer_pieces, shape)
+    energies, grad = stream_and_gradient(model, z, rope, pieces, cache.condition, shape)
     gradient = _linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
+
+
+ONE_TOKEN = (_attention_forward, _attention_backward)  # each candidate: the context + itself
+
+
+def stream_and_gradient(
+    model: EnergyTransformer, z, rope, contexts: list, condition, shape, attend=ONE_TOKEN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(energies (N, 1), dE/dz (N, D)) of candidate rows z (N, D) through the prediction
+    stream: every block forward, the energy head, every block backward. contexts: per layer,
+    what `attend` (the attention's (forward, backward)) reads; shape = (B, R, H, hd), R rows
+    per batch row (their adaLN vectors repeated R times)."""
+    layers = list(zip(model.blocks, contexts, strict=True))
+    mods = [_row_modulation(block, condition, shape[1]) for block in model.blocks]
+    saved = []
+    for (block, context), mod in zip(layers, mods, strict=True):
+        z, kept = _block_forward(block, z, rope, mod, context, shape, attend)
+        saved.append(kept)
+    energies, grad = _energy_head(model, z, condition, shape[1])  # (N, 1), (N, D)
+    for (block, context), mod, kept in reversed(list(zip(layers, mods, saved, strict=True))):
+        grad = _block_backward(block, grad, kept, rope, mod, context, shape, attend)
+    return energies, grad
 
 
 def _layer_contexts(cache: ContextCache, mask, chunks, offset: int | None, fused: bool) -> list:

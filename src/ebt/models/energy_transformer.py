@@ -339,6 +339,11 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         """The energy head's weight (hand_written_path: is it an ordinary parameter?)."""
         return self.energy_head.weight
 
+    def written_out_pass(self) -> Callable:
+        """The function computing the written-out (energies, dE/dx): candidate_gradient's
+        (patch-token video: patch_gradient's)."""
+        return candidate_gradient.energies_and_gradient
+
     def energies_and_gradient(
         self,
         cache: ContextCache,
@@ -360,12 +365,12 @@ class EnergyTransformer(EnergyPlumbing, nn.Module):
         """
         if self.hand_written_path(probabilities):
             noise = self._embedding_noise(probabilities, langevin_std)  # None for text
+            eager = self.written_out_pass()
             if create_graph:  # autograd records the written-out gradient
-                eager = candidate_gradient.energies_and_gradient
                 written_out = self._training_pass("gradient", eager)
                 return written_out(self, cache, probabilities, rows, landscape, noise)
             with no_autograd():  # inference_mode, or no_grad inside a traced graph
-                energies, gradient = candidate_gradient.energies_and_gradient(
+                energies, gradient = eager(
                     self, cache, probabilities.detach(), rows, landscape, noise
                 )  # inference tensors: clone for use where autograd records (a learnable alpha)
             return energies.clone(), gradient.clone()

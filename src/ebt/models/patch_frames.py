@@ -10,18 +10,24 @@ The EBT (`PatchFrameEnergyTransformer`): the context stream runs block-causally 
 frames; candidate j (the frame after real frame j) is P patch tokens at the positions of frame
 j + 1 that see the real tokens of frames 0..j and the candidate tokens of their own group, never
 another group (a group is one candidate frame, e.g. one best-of-N start). A candidate frame's
-energy is the sum of its patch tokens' energies (`patch_energies` keeps them apart). dE/dx is
-autograd's (the written-out gradient covers the one-token mode only). Its Transformer++ twin
+energy is the sum of its patch tokens' energies (`patch_energies` keeps them apart). The
+energies and dE/dx are written out (models/patch_gradient.py; training differentiates that
+gradient once, no double backward): on the tiny preset, one thread, 459 - 465 ms per training
+step against 643 - 662 with autograd, and 54 against 61 - 65 ms per rolled-out frame (32 clips;
+docs/video.md). Its Transformer++ twin
 (`PatchFrameTransformerPP`) reads the same tokens with the same attention and outputs every
 patch of the next frame, optionally as a residual on the last frame (`model.frame_residual`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ebt.models import patch_gradient
 from ebt.models.context_cache import ContextCache
 from ebt.models.energy_transformer import EnergyTransformer, EnergyTransformerArgs
 from ebt.models.transformer_pp import TransformerArgs, TransformerPP
@@ -130,6 +136,10 @@ class PatchTokens(nn.Module):
         tokens = tokens.flatten(1, 2)  # (B, T P, D)
         return tokens if noise is None else tokens + noise
 
+    def frames_of(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch rows (..., P, 3 p^2) -> frame vectors (..., 3 side^2) (unpatchify)."""
+        return unpatchify(patches, self.side, self.patch)
+
 
 class PatchFrameEnergyTransformer(EnergyTransformer):
     """The video EBT on patch tokens (see the module docstring); the interface of
@@ -137,7 +147,6 @@ class PatchFrameEnergyTransformer(EnergyTransformer):
 
     def __init__(self, args: EnergyTransformerArgs) -> None:
         super().__init__(args)
-        self.hand_written_gradients = False  # dE/dx by autograd in this mode
         self.patches = PatchTokens(args.frame_size, args.patch_size, args.dim)
         del self.frame_embedding  # the patches' Linear replaces the frame Linear
         self.prefix = 1 if args.variant == "time_embed" else 0
@@ -160,7 +169,38 @@ class PatchFrameEnergyTransformer(EnergyTransformer):
         return self.patches(inputs)
 
     def compile_training_passes(self) -> None:
-        self.compiled_passes = {"context": torch.compile(type(self)._context_layers, dynamic=False)}
+        self.compiled_passes = {
+            "context": torch.compile(type(self)._context_layers, dynamic=False),
+            "gradient": torch.compile(patch_gradient.energies_and_gradient, dynamic=False),
+        }
+
+    def written_out_pass(self) -> Callable:
+        """The written-out (energies, dE/dx) of patch frames (models/patch_gradient.py)."""
+        return patch_gradient.energies_and_gradient
+
+    def embed_candidates(
+        self,
+        frames: torch.Tensor,
+        landscape: int,
+        noise: torch.Tensor | None = None,
+        zero_leaf_as_bias: bool = False,
+    ) -> torch.Tensor:
+        """Candidate frames (B, R, frame_dim) -> patch tokens (B, R P, D), plus the Langevin
+        noise (B, R P, D) if given and the step embedding (pred_step). zero_leaf_as_bias (the
+        one-token mode's shortcut for zero starts) is not taken here."""
+        z = self.patches(frames, noise)  # (B, R P, D)
+        if self.variant == "pred_step":
+            z = z + self.step_embedding.weight[landscape]
+        return z
+
+    def _embedding_noise(
+        self, frames: torch.Tensor, langevin_std: float | torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Langevin noise (B, R P, D) for the patch tokens of frames (B, R, frame_dim)."""
+        if langevin_std is None:
+            return None
+        shape = (frames.shape[0], frames.shape[1] * self.patches.count, self.args.dim)
+        return torch.randn(shape, dtype=frames.dtype, device=frames.device) * langevin_std
 
     def _context_layers(self, x, rope, condition):
         """Per-layer keys and values of the block-causal context stream over x (B, T, D)."""
@@ -210,13 +250,8 @@ class PatchFrameEnergyTransformer(EnergyTransformer):
         if rows is None:
             rows = torch.arange(count, device=frames.device)
         landscape = cache.landscape if landscape is None else landscape
-        noise = None
-        if langevin_std is not None:
-            shape = (batch, count * per, self.args.dim)
-            noise = torch.randn(shape, dtype=frames.dtype, device=frames.device) * langevin_std
-        z = self.patches(frames, noise)  # (B, R P, D)
-        if self.variant == "pred_step":
-            z = z + self.step_embedding.weight[landscape]
+        noise = self._embedding_noise(frames, langevin_std)  # (B, R P, D) or None
+        z = self.embed_candidates(frames, landscape, noise)  # (B, R P, D)
         rope = self._rope(self._candidate_positions(rows)).unsqueeze(1)  # (R P, 1, hd/2)
         mask = self._prediction_mask(rows, cache.length, z.dtype)  # (R P, Tc + R P)
         for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
@@ -236,14 +271,19 @@ class PatchFrameEnergyTransformer(EnergyTransformer):
     def _prediction_mask(self, rows: torch.Tensor, length: int, dtype) -> torch.Tensor:
         """Additive (R P, Tc + R P): context keys of frames <= rows[r] and the step token; the
         candidate tokens of the same group r."""
-        per = self.patches.count
-        group = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(per)  # (R P,)
-        key_frames = frame_ids(torch.arange(length, device=rows.device), self.prefix, per)
-        context = key_frames.unsqueeze(0) <= rows[group].unsqueeze(1)  # (R P, Tc)
+        group = torch.arange(rows.shape[0], device=rows.device)
+        group = group.repeat_interleave(self.patches.count)  # (R P,)
         own = group.unsqueeze(1) == group.unsqueeze(0)  # (R P, R P)
-        allowed = torch.cat((context, own), dim=1)
+        own = torch.zeros(own.shape, dtype=dtype, device=rows.device).masked_fill(~own, -torch.inf)
+        return torch.cat((self._context_mask(rows, length, dtype), own), dim=1)
+
+    def _context_mask(self, rows: torch.Tensor, length: int, dtype) -> torch.Tensor:
+        """Additive (R P, Tc): the context keys of frames <= rows[r] and the step token."""
+        per = self.patches.count
+        key_frames = frame_ids(torch.arange(length, device=rows.device), self.prefix, per)
+        allowed = key_frames.unsqueeze(0) <= rows.repeat_interleave(per).unsqueeze(1)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=rows.device)
-        return mask.masked_fill(~allowed, float("-inf"))
+        return mask.masked_fill(~allowed, float("-inf"))  # (R P, Tc)
 
 
 class PatchFrameTransformerPP(TransformerPP):
