@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from support.precision import DEVICES, OpDtypes, precision_violations
-from support.tolerances import gradients, relative
+from support.tolerances import gradients, normwise, perturbed, relative
 from support.vision import (
     PATCH_BATCH,
     PATCH_FRAME_DIM,
@@ -159,22 +159,6 @@ def test_training_gradients_through_the_written_out_path_equal_double_backward(v
 # 1.4e-2 / 1.5e-2, dE/dx 7.7e-2 / 0.13, parameter gradients (norm-wise) 7.6e-2 / 6.6e-2. The
 # bounds are about twice the worse; a dropped term or a wrong mask is O(1).
 BF16_ENERGIES, BF16_GRADIENT, BF16_PARAMETERS = 3e-2, 0.25, 0.15
-
-
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights moved off their initialisation, rounded to values bf16 represents."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name not in ("step_size", "langevin_std"):
-                parameter.add_(0.05 * torch.randn_like(parameter))
-                parameter.copy_(parameter.bfloat16())
-    return model
-
-
-def normwise(ours: dict, theirs: dict) -> float:
-    ours = torch.cat([ours[name].detach().double().flatten() for name in theirs])
-    theirs = torch.cat([gradient.detach().double().flatten() for gradient in theirs.values()])
-    return ((ours - theirs).norm() / theirs.norm()).item()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

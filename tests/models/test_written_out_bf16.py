@@ -35,7 +35,7 @@ from support.naive_reference import (
 )
 from support.precision import DEVICES, OpDtypes, precision_violations
 from support.text import written_out_calls
-from support.tolerances import gradients, relative
+from support.tolerances import gradients, normwise, perturbed, relative
 from support.vision import video_model
 from torch.nn import functional as F
 
@@ -68,28 +68,8 @@ def text_model(variant: str) -> torch.nn.Module:
     return perturbed(build_model(config, VOCAB).double())
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with its weights moved off their initialisation and rounded to values bf16
-    represents: autocast's weight casts are then exact, and what remains to compare is the
-    rounding of the activations (with weights rounded too, some of these tiny random models
-    move dE/dp by 10% on the weights' rounding alone)."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name not in ("step_size", "langevin_std"):
-                parameter.add_(0.05 * torch.randn_like(parameter))
-                parameter.copy_(parameter.bfloat16())
-    return model
-
-
 def tokens(length: int = SEQ) -> torch.Tensor:
     return torch.randint(1, VOCAB, (BATCH, length))  # (B, S)
-
-
-def normwise(ours: dict, theirs: dict) -> float:
-    """||ours - theirs|| / ||theirs|| over all parameter gradients together, in float64."""
-    ours = torch.cat([ours[name].detach().double().flatten() for name in theirs])
-    theirs = torch.cat([gradient.detach().double().flatten() for gradient in theirs.values()])
-    return ((ours - theirs).norm() / theirs.norm()).item()
 
 
 def first_order(model, context, candidates, written: bool, landscape: int = 1):

@@ -24,3 +24,23 @@ def gradients(loss: torch.Tensor, model: torch.nn.Module) -> dict[str, torch.Ten
         name: torch.zeros_like(p) if g is None else g
         for (name, p), g in zip(params.items(), grads, strict=True)
     }
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its weights moved off their initialisation and rounded to values bf16
+    represents: autocast's weight casts are then exact, and what remains to compare is the
+    rounding of the activations (with weights rounded too, some of these tiny random models
+    move dE/dp by 10% on the weights' rounding alone)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name not in ("step_size", "langevin_std"):
+                parameter.add_(0.05 * torch.randn_like(parameter))
+                parameter.copy_(parameter.bfloat16())
+    return model
+
+
+def normwise(ours: dict, theirs: dict) -> float:
+    """||ours - theirs|| / ||theirs|| over all parameter gradients together, in float64."""
+    ours = torch.cat([ours[name].detach().double().flatten() for name in theirs])
+    theirs = torch.cat([gradient.detach().double().flatten() for gradient in theirs.values()])
+    return ((ours - theirs).norm() / theirs.norm()).item()
