@@ -24,13 +24,8 @@ import torch.nn.functional as F
 
 from ebt.api import load_run
 from ebt.modalities.video.rollout import predictor_for, rollout, run_clips, video_file_clips
+from ebt.modalities.video.task import frame_psnr
 from ebt.modalities.video.thinking import FrameThinking
-
-
-def psnr(frames: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """PSNR (B,) of frames (B, ...) in [-1, 1] against the truth, on the 0-255 scale."""
-    mse = ((frames - truth) * 127.5).pow(2).flatten(1).mean(1)  # (B,)
-    return 10 * torch.log10(255**2 / mse)
 
 
 def shifted(frames: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
@@ -53,10 +48,11 @@ def probe(run, clips: torch.Tensor, context: int, shift: tuple[float, float] | N
     cosine = F.cosine_similarity(change, true_change, dim=1).mean()
     ratio = (change.norm(dim=1) / true_change.norm(dim=1)).mean()
     gain = ((change * true_change).sum(1) / change.pow(2).sum(1).clamp(min=1e-12)).mean()
-    line = f"copy {psnr(last, truth).mean():.2f} dB, prediction {psnr(predicted, truth).mean():.2f}"
+    copied, ours = frame_psnr(last, truth).mean(), frame_psnr(predicted, truth).mean()
+    line = f"copy {copied:.2f} dB, prediction {ours:.2f}"
     if shift is not None:
         moved = shifted(clips[:, context - 1], *shift).flatten(1)  # (B, F)
-        line += f", true shift {psnr(moved, truth).mean():.2f}"
+        line += f", true shift {frame_psnr(moved, truth).mean():.2f}"
     return line + f"; change: cosine {cosine:.3f}, length ratio {ratio:.3f}, best gain {gain:.3f}"
 
 
