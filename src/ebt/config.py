@@ -120,6 +120,9 @@ class DataConfig:
     # video, pan: training clips box-filtered over train_supersample^2 samples a pixel (1: point
     # samples); val / test / ood clips stay point-sampled, so every figure stays comparable
     train_supersample: int = 1
+    # video, pan: the slowest training pan in scene px/frame (0: still cameras too); val / test /
+    # ood clips keep the 0.5 - 2 range
+    train_min_pan_speed: float = 0.5
     frame_encoder: str = "pixels"  # video: pixels (resized, flattened) | vae (frozen latents)
     frame_dim: int = 0  # video: numbers per frame vector; 0 = the encoder's (see models.frame_dim)
     vae: str = "stabilityai/sd-vae-ft-mse"  # video, frame_encoder=vae: a local dir or a hub id

@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
     "data.frame_size": _ge(2),
     "data.frame_stride": _ge(1),
     "data.train_supersample": _ge(1),
+    "data.train_min_pan_speed": _interval("[0, 2]"),
     "data.frame_encoder": _choice("pixels", "vae"),
     "data.frame_dim": _ge(0, "0 = the encoder's"),
     "data.vae": NOT_EMPTY,

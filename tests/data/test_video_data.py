@@ -206,3 +206,21 @@ def test_only_training_clips_are_supersampled():
     assert not torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
     with pytest.raises(DataError, match="supersample >= 1"):
         build_video_dataset("pan", "train", supersample=0)
+
+
+def test_only_training_pans_reach_down_to_still_cameras():
+    from ebt.config import load_config
+    from ebt.modalities.video.task import VideoModality
+
+    still = load_config("configs/video/tiny.toml", ["data.train_min_pan_speed=0"])
+    usual = load_config("configs/video/tiny.toml", ["data.train_min_pan_speed=0.5"])
+    for split in ("val", "test", "ood"):
+        ours, theirs = VideoModality(still).dataset(split), VideoModality(usual).dataset(split)
+        assert torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
+    ours, theirs = VideoModality(still).dataset("train"), VideoModality(usual).dataset("train")
+    slow = [ours.motion(i).speed for i in range(256)]
+    usual_speeds = [theirs.motion(i).speed for i in range(256)]
+    assert min(slow) < 0.05 and min(usual_speeds) >= 0.5 and max(slow) > 1.9
+    assert not torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
+    with pytest.raises(DataError, match="min_speed"):
+        build_video_dataset("pan", "train", min_speed=-0.1)

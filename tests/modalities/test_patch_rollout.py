@@ -21,7 +21,12 @@ from ebt.api import load_run
 from ebt.cli.main import main
 from ebt.modalities.video.rollout import predictor_for, rollout
 from ebt.modalities.video.rollout_report import RolloutRequest, first_clip_rows, run_rollouts
-from ebt.modalities.video.thinking import FrameThinking
+from ebt.modalities.video.thinking import (
+    FrameThinking,
+    initial_frames,
+    start_kind,
+    think_next_frame,
+)
 from ebt.modalities.video.verification import heat_row, patch_errors, spearman
 from ebt.training.trainer import train
 
@@ -56,6 +61,35 @@ def test_rollout_reports_patch_energies_that_sum_to_the_frames():
     assert result.patch_energies.shape == (BATCH, 4, PATCHES)
     torch.testing.assert_close(result.patch_energies.sum(-1), result.energies)
     assert result.frames.shape == (BATCH, 4, FRAME_DIM)
+
+
+def test_motion_starts_move_the_last_frame_by_fractions_of_the_last_change():
+    model, context = patch_model(), frames(3)
+    last, previous = context[:, -1], context[:, -2]  # (B, F)
+    thinking = FrameThinking(samples=4, init="last_frame")
+    assert start_kind(model, thinking) == "motion"
+    starts = initial_frames(model, last, thinking, previous)  # (B, 4, F)
+    for k in range(4):
+        torch.testing.assert_close(starts[:, k], last + k / 4 * (last - previous))
+    noise = FrameThinking(samples=4, init="last_frame", starts="noise", perturbation=0.3)
+    torch.manual_seed(0)
+    offsets = initial_frames(model, last, noise, previous)[:, 1:] - last[:, None]  # (B, 3, F)
+    assert abs(float(offsets.pow(2).mean().sqrt()) - 0.3) < 0.05
+    torch.manual_seed(0)
+    alone = initial_frames(model, last, thinking)  # no previous frame: noise offsets
+    torch.testing.assert_close(alone[:, 1:] - last[:, None], offsets / 3)
+    assert start_kind(model, FrameThinking(samples=4)) == "noise"  # started from zeros
+
+
+def test_the_rollout_thinks_from_motion_starts_of_its_own_last_two_frames():
+    model, context = patch_model(), frames(3)
+    thinking = FrameThinking(steps=2, samples=3, init="last_frame")
+    chosen = rollout(predictor_for(model, thinking), context, 1).frames[:, 0]  # (B, F)
+    caches = {s: model.encode_context(context, s) for s in range(model.args.landscapes)}
+    starts = initial_frames(model, context[:, -1], thinking, context[:, -2])  # (B, 3, F)
+    verdict = think_next_frame(model, caches, starts, context.shape[1] - 1, thinking)
+    torch.testing.assert_close(chosen, verdict.frames, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(starts[:, 1], starts[:, 0])
 
 
 def test_heat_row_is_blank_over_the_context_then_one_map_per_frame():

@@ -154,7 +154,8 @@ def test_adaptive_halting_stops_early_within_its_budget():
 
 
 def test_frame_thinking_refuses_bad_values():
-    for bad in ({"samples": 0}, {"steps": 0}, {"halt_tolerance": 0.0}, {"init": "bad"}):
+    bad_values = [{"samples": 0}, {"steps": 0}, {"halt_tolerance": 0.0}, {"init": "bad"}]
+    for bad in [*bad_values, {"starts": "shifts"}]:
         with pytest.raises(ValueError):
             FrameThinking(**bad)
     with pytest.raises(ValueError, match="accept_lower_energies"):

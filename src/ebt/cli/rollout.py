@@ -27,6 +27,7 @@ from ebt.modalities.video.rollout_report import (
     first_clip_rows,
     run_rollouts,
 )
+from ebt.modalities.video.thinking import START_KINDS
 from ebt.outputs import GIF, PNG, Output, atomic_path, check_outputs, written_lines
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def rollout_request(args: argparse.Namespace) -> RolloutRequest:
         samples=args.samples,
         perturbation=args.perturbation,
         halt_tolerance=args.halt_tolerance,
+        starts=args.starts,
         options=thinking_options(args),  # refuses --halt-tolerance with --accept-lower-energies
         bench=args.bench,
         repeats=args.repeats,
@@ -197,7 +199,14 @@ def add_rollout_command(sub: Any) -> None:
         "--perturbation",
         type=NON_NEGATIVE,
         default=0.1,
-        help="best-of-N: per-pixel RMS of the extra starts' offsets (0.1)",
+        help="best-of-N, --starts noise: per-pixel RMS of the extra starts' offsets (0.1)",
+    )
+    parser.add_argument(
+        "--starts",
+        choices=START_KINDS,
+        default="auto",
+        help="best-of-N extra starts: motion (the last frame moved by k/N of the last change), "
+        "noise, or auto (motion for patch tokens started from the last frame)",
     )
     parser.add_argument(
         "--halt-tolerance",

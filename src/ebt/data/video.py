@@ -8,6 +8,7 @@ Sources (`source`):
   `PAN_ZOOM` (log per frame), both times `speed_scale`; inside the photo when the path fits.
   Every frame pixel is one bilinear sample of the scene, or with `supersample` = S the mean of
   S x S samples spread over the pixel's area (a box filter, as a camera's pixel integrates light).
+  `min_speed` lowers the slowest pan (0: still cameras too; default `PAN_SPEED[0]`).
 - ``faces``: `lfw_subset` faces (its first 100), `face_size` wide (default frame_size // 2) on a
   plain background, moving at `FACE_SPEED` px/frame (times `speed_scale`) and bouncing off the
   frame's edges (sub-pixel, always wholly inside).
@@ -109,12 +110,14 @@ class PanZoomClips(_Synthetic):
     names: list[str]
     source: str = "pan"
     supersample: int = 1  # samples per pixel side (1: one point sample; S: a box of S x S)
+    min_speed: float = PAN_SPEED[0]  # the slowest pan, scene px/frame (before speed_scale)
 
     def motion(self, index: int, epoch: int = 0) -> PanMotion:
         """The camera of clip `index` of `epoch`."""
         seed = images.sample_seed(self.seed, epoch, index, f"pan:{self.split}")
         draw = torch.rand(6, generator=torch.Generator().manual_seed(seed))
-        speed = (PAN_SPEED[0] + (PAN_SPEED[1] - PAN_SPEED[0]) * float(draw[0])) * self.speed_scale
+        low, high = self.min_speed, PAN_SPEED[1]
+        speed = (low + (high - low) * float(draw[0])) * self.speed_scale
         angle, window, place = 2 * math.pi * float(draw[1]), 1 + float(draw[3]), draw[4:].tolist()
         zoom_rate = PAN_ZOOM * (2 * float(draw[2]) - 1) * self.speed_scale
         return PanMotion(index % len(self.scenes), speed, angle, zoom_rate, window, tuple(place))
@@ -374,18 +377,21 @@ def build_video_dataset(
     test_fraction: float = 0.15,
     max_frames: int = 0,
     supersample: int = 1,
+    min_speed: float = PAN_SPEED[0],
 ) -> PanZoomClips | BouncingFaces | VideoClips:
     """Clips of `split` of `source` (see the module docstring) with `len()` and `batch()`.
 
     Synthetic sources make `num_clips` clips per epoch (0: 1024 for train, 64 otherwise) at
     `speed_scale` (0: 2 for "ood", else 1); pan frames are box-filtered over `supersample` x
-    `supersample` samples a pixel (1: one point sample). Bad sources, files and sizes raise
-    DataError.
+    `supersample` samples a pixel (1: one point sample) and pan at `min_speed` to `PAN_SPEED[1]`
+    scene px/frame (times the speed scale). Bad sources, files and sizes raise DataError.
     """
     source = source.strip()
     if frames < 2 or frame_size < 0 or hop < 1 or supersample < 1:
         got = (frames, frame_size, hop, supersample)
         raise DataError(f"need frames >= 2, frame_size >= 0, hop >= 1, supersample >= 1: got {got}")
+    if not 0 <= min_speed <= PAN_SPEED[1]:
+        raise DataError(f"need 0 <= min_speed <= {PAN_SPEED[1]}: got {min_speed}")
     fractions = (val_fraction, test_fraction)
     if source in ("pan", "faces"):
         if split not in SYNTHETIC_SPLITS:
@@ -395,7 +401,8 @@ def build_video_dataset(
         clips = {"num_clips": count, "frames": frames, "speed_scale": scale, "seed": seed}
         clips["frame_size"] = frame_size or 32
         if source == "pan":
-            return _pan_clips(split, fractions, supersample=supersample, **clips)
+            motion = {"supersample": supersample, "min_speed": min_speed}
+            return _pan_clips(split, fractions, **motion, **clips)
         return _face_clips(split, fractions, face_size, num_faces=num_faces, **clips)
     if source != "skimage-gif" and not any(c in source for c in "/\\,.*?[~"):
         if not os.path.exists(source):

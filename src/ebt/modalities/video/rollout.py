@@ -128,7 +128,8 @@ class EnergyPredictor(_Window):
         }
 
     def predict(self) -> FrameVerdict:
-        starts = initial_frames(self.model, self.history[:, -1], self.thinking)  # (B, N, F)
+        previous = self.history[:, -2] if self.history.shape[1] > 1 else None  # (B, F)
+        starts = initial_frames(self.model, self.history[:, -1], self.thinking, previous)
         row = self.visible.shape[1] - 1  # the newest context frame
         return think_next_frame(self.model, self.caches(), starts, row, self.thinking)
 

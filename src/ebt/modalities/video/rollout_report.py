@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ebt.modalities.video import rollout as ro
-from ebt.modalities.video.thinking import FrameThinking
+from ebt.modalities.video.thinking import FrameThinking, start_kind
 from ebt.modalities.video.verification import heat_row
+from ebt.models import EnergyTransformer
 from ebt.thinking.loop import InferenceOptions
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class RolloutRequest:
     perturbation: float = 0.1
     halt_tolerance: float | None = None
     options: InferenceOptions = field(default_factory=InferenceOptions)
+    starts: str = "auto"
     bench: bool = False
     repeats: int = 3
 
@@ -65,6 +67,7 @@ def frame_thinking(request: RolloutRequest, config: Config) -> FrameThinking:
         think.init,
         think.init_scale,
         request.options,
+        request.starts,
     )
 
 
@@ -103,8 +106,10 @@ def _predictor(request: RolloutRequest, run: LoadedRun, cached: bool = True) -> 
     return ro.predictor_for(run.model, frame_thinking(request, run.config), cached=cached)
 
 
-def _thinking_summary(thinking: FrameThinking) -> dict[str, Any]:
+def _thinking_summary(thinking: FrameThinking, model: Any) -> dict[str, Any]:
     summary = {key: value for key, value in vars(thinking).items() if key != "options"}
+    if isinstance(model, EnergyTransformer) and thinking.samples > 1:
+        summary["starts"] = start_kind(model, thinking)  # what "auto" resolved to
     return summary | vars(thinking.options)
 
 
@@ -131,7 +136,7 @@ def rollout_report(request: RolloutRequest, runs: dict[str, LoadedRun]) -> Rollo
         "frames": truth.shape[1],
         "clips": clips.shape[0],
         "seed": seed,
-        "thinking": _thinking_summary(frame_thinking(request, thinker.config)),
+        "thinking": _thinking_summary(frame_thinking(request, thinker.config), thinker.model),
         "models": reports,
     }
     if "compare" in runs:

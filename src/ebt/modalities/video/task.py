@@ -25,6 +25,11 @@ from ebt.modalities.unit import ModalityUnit
 from ebt.models import frame_dim
 
 
+def _training_motion(data) -> dict[str, Any]:
+    """What only the training clips of pan get: box filtering and the slowest pan speed."""
+    return {"supersample": data.train_supersample, "min_speed": data.train_min_pan_speed}
+
+
 def frame_vectors(batch: torch.Tensor) -> torch.Tensor:
     """Clips (B, T, C, H, W) (or vectors (B, T, F)) as frame vectors (B, T, F)."""
     return batch.flatten(2)  # (B, T, F)
@@ -147,7 +152,8 @@ class VideoModality(ModalityUnit):
     def dataset(self, split: str, source: str | None = None):
         """Clips of a split: "train" (new clips every epoch), "val", "test" or "ood" (held-out
         photographs / faces at twice the speed) of pan / faces; video files split in time. Only
-        the training clips of pan are box-filtered (`data.train_supersample`)."""
+        the training clips of pan are box-filtered (`data.train_supersample`) and reach down to
+        `data.train_min_pan_speed`."""
         data = self.config.data
         clips = build_video_dataset(
             source or data.source,
@@ -156,7 +162,7 @@ class VideoModality(ModalityUnit):
             frame_size=data.frame_size,
             seed=self.config.train.seed,
             stride=data.frame_stride,
-            supersample=data.train_supersample if split == "train" else 1,
+            **(_training_motion(data) if split == "train" else {}),
         )
         return encoded_dataset(clips, self.config)  # frame_encoder=vae: cached latents
 

@@ -8,11 +8,17 @@ The N starts of a frame share one context cache: the newest context row is repea
 other (as text's best-of-N, `ebt.thinking.selection`). The start with the lowest final energy wins,
 independently per clip.
 
-Extra starts are offsets in the row space of the frame embedding W (D x frame_dim): the energy
-reads a frame x only through W x, and the candidate gradient W^T dE/dz lies in that space, so an
-offset outside it would be invisible to verification and never removed by thinking. With patch
-tokens (model.frame_tokens = "patches", 3 p^2 <= D) every pixel is seen: the offsets are plain
-per-pixel Gaussian noise.
+Extra starts (`FrameThinking.starts`):
+
+- "motion" (the default for patch-token EBTs started from the last frame): motion hypotheses.
+  Start k of N is the last frame moved k / N of the way along the last change,
+  x_T + (k / N) (x_T - x_{T-1}): still (k = 0) to nearly the full last change, so the energy
+  chooses, per clip, how much of the recent motion carries on.
+- "noise": Gaussian offsets of RMS `perturbation`. With one token per frame they lie in the row
+  space of the frame embedding W (D x frame_dim): the energy reads a frame x only through W x,
+  and the candidate gradient W^T dE/dz lies in that space, so an offset outside it would be
+  invisible to verification and never removed by thinking. With patch tokens
+  (model.frame_tokens = "patches", 3 p^2 <= D) every pixel is seen: plain per-pixel noise.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from ebt.thinking.halting import halt, owned_context
 from ebt.thinking.loop import InferenceOptions, cache_of, step_options, step_schedule
 from ebt.thinking.selection import Thought, self_verify
 
+START_KINDS = ("auto", "motion", "noise")
+
 
 @dataclass
 class FrameThinking:
@@ -37,6 +45,9 @@ class FrameThinking:
     per-pixel RMS of the extra starts' offsets (frame values in [-1, 1]). halt_tolerance: a
     start stops when its energy moves less than this (adaptive halting; steps is the budget).
     init: the first start, "zeros", "random_noise" (times init_scale) or "last_frame".
+    starts: the extra starts of best-of-N, "motion" (the last frame moved by fractions of the
+    last change), "noise" (offsets of RMS perturbation) or "auto" (motion for patch-token models
+    started from the last frame, else noise); see the module docstring.
     """
 
     steps: int | None = None
@@ -46,10 +57,14 @@ class FrameThinking:
     init: str = "zeros"
     init_scale: float = 1.0
     options: InferenceOptions = field(default_factory=InferenceOptions)
+    starts: str = "auto"
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"unknown init '{self.init}': use one of {', '.join(INITS)}")
+        if self.starts not in START_KINDS:
+            kinds = ", ".join(START_KINDS)
+            raise ValueError(f"unknown starts '{self.starts}': use one of {kinds}")
         if self.samples < 1 or (self.steps is not None and self.steps < 1):
             raise ValueError(f"need samples >= 1 and steps >= 1, got {self.samples}, {self.steps}")
         if self.perturbation < 0 or (self.halt_tolerance is not None and self.halt_tolerance <= 0):
@@ -85,12 +100,40 @@ def row_space_noise(weight: torch.Tensor, shape: tuple[int, ...], std: float) ->
     return draws @ basis.t() * (std * math.sqrt(weight.shape[1] / rank))  # (..., F)
 
 
+def start_kind(model: EnergyTransformer, thinking: FrameThinking) -> str:
+    """The extra starts thinking.starts resolves to for `model`: "motion" or "noise"."""
+    if thinking.starts != "auto":
+        return thinking.starts
+    patches = bool(model.args.patch_size)
+    return "motion" if patches and thinking.init == "last_frame" else "noise"
+
+
+def _noise_offsets(model, last_frame: torch.Tensor, thinking: FrameThinking) -> torch.Tensor:
+    """Offsets (B, N - 1, F) of RMS thinking.perturbation, seen by the energy (module doc)."""
+    batch, size = last_frame.shape
+    if model.args.patch_size:  # patch tokens: every pixel is seen, so every pixel moves
+        shape = (batch, thinking.samples - 1, size)
+        offsets = torch.randn(shape, dtype=last_frame.dtype, device=last_frame.device)
+        return offsets * thinking.perturbation  # (B, N - 1, F)
+    weight = model.frame_embedding.weight.to(last_frame.dtype)  # (D, F)
+    return row_space_noise(weight, (batch, thinking.samples - 1), thinking.perturbation)
+
+
+def motion_offsets(change: torch.Tensor, samples: int) -> torch.Tensor:
+    """Offsets (B, N - 1, F): k / N of the last change (B, F) for k = 1 .. N - 1."""
+    fractions = torch.arange(1, samples, dtype=change.dtype, device=change.device) / samples
+    return fractions[None, :, None] * change[:, None, :]  # (B, N - 1, F)
+
+
 def initial_frames(
-    model: EnergyTransformer, last_frame: torch.Tensor, thinking: FrameThinking
+    model: EnergyTransformer,
+    last_frame: torch.Tensor,
+    thinking: FrameThinking,
+    previous_frame: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Starts (B, N, F) for the frame after `last_frame` (B, F): the first per thinking.init,
-    the others offset from it in the frame embedding's row space."""
-    batch, size = last_frame.shape
+    the others offset from it by motion hypotheses (which need `previous_frame` (B, F), the
+    frame before the last; without it, noise) or by noise, as start_kind says."""
     if thinking.init == "last_frame":
         base = last_frame.clone()  # (B, F)
     elif thinking.init == "zeros":
@@ -98,15 +141,12 @@ def initial_frames(
     else:
         base = torch.randn_like(last_frame) * thinking.init_scale  # (B, F)
     starts = base.unsqueeze(1).repeat(1, thinking.samples, 1)  # (B, N, F)
-    if thinking.samples > 1 and thinking.perturbation > 0:
-        weight = model.frame_embedding.weight.to(last_frame.dtype)  # (D, F or 3 p^2)
-        if model.args.patch_size:  # patch tokens: every pixel is seen, so every pixel moves
-            shape = (batch, thinking.samples - 1, size)
-            offsets = torch.randn(shape, dtype=last_frame.dtype, device=last_frame.device)
-            offsets = offsets * thinking.perturbation  # (B, N - 1, F)
-        else:
-            offsets = row_space_noise(weight, (batch, thinking.samples - 1), thinking.perturbation)
-        starts[:, 1:] += offsets  # (B, N - 1, F)
+    if thinking.samples == 1:
+        return starts
+    if start_kind(model, thinking) == "motion" and previous_frame is not None:
+        starts[:, 1:] += motion_offsets(last_frame - previous_frame, thinking.samples)
+    elif thinking.perturbation > 0:
+        starts[:, 1:] += _noise_offsets(model, last_frame, thinking)  # (B, N - 1, F)
     return starts
 
 
