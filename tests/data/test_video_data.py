@@ -192,35 +192,33 @@ def test_pan_supersample_is_a_box_filter_over_each_pixel():
     assert point.abs().mean() > 0.25 and box.abs().mean() < 0.5 * point.abs().mean()
 
 
-def test_only_training_clips_are_supersampled():
+def _only_training_clips_differ(key: str, ours_value: str, theirs_value: str):
+    """The tiny preset's pan datasets with `key` at two values: val / test / ood clips equal,
+    the training clips not; returns the two training datasets."""
     from ebt.config import load_config
     from ebt.modalities.video.task import VideoModality
 
-    config = load_config("configs/video/tiny.toml", ["data.train_supersample=4"])
-    plain = load_config("configs/video/tiny.toml", ["data.train_supersample=1"])
+    ours = VideoModality(load_config("configs/video/tiny.toml", [f"{key}={ours_value}"]))
+    theirs = VideoModality(load_config("configs/video/tiny.toml", [f"{key}={theirs_value}"]))
     for split in ("val", "test", "ood"):
-        ours, theirs = VideoModality(config).dataset(split), VideoModality(plain).dataset(split)
-        assert torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
-    ours, theirs = VideoModality(config).dataset("train"), VideoModality(plain).dataset("train")
+        mine, other = ours.dataset(split), theirs.dataset(split)
+        assert torch.equal(mine.batch(torch.arange(2)), other.batch(torch.arange(2)))
+    mine, other = ours.dataset("train"), theirs.dataset("train")
+    assert not torch.equal(mine.batch(torch.arange(2)), other.batch(torch.arange(2)))
+    return mine, other
+
+
+def test_only_training_clips_are_supersampled():
+    ours, theirs = _only_training_clips_differ("data.train_supersample", "4", "1")
     assert ours.supersample == 4 and theirs.supersample == 1
-    assert not torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
     with pytest.raises(DataError, match="supersample >= 1"):
         build_video_dataset("pan", "train", supersample=0)
 
 
 def test_only_training_pans_reach_down_to_still_cameras():
-    from ebt.config import load_config
-    from ebt.modalities.video.task import VideoModality
-
-    still = load_config("configs/video/tiny.toml", ["data.train_min_pan_speed=0"])
-    usual = load_config("configs/video/tiny.toml", ["data.train_min_pan_speed=0.5"])
-    for split in ("val", "test", "ood"):
-        ours, theirs = VideoModality(still).dataset(split), VideoModality(usual).dataset(split)
-        assert torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
-    ours, theirs = VideoModality(still).dataset("train"), VideoModality(usual).dataset("train")
+    ours, theirs = _only_training_clips_differ("data.train_min_pan_speed", "0", "0.5")
     slow = [ours.motion(i).speed for i in range(256)]
-    usual_speeds = [theirs.motion(i).speed for i in range(256)]
-    assert min(slow) < 0.05 and min(usual_speeds) >= 0.5 and max(slow) > 1.9
-    assert not torch.equal(ours.batch(torch.arange(2)), theirs.batch(torch.arange(2)))
+    usual = [theirs.motion(i).speed for i in range(256)]
+    assert min(slow) < 0.05 and min(usual) >= 0.5 and max(slow) > 1.9
     with pytest.raises(DataError, match="min_speed"):
         build_video_dataset("pan", "train", min_speed=-0.1)
