@@ -24,7 +24,8 @@ Outside autocast nothing changes: float32 and float64 run exactly as before.
 Candidates enter through one Linear (text: the projection of distributions; video: the frame
 embedding, with a bias, which a gradient does not see), so dE/dx = dE/dz @ W for both.
 Patch-token video frames (patch_gradient.py) run the same blocks (`stream_and_gradient`) with
-their own attention.
+their own attention. The row-tensor pieces both share (Linear, RMSNorm, adaLN, RoPE, head
+batching) are in row_ops.py.
 """
 
 from __future__ import annotations
@@ -32,8 +33,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from ebt.models.row_ops import (
+    Saved,
+    batched,
+    gated,
+    linear,
+    linear_backward,
+    modulated,
+    rms_backward,
+    rms_forward,
+    rotate,
+    unbatched,
+    unmodulated,
+)
 from ebt.nn.attention import (
     FusedContext,
     fused_context,
@@ -50,64 +63,6 @@ from ebt.nn.precision import full_precision, no_autograd, wide
 if TYPE_CHECKING:
     from ebt.models.context_cache import ContextCache
     from ebt.models.energy_transformer import EnergyTransformer
-
-Saved = tuple[torch.Tensor, ...]
-
-# Row tensors are (N, D) with N = B * R (batch rows times candidates): 2-D matmuls dispatch to
-# one kernel each, where a 3-D nn.Linear call goes through several.
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return torch.mm(x, layer.weight.t())  # (N, out)
-
-
-def _linear_backward(grad: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    return torch.mm(grad, layer.weight)  # (N, in)
-
-
-def _rms_forward(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, Saved]:
-    """RMSNorm of rows x (N, D) in float32 at least; saves (normalised x, 1/rms (N, 1))."""
-    x = wide(x)  # (N, D)
-    inverse = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(norm.eps))  # (N, 1)
-    normalised = x * inverse  # (N, D)
-    return normalised * norm.weight, (normalised, inverse)
-
-
-def _rms_backward(grad: torch.Tensor, norm: nn.Module, saved: Saved) -> torch.Tensor:
-    normalised, inverse = saved
-    grad = wide(grad) * norm.weight  # (N, D)
-    return inverse * (grad - normalised * (grad * normalised).mean(-1, keepdim=True))
-
-
-def _modulated(x: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
-    return x if mod is None else torch.addcmul(mod[index], x, 1 + mod[index + 1])
-
-
-def _unmodulated(grad: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
-    return grad if mod is None else grad * (1 + mod[index + 1])
-
-
-def _gated(x: torch.Tensor, mod: tuple | None, index: int) -> torch.Tensor:
-    return x if mod is None else mod[index] * x
-
-
-def _batched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, R, H, hd) -> (B * H, R, hd) for batched matmuls (a view when R == 1)."""
-    batch, rows, heads, _ = shape
-    return x.transpose(1, 2).reshape(batch * heads, rows, -1)
-
-
-def _unbatched(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """(B * H, R, hd) -> (B, R, H, hd)."""
-    batch, rows, heads, _ = shape
-    return x.view(batch, heads, rows, -1).transpose(1, 2)
-
-
-def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """apply_rope of x (B, R, H, hd), in float32 at least, without dtype round trips."""
-    pairs = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)))  # (B, R, H, hd/2)
-    return torch.view_as_real(pairs * rope).flatten(-2)  # (B, R, H, hd)
-
 
 # A chunk of the prediction attention: (its number of rows, their additive mask (r, k), the
 # context keys and values they read (B*H, k, hd) each).
@@ -163,15 +118,15 @@ def _attention_forward(block: Block, x, rope, pieces, shape) -> tuple[torch.Tens
     prediction_attention compute it, chunk by chunk of rows (or on the fused route, pieces a
     FusedContext); shape = (B, R, H, hd)."""
     attention = block.attention
-    q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
-    rotated = _batched(_rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
-    self_score = _batched((wide(q) * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
-    own_values = _batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
+    q, k, v = (linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
+    rotated = batched(rotate(q, rope), shape)  # (B*H, R, hd), scaled by 1/sqrt(hd)
+    self_score = batched((wide(q) * k).sum(-1, keepdim=True), shape) * shape[-1] ** -0.5
+    own_values = batched(v, shape)  # (B*H, R, hd), a copy: kept for the backward
     if isinstance(pieces, FusedContext):
         attended, kept = fused_rows_forward(rotated, self_score, own_values, pieces)
     else:
         attended, kept = _explicit_forward(rotated, self_score, own_values, pieces)
-    out = _linear(_unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
+    out = linear(unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
     return out, (q, k, own_values, kept)
 
 
@@ -193,7 +148,7 @@ def _attention_backward(block: Block, grad, saved: Saved, rope, pieces, shape) -
     """dE/dx (N, D) of the attention input from dE/d(output) (N, D)."""
     attention = block.attention
     q, k, own_values, kept = saved  # (B, R, H, hd) x 2, (B*H, R, hd), the route's own
-    grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
+    grad = batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R, hd)
     if isinstance(pieces, FusedContext):
         grads = fused_rows_backward(grad, own_values, kept)
     else:
@@ -224,10 +179,10 @@ def _explicit_backward(grad, own_values, weights, pieces: list[Piece]) -> Saved:
 def _input_gradient(attention, q, k, grads: Saved, rope, shape) -> torch.Tensor:
     """dE/dx (N, D) of the attention input from dE/d(rotated queries) (B*H, R, hd), dE/d(self
     scores) (B*H, R, 1) and dE/d(values) (B*H, R, hd); q, k (B, R, H, hd)."""
-    grad_rotated = _unbatched(grads[0], shape)  # (B, R, H, hd)
-    grad_self = _unbatched(grads[1], shape) * shape[-1] ** -0.5  # (B, R, H, 1)
-    grad_q = torch.addcmul(_rotate(grad_rotated, rope.conj()), grad_self, k)  # (B, R, H, hd)
-    grad_v = _unbatched(grads[2], shape)  # (B, R, H, hd)
+    grad_rotated = unbatched(grads[0], shape)  # (B, R, H, hd)
+    grad_self = unbatched(grads[1], shape) * shape[-1] ** -0.5  # (B, R, H, 1)
+    grad_q = torch.addcmul(rotate(grad_rotated, rope.conj()), grad_self, k)  # (B, R, H, hd)
+    grad_v = unbatched(grads[2], shape)  # (B, R, H, hd)
     rows = (-1, q.shape[2] * q.shape[3])
     total = torch.mm(grad_q.reshape(rows), attention.wq.weight)  # (N, D)
     total = torch.addmm(total, (grad_self * q).reshape(rows), attention.wk.weight)
@@ -236,38 +191,38 @@ def _input_gradient(attention, q, k, grads: Saved, rope, shape) -> torch.Tensor:
 
 def _feed_forward(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, Saved]:
     ffn = block.feed_forward
-    gate, up = _linear(x, ffn.w1), _linear(x, ffn.w3)  # (N, F) each
+    gate, up = linear(x, ffn.w1), linear(x, ffn.w3)  # (N, F) each
     sigmoid = torch.sigmoid(gate)
     silu = gate * sigmoid
-    return _linear(silu * up, ffn.w2), (gate, up, sigmoid, silu)
+    return linear(silu * up, ffn.w2), (gate, up, sigmoid, silu)
 
 
 def _feed_forward_backward(block: Block, grad: torch.Tensor, saved: Saved) -> torch.Tensor:
     ffn = block.feed_forward
     gate, up, sigmoid, silu = saved
-    grad = _linear_backward(grad, ffn.w2)  # (N, F)
+    grad = linear_backward(grad, ffn.w2)  # (N, F)
     grad_gate = grad * up * (sigmoid * (1 + gate * (1 - sigmoid)))
-    return torch.addmm(_linear_backward(grad_gate, ffn.w1), grad * silu, ffn.w3.weight)
+    return torch.addmm(linear_backward(grad_gate, ffn.w1), grad * silu, ffn.w3.weight)
 
 
 def _block_forward(block, z, rope, mod, pieces, shape, attend) -> tuple[torch.Tensor, Saved]:
     """Block.prediction on candidate rows z (N, D), keeping what the backward needs; attend:
     the attention's (forward, backward) pair (ONE_TOKEN, or patch_gradient's)."""
-    normed, attention_norm = _rms_forward(z, block.attention_norm)
-    attention_input = _modulated(normed, mod, 0)
+    normed, attention_norm = rms_forward(z, block.attention_norm)
+    attention_input = modulated(normed, mod, 0)
     attended, attention = attend[0](block, attention_input, rope, pieces, shape)
-    h = z + _gated(attended, mod, 2)  # (N, D)
-    normed, ffn_norm = _rms_forward(h, block.ffn_norm)
-    out, ffn = _feed_forward(block, _modulated(normed, mod, 3))
-    return h + _gated(out, mod, 5), (attention_norm, attention, ffn_norm, ffn)
+    h = z + gated(attended, mod, 2)  # (N, D)
+    normed, ffn_norm = rms_forward(h, block.ffn_norm)
+    out, ffn = _feed_forward(block, modulated(normed, mod, 3))
+    return h + gated(out, mod, 5), (attention_norm, attention, ffn_norm, ffn)
 
 
 def _block_backward(block, grad, saved, rope, mod, pieces, shape, attend) -> torch.Tensor:
     attention_norm, attention, ffn_norm, ffn = saved
-    inner = _feed_forward_backward(block, _gated(grad, mod, 5), ffn)
-    grad = grad + _rms_backward(_unmodulated(inner, mod, 3), block.ffn_norm, ffn_norm)
-    inner = attend[1](block, _gated(grad, mod, 2), attention, rope, pieces, shape)
-    return grad + _rms_backward(_unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
+    inner = _feed_forward_backward(block, gated(grad, mod, 5), ffn)
+    grad = grad + rms_backward(unmodulated(inner, mod, 3), block.ffn_norm, ffn_norm)
+    inner = attend[1](block, gated(grad, mod, 2), attention, rope, pieces, shape)
+    return grad + rms_backward(unmodulated(inner, mod, 0), block.attention_norm, attention_norm)
 
 
 def _context_block(block, x, ropes, mod, buffer, shape, last, at=None) -> torch.Tensor | None:
@@ -276,26 +231,26 @@ def _context_block(block, x, ropes, mod, buffer, shape, last, at=None) -> torch.
     StaticKeyValueBuffer, (position (1,), additive mask (1, C) of the keys up to it)."""
     attention = block.attention
     x = wide(x)  # (B, D)
-    normed, _ = _rms_forward(x, block.attention_norm)
-    attention_input = _modulated(normed, mod, 0)
-    k = _rotate(_linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
-    v = _linear(attention_input, attention.wv).view(shape)  # (B, 1, H, hd)
+    normed, _ = rms_forward(x, block.attention_norm)
+    attention_input = modulated(normed, mod, 0)
+    k = rotate(linear(attention_input, attention.wk).view(shape), ropes[0])  # (B, 1, H, hd)
+    v = linear(attention_input, attention.wv).view(shape)  # (B, 1, H, hd)
     if at is None:
         keys, values = buffer.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, H, P + 1, hd)
     else:  # fixed capacity: (B, H, C, hd), the positions after `at` masked below
         keys, values = buffer.write(k.transpose(1, 2), v.transpose(1, 2), at[0])
     if last:  # the energy head never reads the context stream's last output
         return None
-    q = _rotate(_linear(attention_input, attention.wq).view(shape), ropes[1])
+    q = rotate(linear(attention_input, attention.wq).view(shape), ropes[1])
     scores = q.transpose(1, 2) @ keys.transpose(-1, -2)  # (B, H, 1, P + 1 or C)
     if at is not None:
         scores = scores + at[1]
     weights = wide(scores).softmax(-1)  # (B, H, 1, P + 1)
     attended = (weights @ values).transpose(1, 2).reshape(x.shape)  # (B, D)
-    h = x + _gated(_linear(attended, attention.wo), mod, 2)  # (B, D)
-    normed, _ = _rms_forward(h, block.ffn_norm)
-    out, _ = _feed_forward(block, _modulated(normed, mod, 3))
-    return h + _gated(out, mod, 5)
+    h = x + gated(linear(attended, attention.wo), mod, 2)  # (B, D)
+    normed, _ = rms_forward(h, block.ffn_norm)
+    out, _ = _feed_forward(block, modulated(normed, mod, 3))
+    return h + gated(out, mod, 5)
 
 
 def extend_context_by_one(
@@ -364,7 +319,7 @@ def energies_and_gradient(
     mask = prediction_mask(rows, cache.length, model.offset, z.dtype)  # (R, Tc)
     pieces = _layer_contexts(cache, mask, chunks, offset, fused_prediction_route(z))
     energies, grad = stream_and_gradient(model, z, rope, pieces, cache.condition, shape)
-    gradient = _linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
+    gradient = linear_backward(grad, model.candidate_layer).to(probabilities.dtype)  # (N, V)
     return energies.view(batch, count), gradient.view(batch, count, -1)  # (B, R), (B, R, V)
 
 
@@ -405,7 +360,7 @@ def _layer_contexts(cache: ContextCache, mask, chunks, offset: int | None, fused
 
 def _energy_head(model: EnergyTransformer, z, condition, count: int):
     """(energies (N, 1), dE/dz (N, D)) of the last block's output rows z (N, D)."""
-    z, final_norm = _rms_forward(z, model.norm)
+    z, final_norm = rms_forward(z, model.norm)
     grad = model.energy_head.weight.expand_as(z)  # (N, D): dE/d(head input)
     if model.final_modulation is not None:
         shift, scale = wide(model.final_modulation(condition)).chunk(2, dim=-1)  # (B, D) each
@@ -413,5 +368,5 @@ def _energy_head(model: EnergyTransformer, z, condition, count: int):
         z = torch.addcmul(shift, z, 1 + scale)  # (N, D)
         grad = grad * (1 + scale)
     with full_precision(z):  # the energy itself in float32 at least, also under autocast
-        energies = _linear(z, model.energy_head)  # (N, 1)
-    return energies, _rms_backward(grad, model.norm, final_norm)
+        energies = linear(z, model.energy_head)  # (N, 1)
+    return energies, rms_backward(grad, model.norm, final_norm)

@@ -24,13 +24,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from ebt.models.candidate_gradient import (
-    _batched,
-    _linear,
-    _rotate,
-    _unbatched,
-    stream_and_gradient,
-)
+from ebt.models.candidate_gradient import stream_and_gradient
+from ebt.models.row_ops import batched, linear, rotate, unbatched
 from ebt.nn.precision import wide
 
 if TYPE_CHECKING:
@@ -58,10 +53,10 @@ def _attention_forward(block, x: Tensor, ropes, context: PatchContext, shape) ->
     """Attention output rows (N, D) of candidate rows x (N, D), N = B R P; ropes = (plain,
     scaled by 1/sqrt(hd)) rotations (R P, 1, hd/2); shape = (B, R P, H, hd)."""
     attention, per = block.attention, context.per_frame
-    q, k, v = (_linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
-    queries = _batched(_rotate(q, ropes[1]), shape)  # (B*H, R P, hd), scaled by 1/sqrt(hd)
-    keys = _batched(_rotate(k, ropes[0]), shape)  # (B*H, R P, hd)
-    values = _batched(v, shape)  # (B*H, R P, hd)
+    q, k, v = (linear(x, getattr(attention, f"w{name}")).view(shape) for name in "qkv")
+    queries = batched(rotate(q, ropes[1]), shape)  # (B*H, R P, hd), scaled by 1/sqrt(hd)
+    keys = batched(rotate(k, ropes[0]), shape)  # (B*H, R P, hd)
+    values = batched(v, shape)  # (B*H, R P, hd)
     scores = wide(torch.baddbmm(context.mask, queries, context.keys.transpose(1, 2)))
     own = torch.bmm(_grouped(queries, per), _grouped(keys, per).transpose(1, 2))  # (B*H*R, P, P)
     own = wide(own).view(*scores.shape[:2], per)  # (B*H, R P, P)
@@ -69,7 +64,7 @@ def _attention_forward(block, x: Tensor, ropes, context: PatchContext, shape) ->
     context_weights, own_weights = weights.split((scores.shape[-1], per), dim=-1)
     own_attended = torch.bmm(_grouped(own_weights, per), _grouped(values, per))  # (B*H*R, P, hd)
     attended = torch.baddbmm(own_attended.view(queries.shape), context_weights, context.values)
-    out = _linear(_unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
+    out = linear(unbatched(attended, shape).reshape(x.shape), attention.wo)  # (N, D)
     return out, (queries, keys, values, weights)
 
 
@@ -77,7 +72,7 @@ def _attention_backward(block, grad: Tensor, saved: Saved, ropes, context, shape
     """dE/dx (N, D) of the attention input from dE/d(output) grad (N, D)."""
     attention, per = block.attention, context.per_frame
     queries, keys, values, weights = saved  # (B*H, R P, hd) x 3, (B*H, R P, Tc + P)
-    grad = _batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R P, hd)
+    grad = batched(torch.mm(grad, attention.wo.weight).view(shape), shape)  # (B*H, R P, hd)
     grad_context = wide(torch.bmm(grad, context.values.transpose(1, 2)))  # (B*H, R P, Tc)
     grad_own = torch.bmm(_grouped(grad, per), _grouped(values, per).transpose(1, 2))
     grad_weights = torch.cat((grad_context, wide(grad_own).view(*grad_context.shape[:2], per)), -1)
@@ -91,9 +86,9 @@ def _attention_backward(block, grad: Tensor, saved: Saved, ropes, context, shape
     own_weights = _grouped(weights.split((grad_context.shape[-1], per), dim=-1)[1], per)
     grad_values = torch.bmm(own_weights.transpose(1, 2), _grouped(grad, per))  # (B*H*R, P, hd)
     parts = (
-        (_rotate(_unbatched(grad_queries, shape), ropes[1].conj()), attention.wq),
-        (_rotate(_unbatched(grad_keys.view(grad.shape), shape), ropes[0].conj()), attention.wk),
-        (_unbatched(grad_values.view(grad.shape), shape), attention.wv),
+        (rotate(unbatched(grad_queries, shape), ropes[1].conj()), attention.wq),
+        (rotate(unbatched(grad_keys.view(grad.shape), shape), ropes[0].conj()), attention.wk),
+        (unbatched(grad_values.view(grad.shape), shape), attention.wv),
     )  # dE/d(q, k, v) (B, R P, H, hd) each, with the weight that made them
     rows = (-1, shape[2] * shape[3])
     total = torch.mm(parts[0][0].reshape(rows), parts[0][1].weight)  # (N, D)
