@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def _study(corpus: Path, out: Path, values: list[str]) -> Study:
     )  # fmt: skip
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # its plot spans perplexities up to e^700
 def test_interrupted_study_resumes_without_retraining_finished_points(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -395,3 +397,19 @@ def test_a_study_runs_data_parallel_under_torchrun(corpus: Path, tmp_path: Path)
     )  # one summary on stdout, from rank 0 only
     rows = [json.loads(line) for line in (out / "runs" / "ebt-steps-2" / "metrics.jsonl").open()]
     assert [row["step"] for row in rows if "split" not in row and "event" not in row] == [1, 2]
+
+
+def test_perplexities_past_the_log_axis_range_are_drawn_capped_and_marked(tmp_path: Path) -> None:
+    from ebt.experiment.report import PLOT_CAP, plot_scaling, shown_on_log_axis
+
+    assert shown_on_log_axis([250.0, 1e304]) == ([250.0, PLOT_CAP], [False, True])
+    points = {
+        f"{model}-{x}": {"model": model, "x": x, "metric": metric}
+        for model, metric in (("ebt", 1.014e304), ("baseline", 250.0))
+        for x in (64, 192)
+    }
+    results = {"study": {"models": ["ebt", "baseline"], "axis": "data", "metric": "ppl"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an e^700 point overflowed the axis and emptied it
+        plot_scaling(results | {"points": points}, "x", tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").stat().st_size > 0

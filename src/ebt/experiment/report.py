@@ -54,6 +54,16 @@ def fits(results: dict[str, Any], x_key: str = "x") -> dict[str, Any]:
     return fitted
 
 
+PLOT_CAP = 1e100  # log-axis values above this are drawn at it, as "off the scale" markers
+
+
+def shown_on_log_axis(values: list[float]) -> tuple[list[float], list[bool]]:
+    """`values` capped at PLOT_CAP, and which were capped. A barely trained point's perplexity
+    reaches e^700 (ebt.thinking.metrics.LOSS_CAP): matplotlib's log axis cannot span that (its
+    ticks overflow float64 and the axis comes out empty)."""
+    return [min(value, PLOT_CAP) for value in values], [value > PLOT_CAP for value in values]
+
+
 def plot_scaling(results: dict[str, Any], x_key: str, path: Path) -> Path:
     """Log-log metric against `x_key` per model, with the fitted power laws."""
     plt = pyplot()
@@ -63,14 +73,26 @@ def plot_scaling(results: dict[str, Any], x_key: str, path: Path) -> Path:
     fitted = fits(results, x_key)
     figure, axes = plt.subplots(figsize=(6, 4))
     for model, marker in zip(study["models"], ("o", "s"), strict=False):
-        x, y = _series(results, model, x_key)
+        x, metric = _series(results, model, x_key)
+        y, capped = shown_on_log_axis(metric)
         label = "EBT" if model == "ebt" else "baseline"
         if model in fitted:
             slope = fitted[model]["slope"]
             grid = np.geomspace(min(x), max(x), 50)
-            line = fitted[model]["coefficient"] * grid**slope
+            with np.errstate(over="ignore"):
+                line = np.minimum(fitted[model]["coefficient"] * grid**slope, PLOT_CAP)
             axes.plot(grid, line, alpha=0.6, label=f"{label} fit, slope {slope:.3f}")
         axes.scatter(x, y, marker=marker, label=label)
+        if any(capped):
+            over = [(xi, yi) for xi, yi, cut in zip(x, y, capped, strict=True) if cut]
+            axes.scatter(
+                *zip(*over, strict=True),
+                marker="^",
+                s=80,
+                facecolors="none",
+                edgecolors="red",
+                label=f"{label}: above {PLOT_CAP:.0e}, drawn at it",
+            )
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("training FLOPs (counted)" if x_key == "flops" else AXIS_LABELS[study["axis"]])
