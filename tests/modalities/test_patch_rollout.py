@@ -27,7 +27,12 @@ from ebt.modalities.video.thinking import (
     start_kind,
     think_next_frame,
 )
-from ebt.modalities.video.verification import heat_row, patch_errors, spearman
+from ebt.modalities.video.verification import (
+    heat_row,
+    patch_errors,
+    spearman,
+    within_horizon_spearman,
+)
 from ebt.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +47,20 @@ def test_spearman_is_the_rank_correlation():
     y = torch.tensor([1.0, 2.0, 3.0, 5.0, 4.0])  # ranks 0 2 1 4 3 against 0 1 2 4 3
     assert spearman(x, y) == pytest.approx(1 - 6 * (0 + 1 + 1 + 0 + 0) / (5 * 24))
     assert spearman(torch.ones(1), torch.ones(1)) is None
+
+
+def test_within_horizon_spearman_ranks_clips_at_each_horizon_apart():
+    errors = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])  # (B, H): later frames worse
+    energies = torch.tensor([[-1.0, -9.0], [-0.5, -8.0], [0.0, -7.0]])  # lower as they blur
+    assert spearman(energies, errors) < 0  # pooled, the horizon dominates
+    within = within_horizon_spearman(energies, errors)
+    assert within["energy_error_spearman_per_horizon"] == pytest.approx([1.0, 1.0])
+    assert within["energy_error_spearman_within_horizon"] == pytest.approx(1.0)
+    mixed = within_horizon_spearman(energies * torch.tensor([1.0, -1.0]), errors)
+    assert mixed["energy_error_spearman_per_horizon"] == pytest.approx([1.0, -1.0])
+    assert mixed["energy_error_spearman_within_horizon"] == pytest.approx(0.0)
+    one_clip = within_horizon_spearman(energies[:1], errors[:1])
+    assert one_clip["energy_error_spearman_within_horizon"] is None
 
 
 def test_patch_errors_locate_the_wrong_patch():
@@ -112,11 +131,14 @@ def test_rollout_command_reports_patch_verification(tmp_path, capsys):
     assert main(argv) == 0
     ebt = json.loads(capsys.readouterr().out)["models"]["ebt"]
     assert len(ebt["patch_energy"]) == (8 // 2) ** 2  # 8 x 8 frames of 2 x 2 patches
+    assert len(ebt["energy_error_spearman_per_horizon"]) == 2
     assert {"energy_error_spearman", "patch_energy_error_spearman"} <= set(ebt)
     assert -1 <= ebt["patch_energy_error_spearman"] <= 1
     text = ["rollout", str(tmp_path / "ebt"), "--context", "2", "--frames", "2", "--clips", "2"]
     assert main(text) == 0
-    assert "ebt energy vs error (Spearman): per frame" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ebt energy vs error (Spearman): per frame" in printed
+    assert "(within a horizon " in printed
     assert iio.imread(strip).shape[0] > 0
     request = RolloutRequest(context=2, frames=2, clips=2)
     outcome = run_rollouts(request, {"run": load_run(tmp_path / "ebt")})

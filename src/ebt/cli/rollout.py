@@ -126,7 +126,11 @@ def _verification_lines(report: dict) -> list[str]:
             patch = result.get("patch_energy_error_spearman", None)
             per_patch = "" if patch is None else f", per patch {_rho(patch)}"
             frame = _rho(result["energy_error_spearman"])
-            lines.append(f"{name} energy vs error (Spearman): per frame {frame}{per_patch}")
+            within = _rho(result.get("energy_error_spearman_within_horizon"))
+            lines.append(
+                f"{name} energy vs error (Spearman): per frame {frame}"
+                f" (within a horizon {within}){per_patch}"
+            )
     return lines
 
 

@@ -44,6 +44,19 @@ def patch_errors(images: torch.Tensor, real: torch.Tensor, patches: int) -> torc
     return patchify(squared, side, patch).mean(-1)  # (B, H, P)
 
 
+def within_horizon_spearman(energies: torch.Tensor, errors: torch.Tensor) -> dict:
+    """Spearman of energies with errors (B, H) among the clips at each horizon, and its mean:
+    whether the energy flags the worse frames of the same horizon, whatever it does with the
+    horizon itself (later frames are worse, and may have lower energy as they blur)."""
+    per_horizon = [spearman(energies[:, h], errors[:, h]) for h in range(energies.shape[1])]
+    defined = [value for value in per_horizon if value is not None]
+    mean = sum(defined) / len(defined) if defined else None
+    return {
+        "energy_error_spearman_per_horizon": per_horizon,
+        "energy_error_spearman_within_horizon": mean,
+    }
+
+
 def energy_summary(
     energies: torch.Tensor,
     steps: torch.Tensor,
@@ -52,13 +65,15 @@ def energy_summary(
     errors_per_patch: torch.Tensor | None = None,
 ) -> dict:
     """Mean final energy and thinking steps per horizon of energies / steps (B, H), and the
-    correlations of a frame's energy with its error (B, H) (e.g. MSE); with patch_energies and
+    correlations of a frame's energy with its error (B, H) (e.g. MSE), over all frames and
+    within each horizon (within_horizon_spearman); with patch_energies and
     errors_per_patch (B, H, P), the mean energy per patch and their rank correlation too."""
     summary = {
         "energy": [round(float(v), 6) for v in energies.double().mean(0)],
         "steps": [round(float(v), 4) for v in steps.double().mean(0)],
         "energy_error_correlation": correlation(energies, errors),
         "energy_error_spearman": spearman(energies, errors),
+        **within_horizon_spearman(energies, errors),
     }
     if patch_energies is not None and errors_per_patch is not None:
         mean = patch_energies.double().mean((0, 1))  # (P,)
