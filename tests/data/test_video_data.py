@@ -14,11 +14,10 @@ from ebt.data.video import (
     PAN_ZOOM,
     BouncingFaces,
     PanZoomClips,
-    VideoClips,
     bounce_track,
     build_video_dataset,
-    read_video,
 )
+from ebt.data.video_files import VideoClips, read_video
 
 
 def _write_gif(path, count: int) -> None:

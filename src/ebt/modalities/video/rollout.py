@@ -27,7 +27,8 @@ from torch.nn import functional as F
 from ebt.config import Config
 from ebt.data import frame_encoders
 from ebt.data.images import to_float, to_uint8
-from ebt.data.video import SKIMAGE_GIF, build_video_dataset, read_video
+from ebt.data.video import build_video_dataset
+from ebt.data.video_files import SKIMAGE_GIF, read_video
 from ebt.errors import DataError
 from ebt.modalities.video.task import frame_mse, frame_psnr
 from ebt.modalities.video.thinking import (
