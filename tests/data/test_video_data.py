@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ebt.config import load_config
 from ebt.data.corpus import DataError
 from ebt.data.images import SKIMAGE_PHOTOS, EpochBatchIterator, split_indices
 from ebt.data.video import (
@@ -18,6 +19,7 @@ from ebt.data.video import (
     build_video_dataset,
 )
 from ebt.data.video_files import VideoClips, read_video
+from ebt.modalities.video.task import VideoModality
 
 
 def _write_gif(path, count: int) -> None:
@@ -194,9 +196,6 @@ def test_pan_supersample_is_a_box_filter_over_each_pixel():
 def _only_training_clips_differ(key: str, ours_value: str, theirs_value: str):
     """The tiny preset's pan datasets with `key` at two values: val / test / ood clips equal,
     the training clips not; returns the two training datasets."""
-    from ebt.config import load_config
-    from ebt.modalities.video.task import VideoModality
-
     ours = VideoModality(load_config("configs/video/tiny.toml", [f"{key}={ours_value}"]))
     theirs = VideoModality(load_config("configs/video/tiny.toml", [f"{key}={theirs_value}"]))
     for split in ("val", "test", "ood"):

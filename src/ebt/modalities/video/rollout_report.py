@@ -106,7 +106,7 @@ def _predictor(request: RolloutRequest, run: LoadedRun, cached: bool = True) -> 
     return ro.predictor_for(run.model, frame_thinking(request, run.config), cached=cached)
 
 
-def _thinking_summary(thinking: FrameThinking, model: Any) -> dict[str, Any]:
+def _thinking_summary(thinking: FrameThinking, model: torch.nn.Module) -> dict[str, Any]:
     summary = {key: value for key, value in vars(thinking).items() if key != "options"}
     if isinstance(model, EnergyTransformer) and thinking.samples > 1:
         summary["starts"] = start_kind(model, thinking)  # what "auto" resolved to

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebt.config import Config, ThinkConfig
+from ebt.config import Config, DataConfig, ThinkConfig
 from ebt.data.frame_encoders import build_frame_encoder, encoded_dataset
 from ebt.data.images import EpochBatchIterator
 from ebt.data.video import build_video_dataset
@@ -25,7 +25,7 @@ from ebt.modalities.unit import ModalityUnit
 from ebt.models import frame_dim
 
 
-def _training_motion(data) -> dict[str, Any]:
+def _training_motion(data: DataConfig) -> dict[str, Any]:
     """What only the training clips of pan get: box filtering and the slowest pan speed."""
     return {"supersample": data.train_supersample, "min_speed": data.train_min_pan_speed}
 
